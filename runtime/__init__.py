@@ -1,0 +1,1 @@
+"""sdedge.runtime: run a bundle without PyTorch (NumPy, ONNX Runtime, tokenizers, Pillow)."""
