@@ -1,0 +1,183 @@
+"""`sdedge export`: a base (and later adapters) in, a bundle folder out.
+
+    load base ─► export each component (specs.py + onnx_export.py, parity per component)
+              ─► tokenizer ─► manifest with SHA-256 of every file ─► end-to-end image parity
+              ─► rename the staging folder into place
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import importlib.metadata
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from sdedge.runtime.errors import BadInput, MissingDependency
+from sdedge.runtime.manifest import (
+    FORMAT_VERSION, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision, Provenance,
+    ShapeRange, TokenizerInfo,
+)
+from sdedge.runtime.stages import Stages
+
+from .bases import describe_base, load_base
+from .bundle_writer import hash_files, staging_dir, write_manifest
+from .onnx_export import ExportError, export_component
+from .specs import SPECS
+
+log = logging.getLogger("sdedge.export")
+
+TOOLCHAIN = ("sdedge", "torch", "diffusers", "transformers", "onnx", "onnxruntime")
+DETERMINISTIC_SCHEDULERS = ("ddim", "pndm", "euler", "dpm++2m", "dpm++2m-karras")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "onnx"
+    precision: Precision = Precision.FP32
+    opset: int = 17
+    batch_min: int = 1
+    batch_max: int = 8
+    size_min: int | None = None  # pixels; default: half the base's native size
+    size_max: int | None = None  # pixels; default: twice the base's native size
+    vae_encoder: bool = True
+    default_scheduler: str = "dpm++2m"
+    default_steps: int = 20
+    default_guidance: float = 7.5
+    parity_prompt: str = "a red circle on a blue background"
+    parity_seed: int = 0
+    parity_steps: int = 10
+    parity_scheduler: str = "ddim"
+    parity_size: int | None = None  # pixels; default: the native size, at most 256
+    min_psnr: float = 40.0
+    allow_pickle: bool = False
+    base_config: str | None = None  # local diffusers folder with the configs, for a single-file base
+    overwrite: bool = False
+
+
+def toolchain_versions() -> dict[str, str]:
+    versions = {}
+    for pkg in TOOLCHAIN:
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def check_options(opts: ExportOptions) -> None:
+    if opts.target != "onnx":
+        if opts.target == "trt":
+            raise MissingDependency(
+                "--target trt needs TensorRT and a CUDA GPU, which this sdedge build cannot use yet; "
+                "export with --target onnx (runs on ONNX Runtime, CPU or CUDA)"
+            )
+        raise BadInput(f"--target {opts.target!r}: choose onnx or trt")
+    if opts.precision is not Precision.FP32:
+        raise BadInput(f"--precision {opts.precision.value}: this version exports fp32 only")
+    if not 1 <= opts.batch_min <= opts.batch_max:
+        raise BadInput(f"batch range {opts.batch_min}-{opts.batch_max} is empty")
+    if opts.parity_scheduler not in DETERMINISTIC_SCHEDULERS:
+        raise BadInput(f"parity scheduler must be deterministic: one of {', '.join(DETERMINISTIC_SCHEDULERS)}")
+
+
+def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
+    scale = pipe.vae_scale_factor
+    up = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    multiple = scale * up
+    native = pipe.unet.config.sample_size * scale
+    lo = opts.size_min or max(multiple, native // 2)
+    hi = opts.size_max or native * 2
+    for label, v in (("minimum size", lo), ("maximum size", hi)):
+        if v % multiple:
+            raise BadInput(f"{label} {v}: must be a multiple of {multiple} for this base")
+    if lo > hi:
+        raise BadInput(f"size range {lo}-{hi} is empty")
+    return ShapeRange(batch_min=opts.batch_min, batch_max=opts.batch_max, height_min=lo, height_max=hi,
+                      width_min=lo, width_max=hi, pixel_multiple=multiple, default_height=native, default_width=native)
+
+
+def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = ExportOptions(),
+                  stages: Stages | None = None) -> Manifest:
+    """Export `base` to a bundle at `out`; returns the manifest written."""
+    check_options(opts)
+    stages = stages or Stages(quiet=True)
+    with stages("load base"):
+        base_desc = describe_base(base)
+        pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)
+    shapes = shape_range(pipe, opts)
+    scale = pipe.vae_scale_factor
+    parity_size = opts.parity_size or min(shapes.default_height, max(256, shapes.height_min))
+    lat = parity_size // scale
+    trace_dims = {"B": 2, "h": lat, "w": lat, "H": parity_size, "W": parity_size}
+    check_dims = [trace_dims, {"B": 1, "h": shapes.height_min // scale, "w": shapes.width_max // scale,
+                               "H": shapes.height_min, "W": shapes.width_max}]
+    names = [n for n in SPECS if n != "vae_encoder" or opts.vae_encoder]
+    with staging_dir(Path(out), overwrite=opts.overwrite) as tmp:
+        components, parity = {}, {}
+        for name in names:
+            with stages(f"export {name}"):
+                info, par, _ = export_component(SPECS[name], pipe, tmp, trace_dims, check_dims, opts.opset)
+            components[name], parity[name] = info, par
+        with stages("tokenizer"):
+            pipe.tokenizer.save_pretrained(tmp / "tokenizer")
+            if not (tmp / "tokenizer" / "tokenizer.json").is_file():
+                raise ExportError("the base's tokenizer did not save a tokenizer.json (a fast CLIP tokenizer is needed)")
+        sched_config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            pipeline="sd15",
+            precision=opts.precision,
+            components=components,
+            files={},
+            shapes=shapes,
+            latent=LatentInfo(channels=pipe.unet.config.in_channels, vae_scale_factor=scale,
+                              scaling_factor=float(pipe.vae.config.scaling_factor)),
+            tokenizer=TokenizerInfo(dir="tokenizer", max_length=pipe.tokenizer.model_max_length),
+            scheduler=sched_config,
+            defaults=Defaults(steps=opts.default_steps, guidance=opts.default_guidance,
+                              scheduler=opts.default_scheduler),
+            provenance=Provenance(
+                base=BaseInfo(id=base_desc["id"], sha256=base_desc["sha256"]),
+                created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                toolchain=toolchain_versions(),
+            ),
+            parity=Parity(components=parity),
+        )
+        manifest = manifest.with_files(hash_files(tmp))
+        write_manifest(tmp, manifest)
+        with stages("end-to-end parity vs diffusers"):
+            image = image_parity(pipe, tmp, opts, parity_size)
+        manifest = replace(manifest, parity=Parity(components=parity, image=image))
+        write_manifest(tmp, manifest)
+        if not image.psnr_db >= opts.min_psnr:
+            raise ExportError(
+                f"end-to-end parity: the bundle's image is {image.psnr_db:.1f} dB PSNR against diffusers, "
+                f"under the gate of {opts.min_psnr:g} dB"
+            )
+    del pipe
+    gc.collect()
+    return manifest
+
+
+def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> ImageParity:
+    """Runtime image vs diffusers' StableDiffusionPipeline on the same weights, seed and initial latents."""
+    from sdedge.runtime.pipeline import Pipeline
+
+    from .reference import psnr, reference_images
+
+    runtime = Pipeline.load(bundle_dir, device="cpu")
+    lat = runtime.manifest.latent
+    latents = np.random.default_rng(opts.parity_seed).standard_normal(
+        (1, lat.channels, size // lat.vae_scale_factor, size // lat.vae_scale_factor), dtype=np.float32)
+    kw = dict(steps=opts.parity_steps, guidance=opts.default_guidance)
+    ours = runtime.generate(opts.parity_prompt, "", width=size, height=size, scheduler=opts.parity_scheduler,
+                            latents=latents, **kw).images
+    runtime.close()
+    ref = reference_images(pipe, opts.parity_prompt, "", latents=latents, scheduler=opts.parity_scheduler,
+                           scheduler_config=runtime.manifest.scheduler, **kw)
+    return ImageParity(psnr_db=min(psnr(ours, ref), 999.0), scheduler=opts.parity_scheduler, steps=opts.parity_steps,
+                       guidance=opts.default_guidance, width=size, height=size, seed=opts.parity_seed)

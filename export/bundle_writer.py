@@ -1,0 +1,68 @@
+"""Write a bundle atomically: everything goes into a temporary folder beside the target, which is renamed
+into place only when complete, so an interrupted export never leaves a half-bundle under the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from sdedge.runtime.bundle import sha256_file
+from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh folder beside `out`; on success it replaces `out`, on failure it is removed."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise SdedgeError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def hash_files(root: Path) -> dict[str, FileEntry]:
+    """SHA-256 and size of every file under root, except the manifest and the signature."""
+    entries = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in (MANIFEST_NAME, SIGNATURE_NAME):
+            entries[rel] = FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+    return entries
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    path = Path(root) / MANIFEST_NAME
+    atomic_write_text(path, manifest.to_json())
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,218 @@
+"""The bundle manifest `sdedge.json` (format version 1), as frozen dataclasses.
+
+A bundle is a folder:
+
+    sdedge.json               this manifest
+    text_encoder/model.onnx   input_ids (B, 77) int64            -> last_hidden_state (B, 77, D)
+    unet/model.onnx           sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, 77, D)
+                              -> out_sample (B, 4, h, w)
+    vae_decoder/model.onnx    latent_sample (B, 4, h, w)         -> sample (B, 3, 8h, 8w) in [-1, 1]
+    vae_encoder/model.onnx    sample (B, 3, 8h, 8w)              -> latent_moments (B, 8, h, w)
+    tokenizer/tokenizer.json
+    model.sig                 (optional) OpenSSF model-signing bundle over every file above
+
+`files` lists every file but sdedge.json and model.sig with its SHA-256 and size. Every path stays inside
+the bundle: absolute paths and `..` are rejected at parse time.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import BundleError
+from .strict import ConfigError, from_dict, to_dict
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "sdedge.json"
+SIGNATURE_NAME = "model.sig"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+class Precision(str, enum.Enum):
+    """Numeric precision of a bundle's weights and compute (one enum, not a flag per format)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"  # static: weights and activations
+    INT8_WEIGHTS = "int8-weights"  # weight-only
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+    shape: tuple[int | str, ...]  # ints are fixed, strings are named dynamic axes
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    file: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    opset: int
+    external_data: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """What sizes the exported graphs accept, in pixels; the runtime refuses anything outside."""
+
+    batch_min: int
+    batch_max: int
+    height_min: int
+    height_max: int
+    width_min: int
+    width_max: int
+    pixel_multiple: int  # 8 × the UNet's down-sampling factor
+    default_height: int
+    default_width: int
+
+
+@dataclass(frozen=True)
+class LatentInfo:
+    channels: int
+    vae_scale_factor: int  # pixels per latent
+    scaling_factor: float  # latents are divided by this before the VAE decoder
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    dir: str
+    max_length: int
+
+
+@dataclass(frozen=True)
+class Defaults:
+    steps: int
+    guidance: float
+    scheduler: str
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    id: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    file: str
+    sha256: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class Provenance:
+    base: BaseInfo
+    created: str  # ISO 8601, UTC
+    toolchain: dict[str, str]  # package -> version
+    adapters: tuple[AdapterInfo, ...] = ()
+    prune_ratio: float = 0.0
+    quantisation: str | None = None
+    calibration: str | None = None
+
+
+@dataclass(frozen=True)
+class ComponentParity:
+    max_abs_err: float
+    tolerance: float
+    shapes: tuple[str, ...]  # the sample shapes it was measured on
+
+
+@dataclass(frozen=True)
+class ImageParity:
+    psnr_db: float
+    scheduler: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Parity:
+    components: dict[str, ComponentParity] = field(default_factory=dict)
+    image: ImageParity | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    pipeline: str  # "sd15"
+    precision: Precision
+    components: dict[str, ComponentInfo]
+    files: dict[str, FileEntry]
+    shapes: ShapeRange
+    latent: LatentInfo
+    tokenizer: TokenizerInfo
+    scheduler: dict[str, Any]  # diffusers-style scheduler config (sdedge.runtime.schedulers.SchedulerConfig)
+    defaults: Defaults
+    provenance: Provenance
+    parity: Parity = field(default_factory=Parity)
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2, sort_keys=False) + "\n"
+
+    def with_files(self, files: dict[str, FileEntry]) -> Manifest:
+        return replace(self, files=files)
+
+
+def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
+    """Validate a manifest dict: known format version, known keys, paths inside the bundle."""
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: the manifest is not a JSON object")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = " (a newer sdedge wrote it; upgrade sdedge)" if isinstance(version, int) and version > 1 else ""
+        raise BundleError(
+            f"{where}: unknown bundle format_version {version!r}; this sdedge reads version {FORMAT_VERSION}{hint}"
+        )
+    try:
+        manifest = from_dict(Manifest, data, where)
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
+    for name in REQUIRED_COMPONENTS:
+        if name not in manifest.components:
+            raise BundleError(f"{where}: the bundle has no {name!r} component")
+    for name, comp in manifest.components.items():
+        if name not in COMPONENTS:
+            raise BundleError(f"{where}: unknown component {name!r} (known: {', '.join(COMPONENTS)})")
+        for rel in (comp.file, *comp.external_data):
+            if rel not in manifest.files:
+                raise BundleError(f"{where}: component {name!r} file {rel!r} is not listed in 'files'")
+    for rel in (*manifest.files, manifest.tokenizer.dir):
+        check_inside(rel, where)
+    return manifest
+
+
+def check_inside(rel: str, where: str = MANIFEST_NAME) -> None:
+    """Refuse a manifest path that could point outside the bundle folder."""
+    path = PurePosixPath(rel)
+    if not rel or path.is_absolute() or "\\" in rel or any(p in ("..", "") for p in rel.split("/")) or ":" in rel:
+        raise BundleError(f"{where}: path {rel!r} is not a plain relative path inside the bundle")
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"{bundle_dir}: no such bundle folder")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; is {bundle_dir} an sdedge bundle (made by `sdedge export`)?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    return parse_manifest(data, str(path))
