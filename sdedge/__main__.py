@@ -1,0 +1,5 @@
+import sys
+
+from sdedge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""The `sdedge` command line. Each command imports what it needs when it runs, so that `sdedge generate`
+and `sdedge info` work on a runtime-only install (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from sdedge import __version__
+from sdedge.runtime.errors import SdedgeError
+
+console = Console(stderr=True)
+
+
+def _range(text: str) -> tuple[int, int]:
+    """'1-8' -> (1, 8); '4' -> (4, 4)."""
+    try:
+        lo, _, hi = text.partition("-")
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or MIN-MAX, e.g. 1-8") from None
+    return a, b
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+def cmd_base(args) -> int:
+    from sdedge.export.bases import write_builtin_base
+    from sdedge.runtime.stages import Stages
+
+    stages = Stages(console)
+    with stages(f"write the {args.name} base"):
+        path = write_builtin_base(args.name, Path(args.out), seed=args.seed, overwrite=args.overwrite)
+    console.print(f"base [bold]{args.name}[/bold] written to {path}")
+    return 0
+
+
+def export_options(args):
+    from sdedge.export.build import ExportOptions
+    from sdedge.runtime.manifest import Precision
+
+    try:
+        precision = Precision(args.precision)
+    except ValueError:
+        raise SdedgeError(f"--precision {args.precision!r}: choose one of {', '.join(p.value for p in Precision)}") from None
+    kw = dict(target=args.target, precision=precision, batch_min=args.batch[0], batch_max=args.batch[1],
+              vae_encoder=not args.no_vae_encoder, allow_pickle=args.allow_pickle, base_config=args.config,
+              overwrite=args.overwrite, min_psnr=args.min_psnr, parity_steps=args.parity_steps,
+              default_scheduler=args.scheduler)
+    if args.size_range:
+        kw["size_min"], kw["size_max"] = args.size_range
+    return ExportOptions(**kw)
+
+
+def cmd_export(args) -> int:
+    from sdedge.export.build import export_bundle
+    from sdedge.runtime.stages import Stages
+
+    stages = Stages(console)
+    manifest = export_bundle(args.base, Path(args.out), export_options(args), stages)
+    console.print(f"bundle written to [bold]{args.out}[/bold]")
+    print_parity(manifest)
+    return 0
+
+
+def print_parity(manifest) -> None:
+    for name, p in manifest.parity.components.items():
+        console.print(f"  parity {name:<13} max abs err {p.max_abs_err:.2e} (tolerance {p.tolerance:g})")
+    if manifest.parity.image is not None:
+        im = manifest.parity.image
+        console.print(f"  parity image         {im.psnr_db:.1f} dB PSNR vs diffusers ({im.scheduler}, {im.steps} steps, "
+                      f"{im.width}x{im.height})")
+
+
+def cmd_info(args) -> int:
+    from rich.table import Table
+
+    from sdedge.runtime.bundle import Bundle
+    from sdedge.runtime.memory import format_bytes
+    from sdedge.runtime.strict import to_dict
+
+    bundle = Bundle.open(args.bundle)
+    m = bundle.manifest
+    if args.json:
+        print(json.dumps(to_dict(m), indent=2))
+        return 0
+    out = Console()
+    out.print(f"[bold]{args.bundle}[/bold]: sdedge bundle v{m.format_version}, pipeline {m.pipeline}, "
+              f"precision {m.precision.value}, {'signed' if bundle.is_signed else 'unsigned'}")
+    s = m.shapes
+    out.print(f"sizes {s.width_min}–{s.width_max} px (multiple of {s.pixel_multiple}), default "
+              f"{s.default_width}x{s.default_height}; batch {s.batch_min}–{s.batch_max}")
+    out.print(f"defaults: {m.defaults.steps} steps, guidance {m.defaults.guidance}, scheduler {m.defaults.scheduler}")
+    out.print(f"base {m.provenance.base.id} (sha256 {m.provenance.base.sha256[:16]}…), created {m.provenance.created}")
+    table = Table("component", "file", "size", "parity (max abs err)")
+    for name, c in m.components.items():
+        size = sum(m.files[f].bytes for f in (c.file, *c.external_data))
+        p = m.parity.components.get(name)
+        table.add_row(name, c.file, format_bytes(size), f"{p.max_abs_err:.2e}" if p else "—")
+    out.print(table)
+    if m.parity.image:
+        im = m.parity.image
+        out.print(f"image parity vs diffusers: {im.psnr_db:.1f} dB PSNR ({im.scheduler}, {im.steps} steps, seed {im.seed})")
+    out.print("toolchain: " + ", ".join(f"{k} {v}" for k, v in m.provenance.toolchain.items()))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from sdedge.runtime.memory import format_bytes
+    from sdedge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.bundle, device=args.device, memory=args.memory, threads=args.threads)
+    result = pipe.generate(args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                           width=args.width, height=args.height, scheduler=args.scheduler, num_images=args.n)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.n)]
+    for image, path in zip(result.to_pil(), paths):
+        image.save(path)
+    s = result.settings
+    console.print(f"{', '.join(map(str, paths))}: {s['width']}x{s['height']}, {s['steps']} steps {s['scheduler']}, "
+                  f"guidance {s['guidance']}, seed {s['seed']}")
+    if args.verbose:
+        for stage, secs in {**{f"load {k}": v for k, v in pipe.load_seconds.items()}, **result.timings}.items():
+            console.print(f"  {stage:<20} {secs:7.3f} s")
+        if result.step_times:
+            console.print(f"  {'per UNet step':<20} {sum(result.step_times) / len(result.step_times):7.3f} s")
+        console.print(f"  backend {pipe.backend}, memory mode {args.memory}, peak RSS {format_bytes(result.peak_rss_bytes)}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from sdedge.quickstart import run_quickstart
+
+    run_quickstart(Path(args.out), console, overwrite=args.overwrite)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdedge", description="Stable Diffusion to a signed, optimised edge engine.")
+    p.add_argument("--version", action="version", version=f"sdedge {__version__}")
+    p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("base", help="write a built-in base model (diffusers layout)")
+    b.add_argument("name", choices=["tiny", "sd15-arch"])
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=cmd_base)
+
+    e = sub.add_parser("export", help="export a base to a bundle (ONNX + manifest)")
+    e.add_argument("--base", required=True, help="a diffusers folder, a single-file .safetensors, or a .ckpt")
+    e.add_argument("--out", required=True)
+    e.add_argument("--target", default="onnx", help="onnx (default) or trt")
+    e.add_argument("--precision", default="fp32")
+    e.add_argument("--config", help="local diffusers folder with the configs of a single-file base")
+    e.add_argument("--allow-pickle", action="store_true", help="load a pickle .ckpt (it can run code: trust it first)")
+    e.add_argument("--batch", type=_range, default=(1, 8), help="batch range, e.g. 1-8")
+    e.add_argument("--size-range", type=_range, help="pixel size range, e.g. 256-1024 (default: half to twice native)")
+    e.add_argument("--scheduler", default="dpm++2m", help="the bundle's default scheduler")
+    e.add_argument("--no-vae-encoder", action="store_true")
+    e.add_argument("--parity-steps", type=int, default=10)
+    e.add_argument("--min-psnr", type=float, default=40.0, help="end-to-end parity gate against diffusers, in dB")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("info", help="describe a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="generate images with a bundle")
+    g.add_argument("bundle")
+    g.add_argument("prompt")
+    g.add_argument("--negative", default="")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--scheduler")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--n", type=int, default=1, help="images per call")
+    g.add_argument("--out", default="out.png")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--memory", default="normal", choices=["normal", "low"])
+    g.add_argument("--threads", type=int)
+    g.add_argument("--verbose", "-v", action="store_true", help="per-stage times and peak RSS")
+    g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("quickstart", help="the main job end to end on the built-in tiny model")
+    q.add_argument("--out", default="qs")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SdedgeError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
