@@ -1,0 +1,44 @@
+"""Shared fixtures: the built-in tiny base and its fp32 bundle, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach for a model hub
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from sdedge.export.bases import write_builtin_base
+
+    return write_builtin_base("tiny", tmp_path_factory.mktemp("bases") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_base, tmp_path_factory) -> Path:
+    from sdedge.export.build import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_base, out, ExportOptions(overwrite=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_base):
+    """diffusers' reference pipeline on the tiny base."""
+    from sdedge.export.bases import load_base
+
+    return load_base(tiny_base)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """Run `python -m sdedge ...` in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "sdedge", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=REPO)

@@ -1,0 +1,119 @@
+"""Export of the tiny base to a bundle: files, manifest, parity figures, atomic writes, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from sdedge.runtime.bundle import Bundle, sha256_file
+from sdedge.runtime.manifest import COMPONENTS, MANIFEST_NAME
+
+from conftest import run_cli
+
+
+def test_bundle_layout_and_hashes(tiny_bundle):
+    bundle = Bundle.open(tiny_bundle)
+    m = bundle.manifest
+    assert set(m.components) == set(COMPONENTS)
+    on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST_NAME} == set(m.files)  # every file listed, nothing unlisted
+    for rel, entry in m.files.items():
+        assert sha256_file(tiny_bundle / rel) == entry.sha256
+        assert (tiny_bundle / rel).stat().st_size == entry.bytes
+    assert (tiny_bundle / "tokenizer" / "tokenizer.json").is_file()
+    assert not list(tiny_bundle.parent.glob(".tiny.tmp-*")), "staging folder left behind"
+
+
+def test_onnx_graphs_have_opset_and_dynamic_axes(tiny_bundle):
+    m = Bundle.open(tiny_bundle).manifest
+    for name, comp in m.components.items():
+        model = onnx.load(str(tiny_bundle / comp.file))
+        onnx.checker.check_model(model)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        first = model.graph.input[0].type.tensor_type.shape.dim
+        assert first[0].dim_param == "batch", name
+    unet = onnx.load(str(tiny_bundle / "unet/model.onnx"))
+    dims = [d.dim_param for d in unet.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "", "latent_height", "latent_width"]
+
+
+def test_parity_recorded_and_within_gates(tiny_bundle):
+    m = Bundle.open(tiny_bundle).manifest
+    for name in COMPONENTS:
+        p = m.parity.components[name]
+        assert 0 <= p.max_abs_err <= 1e-3 and len(p.shapes) == 2
+    assert m.parity.image is not None and m.parity.image.psnr_db >= 40
+    prov = m.provenance
+    assert len(prov.base.sha256) == 64 and "torch" in prov.toolchain and "onnxruntime" in prov.toolchain
+
+
+def test_external_data_is_consolidated_into_one_file(tmp_path):
+    """A model whose tensors sit in several files (as the TorchScript exporter writes large models) ends in one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdedge.export.onnx_export import EXTERNAL_DATA_NAME, consolidate_external_data
+
+    w1 = numpy_helper.from_array(np.arange(2048, dtype=np.float32).reshape(32, 64), "w1")
+    w2 = numpy_helper.from_array(np.ones((64, 8), dtype=np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(tmp_path.iterdir())) == 3
+    files = consolidate_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", EXTERNAL_DATA_NAME])
+    assert [p.name for p in files] == ["model.onnx", EXTERNAL_DATA_NAME]
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((1, 32), dtype=np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ np.arange(2048, dtype=np.float32).reshape(32, 64) @ np.ones((64, 8)), rtol=1e-5)
+
+
+def test_failed_parity_gate_leaves_no_bundle(tiny_base, tmp_path):
+    from sdedge.export.build import ExportOptions, export_bundle
+    from sdedge.export.onnx_export import ExportError
+
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError, match=r"dB PSNR against diffusers, under the gate of 1000 dB"):
+        export_bundle(tiny_base, out, ExportOptions(min_psnr=1000, vae_encoder=False, parity_steps=2))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "a staging folder was left behind"
+
+
+def test_cli_refusals_exit_2_without_traceback(tiny_base, tmp_path):
+    cases = [
+        (["export", "--base", str(tiny_base), "--target", "trt", "--out", str(tmp_path / "t")], "TensorRT"),
+        (["export", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "n")], "nope"),
+        (["export", "--base", str(tiny_base), "--precision", "fp64", "--out", str(tmp_path / "p")], "fp64"),
+        (["info", str(tmp_path)], "sdedge.json"),
+    ]
+    for args, needle in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "t").exists() and not (tmp_path / "p").exists()
+
+
+def test_existing_output_is_not_clobbered(tiny_base, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = run_cli("export", "--base", str(tiny_base), "--out", str(out))
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_info_shows_parity_and_json(tiny_bundle):
+    r = run_cli("info", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    assert "image parity vs diffusers" in r.stdout and "unet" in r.stdout
+    r = run_cli("info", str(tiny_bundle), "--json")
+    data = json.loads(r.stdout)
+    assert data["format_version"] == 1 and data["precision"] == "fp32"
