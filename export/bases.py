@@ -1,0 +1,749 @@
+"""Base models: the built-in ones (built from configs, seeded) and loading a user's base, offline.
+
+- `write_builtin_base("tiny" | "sd15-arch", out_dir, seed=0)` writes a diffusers folder
+  (`StableDiffusionPipeline.save_pretrained`, safetensors) with the real SD1.5 CLIP tokenizer and SD1.5's
+  PNDM scheduler config. "tiny" is a few-MB SD1.5-shaped pipeline (64x64 images) for tests and the quickstart;
+  "sd15-arch" is the real SD1.5 architecture (860 M-parameter UNet) with seeded random weights.
+- `load_base(source, allow_pickle=False, config=None)`: a local diffusers folder, or a single-file
+  original-layout checkpoint (`.safetensors`; a pickle only when allowed) with `config` a local diffusers
+  folder of the same architecture. Everything is checked before loading, so a problem is reported as an
+  `SdedgeError` naming the file or tensor at fault; the hub is never contacted.
+- `describe_base(source)`: id and SHA-256 for the bundle's provenance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sdedge.runtime.errors import SdedgeError
+
+__all__ = [
+    "BUILTIN_BASES",
+    "PICKLE_SUFFIXES",
+    "builtin_configs",
+    "build_builtin_pipeline",
+    "builtin_parameter_counts",
+    "write_builtin_base",
+    "load_base",
+    "describe_base",
+    "read_safetensors_header",
+    "force_offline",
+]
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_BASES = ("tiny", "sd15-arch")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+MARKER_FILE = "sdedge_base.json"  # written into built-in bases: which one, which seed
+
+# SD1.5's scheduler/scheduler_config.json. clip_sample is not a PNDM argument, but SD1.5 carries it so that
+# a DDIM scheduler made from this config does not clip (DDIM's default is to clip).
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            latent_channels=4,
+            sample_size=64,
+            norm_num_groups=32,
+            scaling_factor=0.18215,
+        ),
+        "text_encoder": dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        ),
+    },
+    "sd15-arch": {
+        "unet": dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            act_fn="silu",
+            center_input_sample=False,
+            downsample_padding=1,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            mid_block_scale_factor=1,
+            norm_eps=1e-5,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            norm_num_groups=32,
+            act_fn="silu",
+            scaling_factor=0.18215,
+        ),
+        "text_encoder": dict(  # CLIP ViT-L/14's text tower
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=768,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+    },
+}
+
+
+# --- offline ------------------------------------------------------------------------------------------
+
+
+def force_offline() -> None:
+    """Make huggingface_hub, transformers and diffusers refuse the network in this process.
+
+    The environment variables cover libraries imported later; the constants cover those already imported
+    (huggingface_hub reads HF_HUB_OFFLINE once, at import).
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ["DISABLE_TELEMETRY"] = "1"
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+        constants.HF_HUB_DISABLE_TELEMETRY = True
+    hub_utils = sys.modules.get("diffusers.utils.hub_utils")
+    if hub_utils is not None:
+        hub_utils.HF_HUB_OFFLINE = True
+        hub_utils.HF_HUB_DISABLE_TELEMETRY = True
+
+
+# --- built-in bases -----------------------------------------------------------------------------------
+
+
+def _check_builtin(name: str) -> None:
+    if name not in BUILTIN_BASES:
+        raise SdedgeError(f"unknown built-in base {name!r}; choose one of {', '.join(BUILTIN_BASES)}")
+
+
+def builtin_configs(name: str) -> dict[str, dict[str, Any]]:
+    """The unet / vae / text_encoder constructor arguments of a built-in base (copies)."""
+    _check_builtin(name)
+    return {k: dict(v) for k, v in _CONFIGS[name].items()}
+
+
+def _build_models(name: str, seed: int | None):
+    """UNet, VAE and text encoder of a built-in base, each initialised from its own seed (seed, seed+1,
+    seed+2) with diffusers' and transformers' default initialisation, without touching the caller's RNG.
+    seed=None builds without seeding (for meta-device construction)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = builtin_configs(name)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**cfg["unet"])
+        if seed is not None:
+            torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**cfg["vae"])
+        if seed is not None:
+            torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    return unet.eval(), vae.eval(), text_encoder.eval()
+
+
+def builtin_parameter_counts(name: str) -> dict[str, int]:
+    """Parameters per component, counted on the meta device (no memory, no init)."""
+    import torch
+
+    with torch.device("meta"):
+        unet, vae, text_encoder = _build_models(name, seed=None)
+    counts = {
+        "unet": sum(p.numel() for p in unet.parameters()),
+        "vae": sum(p.numel() for p in vae.parameters()),
+        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _sd15_scheduler():
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(**SD15_SCHEDULER)
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
+
+
+def build_builtin_pipeline(name: str, seed: int = 0, *, tokenizer_dir: str | os.PathLike | None = None):
+    """A built-in base as an in-memory fp32 CPU `StableDiffusionPipeline`."""
+    force_offline()
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from .tokenizer_files import write_clip_tokenizer
+
+    _check_builtin(name)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SdedgeError(f"seed must be a non-negative integer, got {seed!r}")
+    unet, vae, text_encoder = _build_models(name, seed)
+    with tempfile.TemporaryDirectory(prefix="sdedge-tok-") as tmp:
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else write_clip_tokenizer(Path(tmp) / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path, overwrite: bool):
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it goes."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise SdedgeError(f"{out_dir} exists and is not a folder")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise SdedgeError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.rmdir(old)
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None:  # put the previous folder back
+                os.replace(old, out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_builtin_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = False) -> Path:
+    """Build a built-in base and write it as a diffusers folder (safetensors) at `out_dir`; return its path.
+
+    Written to a temporary folder and renamed into place. An existing non-empty `out_dir` is refused unless
+    `overwrite=True`. Two writes with the same name and seed give identical weights.
+    """
+    force_offline()
+    from .tokenizer_files import write_clip_tokenizer
+
+    _check_builtin(name)
+    out_dir = Path(out_dir)
+    with _atomic_dir(out_dir, overwrite) as tmp, _quiet():
+        tok_dir = write_clip_tokenizer(tmp / ".tokenizer")
+        pipe = build_builtin_pipeline(name, seed, tokenizer_dir=tok_dir)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # Our tokenizer files are canonical (vocab.json/merges.txt plus the config SD1.5 pipelines expect).
+        shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
+        os.replace(tok_dir, tmp / "tokenizer")
+        marker = {"builtin": name, "seed": seed, "writer": "sdedge.export.bases", "parameters": _param_counts(pipe)}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    logger.info("wrote built-in base %s (seed %d) to %s", name, seed, out_dir)
+    return out_dir
+
+
+def _param_counts(pipe) -> dict[str, int]:
+    return {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+
+
+# --- safetensors headers ------------------------------------------------------------------------------
+
+_ST_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a `.safetensors` file, checking that the header is whole and every tensor's
+    bytes lie inside the file (a truncated download is caught here, not deep inside a loader)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SdedgeError(f"{path}: not a safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise SdedgeError(f"{path}: corrupt or truncated safetensors file (header of {n} bytes in a {size}-byte file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise SdedgeError(f"cannot read {path}: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SdedgeError(f"{path}: corrupt safetensors header: {e}") from e
+    data_size = size - 8 - n
+    shapes: dict[str, tuple[int, ...]] = {}
+    end_max = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise SdedgeError(f"{path}: corrupt safetensors entry for {key!r}") from e
+        width = _ST_DTYPE_BYTES.get(dtype)
+        if width is not None and end - begin != math.prod(shape) * width:
+            raise SdedgeError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} {dtype}")
+        if not 0 <= begin <= end:
+            raise SdedgeError(f"{path}: tensor {key!r} has bad offsets {begin}..{end}")
+        end_max = max(end_max, end)
+        shapes[key] = shape
+    if end_max > data_size:
+        raise SdedgeError(
+            f"{path}: truncated safetensors file: tensors need {end_max} data bytes, the file holds {data_size}"
+        )
+    return shapes
+
+
+def _pickle_key_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except Exception as e:
+        raise SdedgeError(
+            f"cannot load {path} with torch.load(weights_only=True): {e}. "
+            "Only plain tensor checkpoints are read; convert it to .safetensors."
+        ) from e
+    while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SdedgeError(f"{path}: not a state dict (a {type(state).__name__})")
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _is_zip(path: Path) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def _check_diffusers_folder(folder: Path, role: str) -> None:
+    if not folder.is_dir():
+        raise SdedgeError(f"{role} {folder} is not a folder")
+    if not (folder / "model_index.json").is_file():
+        raise SdedgeError(
+            f"{role} {folder} has no model_index.json: not a diffusers pipeline folder "
+            "(write one with `sdedge base tiny DIR`, or save a pipeline with save_pretrained)"
+        )
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SdedgeError(f"{folder / 'model_index.json'} is corrupt: {e}") from e
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        entry = index.get(part)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            raise SdedgeError(f"{folder / 'model_index.json'} has no {part}: not a Stable Diffusion pipeline")
+        if not (folder / part).is_dir():
+            raise SdedgeError(f"{role} {folder} lacks the {part}/ folder named in model_index.json")
+
+
+def _meta_models(config_dir: Path):
+    """The three models of a diffusers folder built from its configs on the meta device."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        unet_cfg = UNet2DConditionModel.load_config(str(config_dir), subfolder="unet", local_files_only=True)
+        vae_cfg = AutoencoderKL.load_config(str(config_dir), subfolder="vae", local_files_only=True)
+        text_cfg = CLIPTextConfig.from_pretrained(str(config_dir), subfolder="text_encoder", local_files_only=True)
+    except Exception as e:
+        raise SdedgeError(f"cannot read the model configs in {config_dir}: {e}") from e
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        vae = AutoencoderKL.from_config(vae_cfg)
+        text_encoder = CLIPTextModel(text_cfg)
+    return unet, vae, text_encoder
+
+
+def _squeeze_trailing_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], file: Path, against: str):
+    """Name the first missing or mismatched tensor. Extra tensors (EMA copies, alphas_cumprod, ...) are fine.
+    (C, C) and (C, C, 1, 1) are the same weight (LDM writes the VAE attention as 1x1 convolutions)."""
+    missing = [k for k in expected if k not in found]
+    wrong = [
+        k
+        for k in expected
+        if k in found and _squeeze_trailing_ones(found[k]) != _squeeze_trailing_ones(expected[k])
+    ]
+    if wrong:
+        k = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise SdedgeError(
+            f"{file}: tensor {k!r} has shape {list(found[k])} but {against} expects {list(expected[k])}{more}: "
+            "the checkpoint is not of this architecture"
+        )
+    if missing:
+        k = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SdedgeError(
+            f"{file}: tensor {k!r} (shape {list(expected[k])}) is missing{more}; {against} expects it: "
+            "the checkpoint is not of this architecture or not in the original SD layout"
+        )
+
+
+def _check_folder_weights(folder: Path, allow_pickle: bool) -> dict[str, Any]:
+    """Check each component's weight files against its config before diffusers loads them.
+
+    Returns the keyword arguments for `from_pretrained`: `variant` when every component ships only
+    variant weights (e.g. *.fp16.safetensors), and `use_safetensors=True` unless pickled .bin weights
+    were allowed and are needed.
+    """
+    unet, vae, text_encoder = _meta_models(folder)
+    variants: set[str | None] = set()
+    needs_bin = False
+    for part, model, strip in (("unet", unet, ""), ("vae", vae, ""), ("text_encoder", text_encoder, "text_model.")):
+        all_st = sorted((folder / part).glob("*.safetensors"))
+        plain = [f for f in all_st if f.name.count(".") == 1]
+        files = plain or all_st
+        if not files:
+            bins = sorted((folder / part).glob("*.bin"))
+            if not bins:
+                raise SdedgeError(f"{folder / part} has no weight file (.safetensors or .bin)")
+            if not allow_pickle:
+                raise SdedgeError(
+                    f"{bins[0]} is a pickle (.bin) and {folder / part} has no .safetensors weights; pickles can run "
+                    "arbitrary code when loaded, so sdedge does not open them by default. Convert the folder to "
+                    "safetensors, or pass allow_pickle=True (--allow-pickle) if you trust where it came from."
+                )
+            needs_bin = True
+            continue  # read by diffusers/transformers with torch.load(weights_only=True)
+        if plain:
+            variants.add(None)
+        else:
+            found_variants = {f.name.split(".")[1].split("-")[0] for f in files}
+            if len(found_variants) > 1:
+                raise SdedgeError(f"{folder / part} holds several weight variants {sorted(found_variants)}")
+            variants |= found_variants
+            files = [f for f in files if f.name.split(".")[1].split("-")[0] in found_variants]
+        found: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            found.update({k.removeprefix(strip): v for k, v in read_safetensors_header(f).items()})
+        expected = {k.removeprefix(strip): tuple(t.shape) for k, t in model.state_dict().items()}
+        _check_shapes(found, expected, files[0] if len(files) == 1 else folder / part, f"{part}/config.json")
+    if len(variants) > 1:
+        raise SdedgeError(
+            f"{folder}: components ship different weight variants ({sorted(map(str, variants))}); "
+            "give every component the same one"
+        )
+    kwargs: dict[str, Any] = {}
+    variant = next(iter(variants)) if variants else None
+    if variant is not None:
+        kwargs["variant"] = variant
+    if not needs_bin:
+        kwargs["use_safetensors"] = True
+    return kwargs
+
+
+def _check_loaded(pipe, source: Path) -> None:
+    for part in ("unet", "vae", "text_encoder"):
+        model = getattr(pipe, part, None)
+        if model is None:
+            raise SdedgeError(f"{source}: no {part} was loaded")
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                raise SdedgeError(f"{source}: {part} parameter {name!r} was not in the checkpoint")
+    hidden = pipe.text_encoder.config.hidden_size
+    cross = pipe.unet.config.cross_attention_dim
+    if hidden != cross:
+        raise SdedgeError(
+            f"{source}: text encoder width {hidden} does not match the UNet's cross_attention_dim {cross}"
+        )
+
+
+def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: str | os.PathLike | None = None):
+    """Load a base as an fp32 CPU `StableDiffusionPipeline` (no safety checker), never using the network.
+
+    `source`: a local diffusers folder (with model_index.json; safetensors weights, or pickled .bin weights
+    only with `allow_pickle=True`), or a single-file checkpoint in the original SD layout: `.safetensors`,
+    or a pickle (`.ckpt`/`.pt`/`.pth`/`.bin`) only with `allow_pickle=True`.
+    A single file needs `config`, a local diffusers folder of the same architecture (for example one written
+    by `sdedge base`), which gives the model configs, tokenizer and scheduler.
+    """
+    force_offline()
+    source = Path(source)
+    if not source.exists():
+        raise SdedgeError(f"base not found: {source}")
+
+    if source.is_dir():
+        _check_diffusers_folder(source, "base")
+        if config is not None:
+            logger.info("config %s ignored: the base %s is a diffusers folder", config, source)
+        load_kwargs = _check_folder_weights(source, allow_pickle)
+        from diffusers import StableDiffusionPipeline
+
+        try:
+            with _quiet():
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(source),
+                    local_files_only=True,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                    **load_kwargs,
+                )
+        except SdedgeError:
+            raise
+        except Exception as e:
+            raise SdedgeError(f"cannot load the diffusers folder {source}: {e}") from e
+        return _finish(pipe, source)
+
+    suffix = source.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise SdedgeError(
+            f"{source} is a pickle checkpoint ({suffix}); pickles can run arbitrary code when loaded, so sdedge "
+            "does not open them by default. Convert it to .safetensors, or pass allow_pickle=True "
+            "(--allow-pickle) if you trust where it came from."
+        )
+    if suffix not in WEIGHT_SUFFIXES:
+        raise SdedgeError(
+            f"{source}: unknown base format {suffix or '(no suffix)'!r}: give a diffusers folder, a .safetensors "
+            "single-file checkpoint, or (with allow_pickle) a .ckpt/.pt/.pth/.bin"
+        )
+    if config is None:
+        raise SdedgeError(
+            f"{source} is a single-file checkpoint: pass --config DIR (config=DIR), a local diffusers folder of "
+            "the same architecture whose configs, tokenizer and scheduler go with it "
+            "(for an SD1.5 checkpoint, e.g. one written by `sdedge base sd15-arch DIR`)"
+        )
+    config_dir = Path(config)
+    if not config_dir.exists():
+        raise SdedgeError(f"config folder not found: {config_dir}")
+    _check_diffusers_folder(config_dir, "config")
+
+    found = read_safetensors_header(source) if suffix == ".safetensors" else _pickle_key_shapes(source)
+    from .single_file import ldm_key_shapes
+
+    expected = ldm_key_shapes(*_meta_models(config_dir))
+    _check_shapes(found, expected, source, f"the config in {config_dir}")
+
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        with _quiet():
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(source),
+                config=str(config_dir),
+                local_files_only=True,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+    except SdedgeError:
+        raise
+    except Exception as e:
+        raise SdedgeError(f"cannot load the checkpoint {source} with the configs of {config_dir}: {e}") from e
+    return _finish(pipe, source)
+
+
+def _finish(pipe, source: Path):
+    import torch
+
+    for part in ("unet", "vae", "text_encoder"):
+        model = getattr(pipe, part, None)
+        if model is None:
+            continue
+        # Upcast only what is not fp32 already (an fp16 checkpoint): Module.float() keeps integer buffers.
+        if any(t.is_floating_point() and t.dtype != torch.float32 for t in model.state_dict().values()):
+            model.float()
+        if any(t.device.type not in ("cpu", "meta") for t in model.state_dict().values()):
+            model.to("cpu")
+        _rehome(model)
+        model.eval()
+    _check_loaded(pipe, source)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _rehome(model) -> None:
+    """Copy every weight out of the loader's buffers (often the memory-mapped file, at arbitrary offsets) into
+    fresh, aligned memory of this process: the pipeline no longer depends on the file, and CPU kernels give
+    the same bits whichever loader or file layout the weights came from (misaligned weights change the
+    summation order of vectorised convolutions, ~1e-6)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu":
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
+        for name, buf in list(model.named_buffers()):
+            if buf.device.type == "cpu":
+                module_name, _, attr = name.rpartition(".")
+                owner = model.get_submodule(module_name) if module_name else model
+                owner._buffers[attr] = buf.clone()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No progress bars from diffusers / transformers / huggingface_hub while loading or saving."""
+    restore = []
+    for module_name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            mod = __import__(module_name, fromlist=["is_progress_bar_enabled"])
+            if mod.is_progress_bar_enabled():
+                mod.disable_progress_bar()
+                restore.append(mod.enable_progress_bar)
+        except Exception:  # pragma: no cover - a version without these helpers
+            pass
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            restore.append(enable_progress_bars)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+
+
+# --- provenance ---------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_base(source: str | os.PathLike) -> dict[str, Any]:
+    """Provenance of a base: {"id", "kind", "path", "sha256", "size_bytes", "files", ("builtin", "seed")}.
+
+    For a single file, sha256 is the file's. For a folder it is the SHA-256 of the lines
+    "<relative path>  <sha256 of the file>\\n" over its weight files (.safetensors/.bin/.ckpt/.pt/.pth) sorted
+    by relative path: stable whatever the order files were written in, and changed by any weight change.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise SdedgeError(f"base not found: {source}")
+    if source.is_file():
+        sha = _sha256_file(source)
+        return {
+            "id": source.name,
+            "kind": "single-file",
+            "path": str(source.resolve()),
+            "sha256": sha,
+            "size_bytes": source.stat().st_size,
+            "files": {source.name: sha},
+        }
+    _check_diffusers_folder(source, "base")
+    weight_files = sorted(
+        (p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES),
+        key=lambda p: p.relative_to(source).as_posix(),
+    )
+    if not weight_files:
+        raise SdedgeError(f"base {source} has no weight files")
+    files = {p.relative_to(source).as_posix(): _sha256_file(p) for p in weight_files}
+    combined = hashlib.sha256("".join(f"{rel}  {sha}\n" for rel, sha in files.items()).encode("utf-8")).hexdigest()
+    desc: dict[str, Any] = {
+        "id": source.resolve().name,
+        "kind": "diffusers-folder",
+        "path": str(source.resolve()),
+        "sha256": combined,
+        "size_bytes": sum(p.stat().st_size for p in weight_files),
+        "files": files,
+    }
+    marker = source / MARKER_FILE
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            desc["builtin"], desc["seed"] = info["builtin"], info["seed"]
+            desc["id"] = f"builtin:{info['builtin']}@seed{info['seed']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("%s is unreadable; describing %s as a plain folder", marker, source)
+    return desc
