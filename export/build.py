@@ -127,6 +127,7 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
             if not (tmp / "tokenizer" / "tokenizer.json").is_file():
                 raise ExportError("the base's tokenizer did not save a tokenizer.json (a fast CLIP tokenizer is needed)")
         sched_config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+        sched_config.setdefault("timestep_spacing", "leading")  # explicit: diffusers' classes differ in default
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             pipeline="sd15",
@@ -169,7 +170,7 @@ def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> Imag
 
     from .reference import psnr, reference_images
 
-    runtime = Pipeline.load(bundle_dir, device="cpu")
+    runtime = Pipeline.load(bundle_dir, device="cpu", verify="off")  # not signed yet
     lat = runtime.manifest.latent
     latents = np.random.default_rng(opts.parity_seed).standard_normal(
         (1, lat.channels, size // lat.vae_scale_factor, size // lat.vae_scale_factor), dtype=np.float32)

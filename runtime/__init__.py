@@ -1,1 +1,16 @@
-"""sdedge.runtime: run a bundle without PyTorch (NumPy, ONNX Runtime, tokenizers, Pillow)."""
+"""sdedge.runtime: run a bundle without PyTorch (NumPy, ONNX Runtime, tokenizers, Pillow).
+
+    from sdedge.runtime import Pipeline
+    pipe = Pipeline.load("bundle/")
+    images = pipe("a red circle", steps=20, seed=7)
+"""
+
+__all__ = ["Pipeline", "GenerationResult", "Cancelled"]
+
+
+def __getattr__(name):  # lazy, so importing sdedge.runtime.errors does not load ONNX Runtime
+    if name in __all__:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'sdedge.runtime' has no attribute {name!r}")

@@ -31,9 +31,9 @@ from .backends.onnxruntime import OrtEngine, choose_providers
 from .bundle import Bundle
 from .errors import BadInput, SdedgeError
 from .memory import peak_rss_bytes
-from .schedulers import make_scheduler
-from .schedulers.config import SchedulerConfig
-from .tokenizer import ClipTokenizer
+from .schedulers import SchedulerConfig, make_scheduler
+from .signing import SignerInfo, open_bundle
+from .tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, ClipTokenizer
 
 log = logging.getLogger("sdedge.runtime")
 
@@ -79,7 +79,8 @@ class Pipeline:
         self.engines = {
             name: OrtEngine(bundle, name, info, providers, threads) for name, info in self.manifest.components.items()
         }
-        self.tokenizer = ClipTokenizer.from_dir(bundle.path(self.manifest.tokenizer.dir))
+        self.tokenizer = self._tokenizer()
+        self.signer: SignerInfo | None = None
         self.scheduler_config = SchedulerConfig.from_dict(self.manifest.scheduler)
         self.load_seconds: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -88,9 +89,28 @@ class Pipeline:
                 self._load(name)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "auto", memory: str = "normal", threads: int | None = None) -> Pipeline:
-        """Open a bundle. memory="low" holds one component in memory at a time (slower, smaller peak)."""
-        return cls(Bundle.open(path), device=device, memory=memory, threads=threads)
+    def load(cls, path: str | Path, *, device: str = "auto", memory: str = "normal", threads: int | None = None,
+             verify: str = "if-signed", public_key: str | Path | None = None, identity: str | None = None,
+             issuer: str | None = None, certificate_chain=None) -> Pipeline:
+        """Open a bundle, verifying its signature first (before any model file is parsed).
+
+        verify: "required" refuses an unsigned bundle or one whose signature fails; "if-signed" (default)
+        verifies when bundle/model.sig exists and warns when it does not; "off" skips the signature (the
+        manifest's SHA-256 of every file is still checked as each file is read).
+        memory: "low" holds one component in memory at a time (slower, smaller peak).
+        """
+        bundle, signer = open_bundle(path, verify, public_key=public_key, identity=identity, issuer=issuer,
+                                     certificate_chain=certificate_chain)
+        pipe = cls(bundle, device=device, memory=memory, threads=threads)
+        pipe.signer = signer
+        return pipe
+
+    def _tokenizer(self) -> ClipTokenizer:
+        """The tokenizer from hash-checked bytes (files listed in the manifest)."""
+        folder = self.manifest.tokenizer.dir
+        tok, cfg = f"{folder}/{TOKENIZER_FILE}", f"{folder}/{TOKENIZER_CONFIG_FILE}"
+        config = self.bundle.read(cfg) if cfg in self.manifest.files else None
+        return ClipTokenizer.from_bytes(self.bundle.read(tok), config, source=str(self.bundle.path(tok)))
 
     # -- engine lifecycle -------------------------------------------------------------------------------------
     def _load(self, name: str) -> OrtEngine:
@@ -182,7 +202,6 @@ class Pipeline:
             latents = rng.standard_normal(shape, dtype=np.float32)  # (B, 4, H/8, W/8)
         elif latents.shape != shape:
             raise BadInput(f"latents have shape {latents.shape}, expected {shape}")
-        noise_rng = np.random.default_rng([seed, 1])  # for ancestral / LCM schedulers, apart from the latents
 
         with self._lock:
             timings: dict[str, float] = {}
@@ -197,7 +216,8 @@ class Pipeline:
             timings["text_encoder"] = time.perf_counter() - t0
 
             unet = self._load("unet")
-            sched.set_timesteps(cfg_["steps"])
+            # ancestral / LCM schedulers draw their per-step noise from a stream apart from the latents'
+            sched.set_timesteps(cfg_["steps"], rng=np.random.default_rng([seed, 1]))
             latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
             step_times = []
             total = len(sched.timesteps)
@@ -212,8 +232,7 @@ class Pipeline:
                 if do_cfg:
                     uncond, cond = eps[:batch], eps[batch:]
                     eps = uncond + np.float32(cfg_["guidance"]) * (cond - uncond)
-                noise = rng_noise(noise_rng, latents.shape) if sched_needs_noise(sched) else None
-                latents = sched.step(eps, t, latents, noise=noise)
+                latents = sched.step(eps, t, latents)
                 step_times.append(time.perf_counter() - s0)
                 if on_step is not None:
                     on_step(i + 1, total)
@@ -229,14 +248,6 @@ class Pipeline:
         images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)  # (B, H, W, 3)
         return GenerationResult(images=images, timings=timings, step_times=step_times,
                                 peak_rss_bytes=peak_rss_bytes(), settings=cfg_)
-
-
-def sched_needs_noise(sched) -> bool:
-    return bool(getattr(sched, "needs_noise", False))
-
-
-def rng_noise(rng: np.random.Generator, shape) -> np.ndarray:
-    return rng.standard_normal(shape, dtype=np.float32)
 
 
 def _as_list(value, label: str) -> list[str]:

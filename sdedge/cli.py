@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -15,7 +16,7 @@ from rich.console import Console
 from sdedge import __version__
 from sdedge.runtime.errors import SdedgeError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -65,6 +66,12 @@ def cmd_export(args) -> int:
     manifest = export_bundle(args.base, Path(args.out), export_options(args), stages)
     console.print(f"bundle written to [bold]{args.out}[/bold]")
     print_parity(manifest)
+    if args.sign_key:
+        from sdedge.export.signing import sign
+
+        with stages("sign"):
+            sign(Path(args.out), key=args.sign_key)
+        console.print(f"signed: {Path(args.out) / 'model.sig'}")
     return 0
 
 
@@ -82,6 +89,7 @@ def cmd_info(args) -> int:
 
     from sdedge.runtime.bundle import Bundle
     from sdedge.runtime.memory import format_bytes
+    from sdedge.runtime.signing import describe_signer, signer_info
     from sdedge.runtime.strict import to_dict
 
     bundle = Bundle.open(args.bundle)
@@ -107,6 +115,12 @@ def cmd_info(args) -> int:
         im = m.parity.image
         out.print(f"image parity vs diffusers: {im.psnr_db:.1f} dB PSNR ({im.scheduler}, {im.steps} steps, seed {im.seed})")
     out.print("toolchain: " + ", ".join(f"{k} {v}" for k, v in m.provenance.toolchain.items()))
+    if args.public_key:
+        from sdedge.runtime.signing import verify_bundle
+
+        out.print("signature: verified, " + verify_bundle(args.bundle, public_key=args.public_key).describe())
+    else:
+        out.print("signature: " + describe_signer(signer_info(args.bundle)))
     return 0
 
 
@@ -114,7 +128,8 @@ def cmd_generate(args) -> int:
     from sdedge.runtime.memory import format_bytes
     from sdedge.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, device=args.device, memory=args.memory, threads=args.threads)
+    pipe = Pipeline.load(args.bundle, device=args.device, memory=args.memory, threads=args.threads,
+                         verify=args.verify, public_key=args.public_key, identity=args.identity, issuer=args.issuer)
     result = pipe.generate(args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
                            width=args.width, height=args.height, scheduler=args.scheduler, num_images=args.n)
     out = Path(args.out)
@@ -169,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--parity-steps", type=int, default=10)
     e.add_argument("--min-psnr", type=float, default=40.0, help="end-to-end parity gate against diffusers, in dB")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--sign-key", help="sign the bundle with this private key (PEM) as the last step")
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--public-key", help="verify the signature with this public key and show its fingerprint")
     i.set_defaults(func=cmd_info)
 
     g = sub.add_parser("generate", help="generate images with a bundle")
@@ -192,12 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory", default="normal", choices=["normal", "low"])
     g.add_argument("--threads", type=int)
     g.add_argument("--verbose", "-v", action="store_true", help="per-stage times and peak RSS")
+    g.add_argument("--verify", default="if-signed", choices=["required", "if-signed", "off"],
+                   help="signature policy (default: verify when signed, warn when not)")
+    g.add_argument("--public-key", help="public key (PEM) the bundle must be signed with")
+    g.add_argument("--identity", help="Sigstore identity (e.g. an e-mail) the bundle must be signed by")
+    g.add_argument("--issuer", help="OIDC issuer of that identity")
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quickstart", help="the main job end to end on the built-in tiny model")
     q.add_argument("--out", default="qs")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quickstart)
+
+    from sdedge import cli_sign
+
+    cli_sign.register(sub)
     return p
 
 
@@ -205,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers prints advice about optional image-processor backends at import; sdedge never uses them.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
