@@ -36,7 +36,6 @@ def worker(engine: str, args) -> dict:
     from sdedge.runtime.memory import peak_rss_bytes
 
     latents = latents_for(args.size, args.seed)
-    kw = dict(steps=args.steps, guidance=args.guidance)
     t0 = time.perf_counter()
     if engine == "diffusers":
         import torch

@@ -7,10 +7,8 @@ Everything heavy is imported when a command runs: `sdedge verify` works on a run
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
 from rich.console import Console
 
@@ -102,22 +100,3 @@ def register(subparsers) -> None:
     v.add_argument("--trust-config", help="Sigstore ClientTrustConfig JSON (private or offline Sigstore)")
     v.add_argument("--json", action="store_true", help="print the signer and the signed digests as JSON")
     v.set_defaults(func=cmd_verify)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These commands alone (the same error handling as `sdedge`: an SdedgeError is exit 2, no traceback)."""
-    parser = argparse.ArgumentParser(prog="sdedge", description="sign and verify sdedge bundles")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SdedgeError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True, soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -101,13 +101,10 @@ def flip_byte(path: Path) -> None:
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI in this process: `sdedge ...` when cli.py registers the signing commands, else cli_sign."""
+    """Run `sdedge ...` in this process."""
     from sdedge import cli as main_cli
-    from sdedge import cli_sign
 
-    parser = main_cli.build_parser()
-    wired = any("verify" in (getattr(a, "choices", None) or ()) for a in parser._subparsers._group_actions)
-    rc = (main_cli.main if wired else cli_sign.main)(list(args))
+    rc = main_cli.main(list(args))
     out = capsys.readouterr()
     return rc, out.out + out.err
 
@@ -278,7 +275,7 @@ def test_manifest_and_file_swapped_consistently_is_refused(signed_copy, keys, ca
 
 def test_cli_verify_subprocess_exit_2_without_traceback(signed_copy, keys):
     flip_byte(signed_copy / "unet" / "model.onnx")
-    r = subprocess.run([sys.executable, "-m", "sdedge.cli_sign", "verify", str(signed_copy), "--public-key",
+    r = subprocess.run([sys.executable, "-m", "sdedge", "verify", str(signed_copy), "--public-key",
                         str(keys.public)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "unet/model.onnx" in one_line(r.stderr)
