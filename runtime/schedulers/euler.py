@@ -84,19 +84,23 @@ class EulerDiscreteScheduler:
         sigma = self.sigmas[self.step_index]
         return as_f32(sample) / np.sqrt(sigma * sigma + np.float32(1.0))
 
-    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    def _denoised(self, model_output: np.ndarray, timestep, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        """(model_output, sample) as float32 and D(x_i; sigma_i), with sigma_i: the part of a step both Euler
+        schedulers share."""
         if self.num_inference_steps is None:
-            raise RuntimeError("Euler: call set_timesteps before step")
+            raise RuntimeError(f"{type(self).__name__}: call set_timesteps before step")
         self._init_step_index(timestep)
         model_output, sample = as_f32(model_output), as_f32(sample)
         sigma = self.sigmas[self.step_index]
-
         if self.config.prediction_type == "epsilon":
             pred_original_sample = sample - sigma * model_output
         else:  # "v_prediction"
             sigma2_plus_1 = sigma * sigma + np.float32(1.0)
             pred_original_sample = model_output * (-sigma / np.sqrt(sigma2_plus_1)) + sample / sigma2_plus_1
+        return sample, pred_original_sample, sigma
 
+    def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        sample, pred_original_sample, sigma = self._denoised(model_output, timestep, sample)
         derivative = (sample - pred_original_sample) / sigma
         dt = self.sigmas[self.step_index + 1] - sigma
         prev_sample = sample + derivative * dt

@@ -28,74 +28,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BadInput
-from .common import as_f32, draw_noise, index_for_timestep, vp_sigmas
-from .config import SchedulerConfig, noise_schedule
+from .common import draw_noise
+from .config import SchedulerConfig
+from .euler import EulerDiscreteScheduler
 
 
-class EulerAncestralDiscreteScheduler:
-    order = 1
+class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
+    """Euler's timesteps, sigmas, input scaling and denoised estimate; its own (stochastic) step."""
 
     def __init__(self, config: SchedulerConfig):
-        self.config = config
-        self.betas, self.alphas_cumprod = noise_schedule(config)
-        T = config.num_train_timesteps
-        self.num_inference_steps: int | None = None
-        self.timesteps = np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy()
-        self.sigmas = np.concatenate([vp_sigmas(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)
-        self.step_index: int | None = None
+        super().__init__(config, use_karras_sigmas=False)
         self.rng: np.random.Generator | None = None
 
-    @property
-    def init_noise_sigma(self) -> float:
-        max_sigma = self.sigmas.max()
-        if self.config.timestep_spacing in ("linspace", "trailing"):
-            return float(max_sigma)
-        return float(np.sqrt(max_sigma * max_sigma + np.float32(1.0)))
-
     def set_timesteps(self, num_inference_steps: int, rng: np.random.Generator | None = None) -> None:
-        T = self.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise BadInput(f"Euler ancestral: num_inference_steps must be in 1..{T}, got {num_inference_steps}")
-        n = num_inference_steps
-        spacing = self.config.timestep_spacing
-        if spacing == "linspace":
-            timesteps = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-        elif spacing == "leading":
-            timesteps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + np.float32(self.config.steps_offset)
-        else:  # "trailing"
-            timesteps = np.arange(T, 0, -T / n).round().astype(np.float32) - np.float32(1.0)
-
-        train_sigmas = vp_sigmas(self.alphas_cumprod)
-        sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)  # float64
-        self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        self.timesteps = timesteps
-        self.num_inference_steps = n
-        self.step_index = None
+        super().set_timesteps(num_inference_steps)
         self.rng = rng
 
-    def _init_step_index(self, timestep) -> None:
-        if self.step_index is None:
-            self.step_index = index_for_timestep(self.timesteps, np.float32(timestep))
-
-    def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
-        self._init_step_index(timestep)
-        sigma = self.sigmas[self.step_index]
-        return as_f32(sample) / np.sqrt(sigma * sigma + np.float32(1.0))
-
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        if self.num_inference_steps is None:
-            raise RuntimeError("Euler ancestral: call set_timesteps before step")
-        self._init_step_index(timestep)
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        sigma = self.sigmas[self.step_index]
-
-        if self.config.prediction_type == "epsilon":
-            pred_original_sample = sample - sigma * model_output
-        else:  # "v_prediction"
-            sigma2_plus_1 = sigma * sigma + np.float32(1.0)
-            pred_original_sample = model_output * (-sigma / np.sqrt(sigma2_plus_1)) + sample / sigma2_plus_1
-
+        sample, pred_original_sample, sigma = self._denoised(model_output, timestep, sample)
         sigma_from = sigma
         sigma_to = self.sigmas[self.step_index + 1]
         sigma_up = np.sqrt(sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from))
@@ -105,7 +55,7 @@ class EulerAncestralDiscreteScheduler:
         dt = sigma_down - sigma
         prev_sample = sample + derivative * dt
 
-        noise, self.rng = draw_noise(noise, self.rng, model_output.shape)
+        noise, self.rng = draw_noise(noise, self.rng, sample.shape)
         prev_sample = prev_sample + noise * sigma_up
 
         self.step_index += 1
