@@ -57,6 +57,8 @@ class ComponentInfo:
     outputs: tuple[TensorInfo, ...]
     opset: int
     external_data: tuple[str, ...] = ()
+    precision: Precision | None = None  # this component's precision when it differs from the bundle's
+    openvino_ir: tuple[str, ...] = ()  # (model.xml, model.bin): OpenVINO's own IR beside the ONNX, preferred by it
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,19 @@ class AdapterInfo:
 
 
 @dataclass(frozen=True)
+class PruneReport:
+    """Structural pruning of the UNet: parameters and multiply-accumulates (one image) before and after."""
+
+    ratio: float
+    criterion: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    macs_shape: str  # the sample shape the MACs were counted at
+
+
+@dataclass(frozen=True)
 class Provenance:
     base: BaseInfo
     created: str  # ISO 8601, UTC
@@ -122,6 +137,8 @@ class Provenance:
     prune_ratio: float = 0.0
     quantisation: str | None = None
     calibration: str | None = None
+    prune: PruneReport | None = None
+    export_peak_rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,9 +160,55 @@ class ImageParity:
 
 
 @dataclass(frozen=True)
+class PrecisionParity:
+    """A reduced-precision (or pruned) bundle against the fp32 reference on the same inputs and latents."""
+
+    unet_cosine: float  # cosine of the UNet's raw output (both halves of the guided batch)
+    guided_cosine: float  # cosine of u + guidance·(c − u), the figure that predicts the image
+    guidance: float
+    samples: int  # UNet calls compared (prompts × timesteps)
+    image_psnr_db: float | None = None  # final image vs the fp32 reference (diffusers) on the same latents
+    backend: str = "onnxruntime"  # the engine the figures were measured with
+    min_cosine: float | None = None  # the gates export applied
+    min_psnr: float | None = None
+
+
+@dataclass(frozen=True)
 class Parity:
     components: dict[str, ComponentParity] = field(default_factory=dict)
     image: ImageParity | None = None
+    precision: PrecisionParity | None = None
+
+
+@dataclass(frozen=True)
+class SpeedReport:
+    """The optimised UNet timed against the fp32 one on the exporting machine (same backend, same inputs)."""
+
+    backend: str
+    fp32_seconds: float  # median seconds per UNet call
+    seconds: float
+    ratio: float  # fp32_seconds / seconds: > 1 is faster
+    calls: int
+    shape: str  # the sample shape timed
+    threads: int
+    machine: str
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Bytes per component (all its files) of the fp32 export and of the bundle as written."""
+
+    before: dict[str, int]
+    after: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BackendHint:
+    """What export measured about backends; the runtime's `auto` rule reads it (runtime/backends/select.py)."""
+
+    preferred: str | None = None  # "onnxruntime" | "openvino", the fastest measured at export
+    reason: str = ""
+    openvino_inference_precision: str | None = None  # "bf16" | "f32"; None: by the bundle's precision
 
 
 @dataclass(frozen=True)
@@ -162,6 +225,9 @@ class Manifest:
     defaults: Defaults
     provenance: Provenance
     parity: Parity = field(default_factory=Parity)
+    sizes: SizeReport | None = None
+    speed: tuple[SpeedReport, ...] = ()
+    backend: BackendHint = field(default_factory=BackendHint)
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2, sort_keys=False) + "\n"
@@ -190,7 +256,7 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
     for name, comp in manifest.components.items():
         if name not in COMPONENTS:
             raise BundleError(f"{where}: unknown component {name!r} (known: {', '.join(COMPONENTS)})")
-        for rel in (comp.file, *comp.external_data):
+        for rel in (comp.file, *comp.external_data, *comp.openvino_ir):
             if rel not in manifest.files:
                 raise BundleError(f"{where}: component {name!r} file {rel!r} is not listed in 'files'")
     for rel in (*manifest.files, manifest.tokenizer.dir):

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.onnxruntime import OrtEngine, choose_providers
+from .backends.onnxruntime import OrtEngine, choose_providers  # noqa: F401 (re-exported)
+from .backends.select import EngineFactory, choose_backend
+from .backends.select import engine_factory as make_engine_factory
 from .bundle import Bundle
 from .errors import BadInput, SdedgeError
 from .memory import peak_rss_bytes
@@ -67,18 +69,22 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 class Pipeline:
     """A loaded bundle. `Pipeline.load(path)`, then call it with a prompt."""
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", memory: str = "normal", threads: int | None = None):
+    def __init__(self, bundle: Bundle, *, device: str = "auto", memory: str = "normal", threads: int | None = None,
+                 backend: str = "auto", engine_factory: EngineFactory | None = None):
+        """backend: "auto" (the documented rule of runtime/backends/select.py), "onnxruntime" or "openvino".
+        engine_factory: (bundle, component name, component info) -> engine; replaces the backend's own."""
         if memory not in MEMORY_MODES:
             raise BadInput(f"memory={memory!r}: choose one of {', '.join(MEMORY_MODES)}")
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.memory = memory
-        providers, why = choose_providers(device)
-        log.info("backend onnxruntime, providers %s (%s)", ", ".join(providers), why)
-        self.backend = f"onnxruntime:{providers[0]}"
-        self.engines = {
-            name: OrtEngine(bundle, name, info, providers, threads) for name, info in self.manifest.components.items()
-        }
+        choice = choose_backend(self.manifest, backend, device)
+        log.info("backend %s (%s)", choice.label, choice.reason)
+        self.backend = choice.label
+        self.backend_reason = choice.reason
+        factory = engine_factory or make_engine_factory(choice, self.manifest, threads=threads,
+                                                        low_memory=memory == "low")
+        self.engines = {name: factory(bundle, name, info) for name, info in self.manifest.components.items()}
         self.tokenizer = self._tokenizer()
         self.signer: SignerInfo | None = None
         self.scheduler_config = SchedulerConfig.from_dict(self.manifest.scheduler)
@@ -90,6 +96,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto", memory: str = "normal", threads: int | None = None,
+             backend: str = "auto", engine_factory: EngineFactory | None = None,
              verify: str = "if-signed", public_key: str | Path | None = None, identity: str | None = None,
              issuer: str | None = None, certificate_chain=None) -> Pipeline:
         """Open a bundle, verifying its signature first (before any model file is parsed).
@@ -101,7 +108,8 @@ class Pipeline:
         """
         bundle, signer = open_bundle(path, verify, public_key=public_key, identity=identity, issuer=issuer,
                                      certificate_chain=certificate_chain)
-        pipe = cls(bundle, device=device, memory=memory, threads=threads)
+        pipe = cls(bundle, device=device, memory=memory, threads=threads, backend=backend,
+                   engine_factory=engine_factory)
         pipe.signer = signer
         return pipe
 

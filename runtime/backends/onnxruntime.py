@@ -54,6 +54,7 @@ class OrtEngine:
     info: ComponentInfo
     providers: list[str]
     threads: int | None = None
+    low_memory: bool = False  # no weight pre-packing and no memory arena: smaller peak, somewhat slower
     session: Any = field(default=None, repr=False)
 
     @property
@@ -71,6 +72,9 @@ class OrtEngine:
         threads = self.threads or int(os.environ.get("SDEDGE_THREADS", "0")) or None
         if threads:
             opts.intra_op_num_threads = threads
+        if self.low_memory:
+            opts.enable_cpu_mem_arena = False
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         try:
             if self.info.external_data:
                 for rel in self.info.external_data:
