@@ -1,0 +1,120 @@
+"""LoRA layers on the models being trained, and the adapter files written at the end.
+
+- `inject_lora(model, targets, rank, alpha, seed, component)`: peft's `inject_adapter_in_model` (it works for
+  diffusers' UNet and for transformers 5's CLIPTextModel with peft 0.21, whose `add_adapter` wants peft >= 0.22);
+  the LoRA A matrices are initialised from their own seed, B from zeros, so the start is the base model.
+- `lora_layers(model, component)`: {canonical module path: (A, B)} from the trained model. Text-encoder paths are
+  written with transformers' classic `text_model.` prefix (what SD1.5 LoRAs in the wild and A1111 use; diffusers
+  loads them on transformers 4 and 5 alike).
+- `adapter_tensors(layers, fmt, ...)`: the safetensors tensors and metadata of
+  - `peft`: `unet.<module>.lora_A.weight` / `lora_B.weight`, `text_encoder.text_model.<module>...`, with rank,
+    alpha and targets in the `lora_adapter_metadata` header entry that diffusers reads (so alpha != rank loads
+    right); `StableDiffusionPipeline.load_lora_weights` loads the file unchanged;
+  - `kohya`: `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`, and
+    `lora_te_text_model_...` for the text encoder, the keys A1111 and kohya's sd-scripts read.
+- `write_adapter(path, tensors, metadata)`: safetensors, written to a temporary file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sdedge.runtime.errors import SdedgeError
+
+from .dataset import seed_for
+
+__all__ = ["ADAPTER_NAME", "inject_lora", "lora_parameters", "lora_layers", "adapter_tensors", "write_adapter",
+           "write_json_atomic"]
+
+ADAPTER_NAME = "default"
+
+
+def inject_lora(model, targets, rank: int, alpha: float, seed: int, component: str):
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        init_lora_weights=True, bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_for(seed, "lora-init", component))
+        try:
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        except ValueError as e:
+            raise SdedgeError(f"{component}: cannot put a LoRA on {list(targets)}: {e}") from e
+    params = lora_parameters(model)
+    if not params:
+        raise SdedgeError(f"{component}: none of the target modules {list(targets)} is in the model")
+    for _, p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    return config
+
+
+def lora_parameters(model) -> list[tuple[str, Any]]:
+    """(name, parameter) of the LoRA weights, in a fixed (sorted) order."""
+    return sorted(((n, p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n),
+                  key=lambda item: item[0])
+
+
+def _canonical(path: str, component: str, model) -> str:
+    if component == "text_encoder" and not path.startswith("text_model.") and not hasattr(model, "text_model"):
+        return "text_model." + path
+    return path
+
+
+def lora_layers(model, component: str) -> dict[str, tuple[Any, Any]]:
+    layers: dict[str, list] = {}
+    for name, p in lora_parameters(model):
+        path, _, rest = name.partition(".lora_")
+        which = rest[0]  # "A" or "B"
+        slot = layers.setdefault(_canonical(path, component, model), [None, None])
+        slot[0 if which == "A" else 1] = p.detach().float().cpu().contiguous()
+    return {k: (a, b) for k, (a, b) in layers.items()}
+
+
+def adapter_tensors(unet_layers: dict, text_layers: dict, fmt: str, rank: int, alpha: float,
+                    unet_targets, text_targets) -> tuple[dict, dict[str, str]]:
+    import torch
+
+    tensors: dict[str, Any] = {}
+    if fmt == "peft":
+        for prefix, layers in (("unet", unet_layers), ("text_encoder", text_layers)):
+            for path, (a, b) in layers.items():
+                tensors[f"{prefix}.{path}.lora_A.weight"] = a.clone()
+                tensors[f"{prefix}.{path}.lora_B.weight"] = b.clone()
+        lora_meta: dict[str, Any] = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": list(unet_targets)}
+        if text_layers:
+            lora_meta.update({"text_encoder.r": rank, "text_encoder.lora_alpha": alpha,
+                              "text_encoder.target_modules": list(text_targets)})
+        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(lora_meta, sort_keys=True)}
+    elif fmt == "kohya":
+        for prefix, layers in (("lora_unet", unet_layers), ("lora_te", text_layers)):
+            for path, (a, b) in layers.items():
+                key = f"{prefix}_{path.replace('.', '_')}"
+                tensors[f"{key}.lora_down.weight"] = a.clone()
+                tensors[f"{key}.lora_up.weight"] = b.clone()
+                tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+                    "ss_base_model_version": "sd_v1", "ss_training_comment": "trained with sdedge"}
+    else:
+        raise SdedgeError(f"unknown adapter format {fmt!r} (peft or kohya)")
+    return tensors, metadata
+
+
+def write_adapter(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,104 @@
+"""The base model for training: a local diffusers SD1.x folder, loaded component by component, offline.
+
+The trainer does not import `sdedge.export` (the two meet only through files), so it reads the folder with
+diffusers and transformers directly, refusing anything that is not a Stable Diffusion pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdedge.runtime.errors import SdedgeError
+
+from .hashing import base_sha256
+
+__all__ = ["Base", "load_training_base"]
+
+
+@dataclass
+class Base:
+    path: Path
+    id: str
+    sha256: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # DDPMScheduler with the base's training schedule
+    scheduler_config: dict  # the base's own scheduler config (for validation images)
+    scheduler_class: str
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+def load_training_base(path: str | Path) -> Base:
+    _offline()
+    path = Path(path)
+    if not path.is_dir():
+        kind = "a single-file checkpoint" if path.is_file() else "not found"
+        raise SdedgeError(
+            f"--base {path}: {kind}; training needs a diffusers folder (write one with `sdedge base tiny --out DIR`, "
+            "or save a pipeline with save_pretrained)"
+        )
+    index_file = path / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdedgeError(f"--base {path}: no model_index.json, not a diffusers pipeline folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SdedgeError(f"{index_file} is corrupt: {e}") from e
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not isinstance(index.get(part), list) or not (path / part).is_dir():
+            raise SdedgeError(f"--base {path}: no {part}/ (model_index.json), not a Stable Diffusion pipeline folder")
+    if "text_encoder_2" in index:
+        raise SdedgeError(f"--base {path}: an SDXL pipeline (text_encoder_2); sdedge train handles SD1.x bases")
+
+    import logging
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dl
+        from transformers.utils import logging as tl
+
+        dl.disable_progress_bar()
+        tl.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
+        sched_cfg = DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True)
+    except Exception as e:
+        raise SdedgeError(f"cannot load the base {path}: {e}") from e
+    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+        raise SdedgeError(f"--base {path}: text encoder width {text_encoder.config.hidden_size} does not match the "
+                          f"UNet's cross_attention_dim {unet.config.cross_attention_dim}")
+    sched_cfg = {k: v for k, v in dict(sched_cfg).items()}
+    noise_scheduler = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+        m.float()
+    return Base(path=path, id=path.resolve().name, sha256=base_sha256(path), unet=unet, vae=vae,
+                text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
+                scheduler_config={k: v for k, v in sched_cfg.items() if not k.startswith("_")},
+                scheduler_class=str(sched_cfg.get("_class_name", "PNDMScheduler")))

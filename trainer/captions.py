@@ -1,0 +1,93 @@
+"""Captions of an image folder: same-name `.txt` files, or a `metadata.jsonl` / `metadata.csv` with the columns
+`file_name` and `text` (the layout of Hugging Face's imagefolder; `caption` is read as an alias of `text`).
+
+`read_captions(folder)` returns {relative image path: caption} from the metadata file (paths relative to the
+folder holding it) and a list of (source, reason) problems found on the way, such as a bad line.
+Same-name `.txt` captions are looked up per image with `txt_caption(path)`; a metadata entry wins over a `.txt`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from sdedge.runtime.errors import SdedgeError
+
+__all__ = ["METADATA_FILES", "read_captions", "txt_caption"]
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_TEXT_KEYS = ("text", "caption")
+
+
+def _norm(rel: str) -> str:
+    rel = rel.strip().replace("\\", "/")
+    while rel.startswith("./"):
+        rel = rel[2:]
+    return rel
+
+
+def _pick_text(row: dict) -> str | None:
+    for key in _TEXT_KEYS:
+        if isinstance(row.get(key), str):
+            return row[key]
+    return None
+
+
+def read_captions(folder: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Captions from metadata files anywhere under `folder`, keyed by path relative to `folder`."""
+    captions: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for meta in sorted(p for p in folder.rglob("metadata.*") if p.name in METADATA_FILES):
+        here = meta.parent
+        rel_meta = meta.relative_to(folder).as_posix()
+        try:
+            text = meta.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SdedgeError(f"cannot read {meta}: {e}") from e
+        rows: list[tuple[int, dict]] = []
+        if meta.suffix == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append((f"{rel_meta}:{n}", f"bad JSON line: {e.msg}"))
+                    continue
+                if not isinstance(row, dict):
+                    problems.append((f"{rel_meta}:{n}", "line is not a JSON object"))
+                    continue
+                rows.append((n, row))
+        else:
+            reader = csv.DictReader(text.splitlines())
+            if not reader.fieldnames or "file_name" not in reader.fieldnames:
+                raise SdedgeError(f"{meta}: needs a header row with the columns file_name and text")
+            rows = [(n, row) for n, row in enumerate(reader, 2)]
+        for n, row in rows:
+            name, caption = row.get("file_name"), _pick_text(row)
+            if not isinstance(name, str) or not name.strip():
+                problems.append((f"{rel_meta}:{n}", "no file_name"))
+                continue
+            if caption is None:
+                problems.append((f"{rel_meta}:{n}", f"no text for {name}"))
+                continue
+            rel = (here.relative_to(folder) / _norm(name)).as_posix() if here != folder else _norm(name)
+            if rel in captions and captions[rel] != caption:
+                problems.append((f"{rel_meta}:{n}", f"second caption for {rel} ignored"))
+                continue
+            captions[rel] = caption
+    return captions, problems
+
+
+def txt_caption(image: Path) -> str | None:
+    """The caption in `image`'s same-name .txt file, None when there is none; ValueError when unreadable."""
+    txt = image.with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    try:
+        return txt.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"caption file {txt.name} is not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read caption file {txt.name}: {e}") from None

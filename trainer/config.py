@@ -1,0 +1,296 @@
+"""The training config: one frozen dataclass whose keys are also the `sdedge train` flags.
+
+    defaults  <-  YAML file (--config)  <-  flags given on the command line
+
+`--max-steps 200` and `max_steps: 200` are the same setting. An unknown YAML key or a wrong type is a
+`ConfigError` naming the key; `resolve()` fills the derived values (alpha, caching, steps) and checks
+ranges, so the effective config saved beside the adapter reproduces the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdedge.runtime.strict import ConfigError, from_dict, to_dict
+
+__all__ = [
+    "TrainConfig",
+    "UNET_TARGETS",
+    "TEXT_ENCODER_TARGETS",
+    "HELP",
+    "load_config",
+    "add_config_flags",
+    "config_from_args",
+    "resolve",
+    "save_config",
+    "RESUME_MAY_CHANGE",
+]
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train on and where to write
+    base: str = ""
+    data: str = ""
+    out: str = ""
+    # the adapter
+    rank: int = 16
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = UNET_TARGETS
+    train_text_encoder: bool = False
+    text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    format: str = "peft"
+    # optimisation
+    learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None
+    optimizer: str = "auto"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None
+    epochs: int | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    cache_text_embeddings: bool | None = None
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    seed: int = 0
+    # validation, logging, checkpoints
+    validation_prompts: tuple[str, ...] = ()
+    validation_negative_prompt: str = ""
+    validation_steps: int | None = None
+    validation_inference_steps: int = 20
+    validation_guidance: float = 7.5
+    validation_seed: int = 0
+    log_steps: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+    checkpoint_steps: int | None = None
+    checkpoints_total_limit: int | None = 2
+    resume: str | None = None
+    overwrite: bool = False
+
+
+HELP: dict[str, str] = {
+    "base": "the base model: a local diffusers folder (e.g. one written by `sdedge base tiny`)",
+    "data": "a folder written by `sdedge prepare`",
+    "out": "output folder: adapter.safetensors, adapter.json, config.yaml, metrics.jsonl, logs/, validation/, checkpoints/",
+    "rank": "LoRA rank",
+    "alpha": "LoRA alpha (default: the rank, i.e. scale 1)",
+    "target_modules": "UNet modules that get a LoRA",
+    "train_text_encoder": "also train a LoRA on the text encoder's attention projections",
+    "text_encoder_target_modules": "text-encoder modules that get a LoRA (with --train-text-encoder)",
+    "format": "adapter key format: peft (diffusers' load_lora_weights) or kohya (A1111/kohya keys)",
+    "learning_rate": "peak learning rate",
+    "text_encoder_lr": "learning rate of the text-encoder LoRA (default: --learning-rate)",
+    "optimizer": "auto (8-bit AdamW when bitsandbytes and a GPU are there, else AdamW), adamw, adamw8bit",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_epsilon": "AdamW epsilon",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm (0: no clipping)",
+    "batch_size": "images per process per micro-step",
+    "gradient_accumulation_steps": "micro-steps per optimizer step",
+    "max_steps": "optimizer steps to train (default: from --epochs, else 500)",
+    "epochs": "passes over the data (used when --max-steps is not given)",
+    "lr_scheduler": "constant, linear or cosine (after the warm-up)",
+    "lr_warmup_steps": "optimizer steps of linear warm-up from 0",
+    "mixed_precision": "no, fp16 (GPU) or bf16",
+    "gradient_checkpointing": "trade compute for memory in the UNet (and text encoder)",
+    "cache_latents": "encode every image with the VAE once, before training",
+    "cache_text_embeddings": "encode every caption once (default: on unless the text encoder trains)",
+    "min_snr_gamma": "min-SNR loss weighting gamma (5 is usual; default off)",
+    "noise_offset": "noise offset (e.g. 0.05; default 0)",
+    "seed": "seed of the LoRA init, data order, noise and timesteps",
+    "validation_prompts": "prompts rendered to PNGs every --validation-steps and at the end",
+    "validation_negative_prompt": "negative prompt of the validation images",
+    "validation_steps": "render validation images every N optimizer steps",
+    "validation_inference_steps": "denoising steps of a validation image",
+    "validation_guidance": "guidance scale of the validation images",
+    "validation_seed": "seed of the validation images",
+    "log_steps": "write metrics every N optimizer steps",
+    "tensorboard": "write TensorBoard logs to OUT/logs (when tensorboard is installed)",
+    "progress": "show a progress bar",
+    "checkpoint_steps": "write a checkpoint every N optimizer steps (atomically)",
+    "checkpoints_total_limit": "keep at most this many checkpoints (default 2)",
+    "resume": "continue from a checkpoint folder, or 'latest' in OUT/checkpoints",
+    "overwrite": "replace the outputs of an earlier run in OUT",
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "format": ("peft", "kohya"),
+    "optimizer": ("auto", "adamw", "adamw8bit"),
+    "lr_scheduler": ("constant", "linear", "cosine"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
+
+# Settings a resumed run may change without changing the loss curve up to the checkpoint.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "epochs", "validation_prompts", "validation_negative_prompt", "validation_steps",
+    "validation_inference_steps", "validation_guidance", "validation_seed", "log_steps", "tensorboard", "progress",
+    "checkpoint_steps", "checkpoints_total_limit", "resume", "overwrite", "format", "out", "base", "data",
+    "cache_latents", "cache_text_embeddings", "gradient_checkpointing",
+})  # fmt: skip
+
+
+def _fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.init]
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (keys checked later by `from_dict`)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read the config {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_optional(tp):
+    def parse(text: str):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return tp(text)
+
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key (`--max-steps` for `max_steps`); flags not given stay out of the namespace, so a
+    YAML value is only overridden by a flag the user typed."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in _fields():
+        tp = hints[f.name]
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=HELP.get(f.name), dest=f.name)
+        args = typing.get_args(tp)
+        optional = type(None) in args
+        inner = next((a for a in args if a is not type(None)), tp) if optional else tp
+        if f.name == "resume":
+            kw.update(nargs="?", const="latest", metavar="CHECKPOINT")
+        elif inner is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(inner) is tuple:
+            kw.update(nargs="*", metavar=f.name.upper().removesuffix("S"))
+        elif inner in (int, float, str):
+            kw["type"] = _parse_optional(inner) if optional else inner
+            if f.name in CHOICES:
+                kw["choices"] = CHOICES[f.name]
+        else:  # pragma: no cover - a field type this CLI cannot express
+            raise TypeError(f"no flag for {f.name}: {tp}")
+        parser.add_argument(_flag(f.name), **kw)
+
+
+def config_from_args(args: argparse.Namespace, yaml_path: str | None = None) -> TrainConfig:
+    """defaults <- YAML <- flags, checked (unknown keys, types) but not yet resolved."""
+    data: dict[str, Any] = load_config(yaml_path) if yaml_path else {}
+    names = {f.name for f in _fields()}
+    for name in names:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            data[name] = list(value) if isinstance(value, list) else value
+    where = str(yaml_path) if yaml_path else "train config"
+    return from_dict(TrainConfig, data, where)
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainConfig:
+    """Check ranges and fill derived values: alpha (= rank), cache_text_embeddings, max_steps (from epochs)."""
+    for key in ("base", "data", "out"):
+        _check(bool(getattr(cfg, key)), key, f"required (give {_flag(key)} or `{key}:` in the config)")
+    for key, choices in CHOICES.items():
+        _check(getattr(cfg, key) in choices, key, f"{getattr(cfg, key)!r} is not one of {', '.join(choices)}")
+    _check(cfg.rank >= 1, "rank", "must be at least 1")
+    _check(cfg.alpha is None or cfg.alpha > 0, "alpha", "must be positive")
+    _check(len(cfg.target_modules) > 0, "target_modules", "name at least one module")
+    _check(cfg.learning_rate > 0, "learning_rate", "must be positive")
+    _check(cfg.text_encoder_lr is None or cfg.text_encoder_lr > 0, "text_encoder_lr", "must be positive")
+    _check(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1", "betas must lie in [0, 1)")
+    _check(cfg.adam_epsilon > 0, "adam_epsilon", "must be positive")
+    _check(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    _check(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+    _check(cfg.batch_size >= 1, "batch_size", "must be at least 1")
+    _check(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1")
+    _check(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1")
+    _check(cfg.epochs is None or cfg.epochs >= 1, "epochs", "must be at least 1")
+    _check(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+    _check(cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
+    _check(cfg.noise_offset >= 0, "noise_offset", "must be >= 0")
+    _check(cfg.seed >= 0, "seed", "must be >= 0")
+    _check(cfg.validation_steps is None or cfg.validation_steps >= 1, "validation_steps", "must be at least 1")
+    _check(cfg.validation_inference_steps >= 1, "validation_inference_steps", "must be at least 1")
+    _check(cfg.log_steps >= 1, "log_steps", "must be at least 1")
+    _check(cfg.checkpoint_steps is None or cfg.checkpoint_steps >= 1, "checkpoint_steps", "must be at least 1")
+    _check(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit >= 1, "checkpoints_total_limit",
+           "must be at least 1")
+    if cfg.train_text_encoder:
+        _check(len(cfg.text_encoder_target_modules) > 0, "text_encoder_target_modules", "name at least one module")
+        _check(cfg.cache_text_embeddings is not True, "cache_text_embeddings",
+               "cannot be on with train_text_encoder (the embeddings change as the text encoder trains)")
+    changes: dict[str, Any] = {}
+    if cfg.alpha is None:
+        changes["alpha"] = float(cfg.rank)
+    if cfg.cache_text_embeddings is None:
+        changes["cache_text_embeddings"] = not cfg.train_text_encoder
+    if cfg.max_steps is None:
+        if cfg.epochs is not None:
+            _check(steps_per_epoch is not None, "epochs", "needs the dataset size to turn into steps")
+            changes["max_steps"] = max(1, cfg.epochs * int(steps_per_epoch))
+        else:
+            changes["max_steps"] = 500
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """The effective config as YAML (written to a temporary file and renamed into place)."""
+    import os
+
+    import yaml
+
+    data = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("# sdedge train: the effective config of this run\n" + yaml.safe_dump(data, sort_keys=False),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# exported for the CLI help epilogue
+def flag_names() -> list[str]:
+    return [_flag(f.name) for f in _fields()]
+

@@ -1,0 +1,262 @@
+"""`sdedge prepare`: a folder of images with captions in, a clean training set out.
+
+    photos/ ─► captions (.txt | metadata.jsonl | metadata.csv) ─► safe open (JPEG/PNG/WebP, bomb guard)
+            ─► --min-size ─► resize + centre-crop (or aspect buckets) ─► exact / near-duplicate removal
+            ─► optional augmented copies ─► data/images/*.png, data/captions/*.txt, data/metadata.json
+
+Every input file ends up either kept or in the report with its reason: corrupt files, non-images,
+unsupported formats, images without captions, too-small images and duplicates never stop the run. Output
+images are PNGs built from the decoded pixels alone, so EXIF (GPS included) and all other metadata are gone.
+The output is written to a temporary folder and renamed into place. An input with nothing usable is an error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdedge.runtime.errors import BadInput, SdedgeError
+
+from .captions import METADATA_FILES, read_captions, txt_caption
+from .dedup import clip_embeddings, find_duplicates, phash, pixel_sha256
+from .hashing import combined_sha256, sha256_bytes, sha256_file
+from .images import AUGMENTS, ImageSkip, bucket_sizes, fit, nearest_bucket, open_image
+
+__all__ = ["PrepareOptions", "PrepareReport", "prepare_dataset", "DATA_FORMAT", "DATA_VERSION"]
+
+DATA_FORMAT = "sdedge-data"
+DATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    resolution: int = 512
+    min_size: int | None = None  # shorter side in pixels; default: half the resolution
+    buckets: bool = False
+    dedup: float | None = 0.95  # similarity threshold (pHash, and CLIP cosine with clip_model); None: off
+    clip_model: str | None = None
+    augment: tuple[str, ...] = ()
+    seed: int = 0
+    max_pixels: int | None = None  # may only lower Pillow's decompression-bomb limit
+    overwrite: bool = False
+
+
+@dataclass
+class PrepareReport:
+    out: Path
+    kept: int
+    augmented: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    dataset_sha256: str = ""
+
+    @property
+    def images(self) -> int:
+        return self.kept + self.augmented
+
+
+@dataclass
+class _Item:
+    source: str
+    caption: str
+    source_sha256: str
+    source_format: str
+    source_size: tuple[int, int]
+    size: tuple[int, int]
+    pixel_sha256: str
+    phash: int
+    staged: Path  # processed PNG in the staging folder
+
+
+def _check_options(o: PrepareOptions) -> None:
+    if o.resolution < 8 or o.resolution % 8:
+        raise BadInput(f"--resolution {o.resolution}: must be a positive multiple of 8")
+    if o.buckets and o.resolution % 64:
+        raise BadInput(f"--buckets needs a --resolution that is a multiple of 64, got {o.resolution}")
+    if o.min_size is not None and o.min_size < 0:
+        raise BadInput(f"--min-size {o.min_size}: must be >= 0")
+    if o.dedup is not None and not 0 < o.dedup <= 1:
+        raise BadInput(f"--dedup {o.dedup}: a similarity threshold in (0, 1], e.g. 0.95")
+    bad = [a for a in o.augment if a not in AUGMENTS]
+    if bad:
+        raise BadInput(f"--augment {bad[0]!r}: choose from {', '.join(AUGMENTS)}")
+    if o.max_pixels is not None and o.max_pixels < 1:
+        raise BadInput(f"max_pixels {o.max_pixels}: must be positive")
+
+
+def _safe_name(rel: str, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(rel).with_suffix("")).replace("/", "_")).strip("._") or "image"
+    name, n = stem, 2
+    while name.lower() in used:
+        name, n = f"{stem}-{n}", n + 1
+    used.add(name.lower())
+    return name
+
+
+def _walk(src: Path, exclude: Path | None) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (exclude is None or (d / n).resolve() != exclude))
+        files += [d / n for n in filenames if not n.startswith(".")]
+    return sorted(files, key=lambda p: p.relative_to(src).as_posix())
+
+
+def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = PrepareOptions(),
+                    log=None) -> PrepareReport:
+    """Prepare `src` into `out`; returns the report (also written to out/metadata.json)."""
+    _check_options(opts)
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise SdedgeError(f"input folder not found: {src}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.overwrite:
+        raise SdedgeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    if out.resolve() == src.resolve():
+        raise SdedgeError("--out must not be the input folder")
+    min_size = opts.resolution // 2 if opts.min_size is None else opts.min_size
+    buckets = bucket_sizes(opts.resolution) if opts.buckets else [(opts.resolution, opts.resolution)]
+    log = log or (lambda msg: None)
+
+    captions, skipped = read_captions(src)
+    files = _walk(src, out.resolve())
+    rel_of = {p: p.relative_to(src).as_posix() for p in files}
+    candidates = [p for p in files if p.suffix.lower() != ".txt" and p.name not in METADATA_FILES]
+    candidate_stems = {p.with_suffix("") for p in candidates}
+    for p in files:
+        if p.suffix.lower() == ".txt" and p.with_suffix("") not in candidate_stems:
+            skipped.append((rel_of[p], "caption without an image"))
+    found = {rel_of[p] for p in candidates}
+    for rel in sorted(set(captions) - found):
+        skipped.append((rel, "listed in metadata but not found"))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        (stage / "images").mkdir()
+        (stage / "captions").mkdir()
+        items: list[_Item] = []
+        for n, path in enumerate(candidates):
+            rel = rel_of[path]
+            try:
+                image, fmt = open_image(path, opts.max_pixels)
+                if rel in captions:
+                    caption = captions[rel]
+                else:
+                    try:
+                        caption = txt_caption(path)
+                    except ValueError as e:
+                        raise ImageSkip(str(e)) from None
+                    if caption is None:
+                        raise ImageSkip("no caption (no same-name .txt, not in metadata.jsonl/metadata.csv)")
+                caption = " ".join(caption.split())
+                if not caption:
+                    raise ImageSkip("empty caption")
+                w, h = image.size
+                if min(w, h) < min_size:
+                    raise ImageSkip(f"too small: {w}x{h}, shorter side under --min-size {min_size}")
+            except ImageSkip as e:
+                skipped.append((rel, str(e)))
+                continue
+            size = nearest_bucket(w, h, buckets)
+            fitted = fit(image, *size)
+            staged = stage / "images" / f".{n:06d}.png"
+            fitted.save(staged, format="PNG", optimize=False)
+            items.append(_Item(rel, caption, sha256_file(path), fmt, (w, h), size, pixel_sha256(fitted),
+                               phash(fitted), staged))
+            log(f"read {rel}")
+
+        if opts.dedup is not None and len(items) > 1:
+            embeddings = None
+            if opts.clip_model:
+                from PIL import Image
+
+                imgs = []
+                for it in items:
+                    with Image.open(it.staged) as im:
+                        imgs.append(im.convert("RGB"))
+                embeddings = clip_embeddings(opts.clip_model, imgs)
+            dups = find_duplicates([it.pixel_sha256 for it in items], [it.phash for it in items], opts.dedup,
+                                   embeddings)
+            drop = set()
+            for d in dups:
+                what = "exact duplicate" if d.how == "exact" else f"near duplicate ({d.how} similarity {d.similarity:.3f})"
+                skipped.append((items[d.index].source, f"{what} of {items[d.of].source}"))
+                items[d.index].staged.unlink()
+                drop.add(d.index)
+            items = [it for i, it in enumerate(items) if i not in drop]
+
+        if not items:
+            reasons = "; ".join(f"{s}: {r}" for s, r in skipped[:8]) or "the folder holds no files"
+            more = f" (and {len(skipped) - 8} more)" if len(skipped) > 8 else ""
+            raise SdedgeError(f"no usable images in {src}: {reasons}{more}")
+
+        entries, used = [], set()
+        rng = random.Random(opts.seed)
+        for it in items:
+            name = _safe_name(it.source, used)
+            image_rel, caption_rel = f"images/{name}.png", f"captions/{name}.txt"
+            os.replace(it.staged, stage / image_rel)
+            caption_bytes = (it.caption + "\n").encode("utf-8")
+            (stage / caption_rel).write_bytes(caption_bytes)
+            base = dict(image=image_rel, caption=caption_rel, text=it.caption, width=it.size[0], height=it.size[1],
+                        sha256=sha256_file(stage / image_rel), caption_sha256=sha256_bytes(caption_bytes),
+                        phash=f"{it.phash:048x}", source=it.source, source_sha256=it.source_sha256,
+                        source_format=it.source_format, source_size=list(it.source_size), augment=None, of=None)
+            entries.append(base)
+            if opts.augment:
+                from PIL import Image
+
+                from .images import augment
+
+                with Image.open(stage / image_rel) as im:
+                    fitted = im.convert("RGB")
+                for kind in opts.augment:
+                    aug_name = _safe_name(f"{name}-{kind}", used)
+                    aug_rel, aug_cap = f"images/{aug_name}.png", f"captions/{aug_name}.txt"
+                    augment(fitted, kind, rng).save(stage / aug_rel, format="PNG")
+                    (stage / aug_cap).write_bytes(caption_bytes)
+                    entries.append({**base, "image": aug_rel, "caption": aug_cap, "sha256": sha256_file(stage / aug_rel),
+                                    "phash": None, "augment": kind, "of": image_rel})
+
+        files_sha = [(e["image"], e["sha256"]) for e in entries] + [(e["caption"], e["caption_sha256"]) for e in entries]
+        dataset_sha = combined_sha256(files_sha)
+        kept = sum(1 for e in entries if e["augment"] is None)
+        meta = {
+            "format": DATA_FORMAT,
+            "version": DATA_VERSION,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": str(src.resolve()),
+            "resolution": opts.resolution,
+            "buckets": opts.buckets,
+            "options": {**asdict(opts), "min_size": min_size, "augment": list(opts.augment)},
+            "counts": {"inputs": len(candidates), "kept": kept, "augmented": len(entries) - kept,
+                       "skipped": len(skipped)},
+            "dataset_sha256": dataset_sha,
+            "items": entries,
+            "skipped": [{"source": s, "reason": r} for s, r in skipped],
+        }
+        meta["options"].pop("overwrite", None)
+        (stage / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _replace_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return PrepareReport(out=out, kept=kept, augmented=len(entries) - kept, skipped=skipped,
+                         dataset_sha256=dataset_sha)
+
+
+def _replace_dir(stage: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
