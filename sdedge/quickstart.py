@@ -21,6 +21,8 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     from sdedge.export.bases import write_builtin_base
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.export.bundle_writer import atomic_write_text
+    from sdedge.export.signing import keygen, sign
+    from sdedge.runtime.signing import verify_bundle
     from sdedge.runtime.errors import SdedgeError
     from sdedge.runtime.pipeline import Pipeline
 
@@ -30,15 +32,23 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     stages = Stages(console)
-    base_dir, bundle_dir, images_dir = out / "tiny-base", out / "bundle", out / "images"
+    base_dir, bundle_dir, images_dir, keys_dir = out / "tiny-base", out / "bundle", out / "images", out / "keys"
 
-    with stages("1/4 write the built-in tiny base"):
+    with stages("1/5 write the built-in tiny base"):
         write_builtin_base("tiny", base_dir, seed=0, overwrite=True)
-    with stages("2/4 export to an ONNX bundle (parity checked against diffusers)"):
+    with stages("2/5 export to an ONNX bundle (parity checked against diffusers)"):
         manifest = export_bundle(base_dir, bundle_dir, ExportOptions(overwrite=True))
+    with stages("3/5 sign with a fresh key and verify"):
+        if keys_dir.exists():
+            import shutil
+
+            shutil.rmtree(keys_dir)
+        keys = keygen(keys_dir)
+        sign(bundle_dir, key=keys.private)
+        signer = verify_bundle(bundle_dir, public_key=keys.public)
     images_dir.mkdir(exist_ok=True)
-    with stages("3/4 generate with the PyTorch-free runtime"):
-        pipe = Pipeline.load(bundle_dir, device="cpu")
+    with stages("4/5 generate with the PyTorch-free runtime (signature required)"):
+        pipe = Pipeline.load(bundle_dir, device="cpu", verify="required", public_key=keys.public)
         results = []
         for i, prompt in enumerate(PROMPTS):
             r = pipe.generate(prompt, steps=20, seed=7 + i, scheduler="dpm++2m")
@@ -46,10 +56,13 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
             r.to_pil()[0].save(path)
             results.append((prompt, path, r))
         pipe.close()
-    with stages("4/4 summary"):
+    with stages("5/5 summary"):
         summary = {
             "base": str(base_dir),
             "bundle": str(bundle_dir),
+            "signature": str(bundle_dir / "model.sig"),
+            "signer": signer.describe(),
+            "public_key": str(keys.public),
             "images": [str(p) for _, p, _ in results],
             "parity_image_psnr_db": manifest.parity.image.psnr_db if manifest.parity.image else None,
             "parity_max_abs_err": {k: v.max_abs_err for k, v in manifest.parity.components.items()},
@@ -62,6 +75,8 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     table = Table("what", "where")
     table.add_row("base model (diffusers layout)", str(base_dir))
     table.add_row("bundle (ONNX + sdedge.json)", str(bundle_dir))
+    table.add_row(f"signature ({signer.describe()})", str(bundle_dir / "model.sig"))
+    table.add_row("signing keys", str(keys_dir))
     for prompt, path, r in results:
         table.add_row(f"image: {prompt!r}", str(path))
     table.add_row("summary", str(out / "summary.json"))
@@ -69,7 +84,8 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     if manifest.parity.image:
         console.print(f"runtime vs diffusers on the same weights and latents: {manifest.parity.image.psnr_db:.1f} dB PSNR")
     console.print(f"quickstart done in {time.perf_counter() - t_start:.1f} s. Next: "
-                  f"sdedge info {bundle_dir} · sdedge generate {bundle_dir} \"a red circle\" --out out.png")
+                  f"sdedge verify {bundle_dir} --public-key {keys.public} · "
+                  f"sdedge generate {bundle_dir} \"a red circle\" --out out.png")
     console.print("[dim]The built-in tiny model has random weights: its images are noise-like until the trained "
                   "tiny base lands.[/dim]")
     return summary

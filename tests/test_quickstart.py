@@ -17,6 +17,9 @@ def test_quickstart_end_to_end(tmp_path):
 
         assert Image.open(image).size == (64, 64)
     assert (out / "bundle" / "sdedge.json").is_file() and (out / "tiny-base" / "model_index.json").is_file()
+    assert (out / "bundle" / "model.sig").is_file() and summary["signer"].startswith("key sha256:")
+    verify = run_cli("verify", str(out / "bundle"), "--public-key", summary["public_key"])
+    assert verify.returncode == 0, verify.stderr
     assert "quickstart done" in r.stderr and str(out / "bundle") in r.stderr
     # a second run refuses to clobber the folder without --overwrite
     again = run_cli("quickstart", "--out", str(out))
