@@ -1,0 +1,503 @@
+"""The bench report: report.json (schema below, `schema_version` 1), report.md (tables), report.png (stacked
+bars of seconds per image by stage, one bar per engine) and samples.png (the images, reference beside engine).
+
+`SCHEMA` is a JSON-Schema-style dict (the subset: type, properties, required, additionalProperties, items,
+enum, minimum); `validate(report)` checks a report against it without any JSON-schema package, and
+`python -m sdedge.benchmarks.report --schema` prints it. docs/bench.md describes every field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from sdedge.runtime.errors import SdedgeError
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "ReportError",
+    "chart_size",
+    "grid_cell",
+    "grid_size",
+    "load_report",
+    "markdown",
+    "render_chart",
+    "render_samples",
+    "validate",
+    "write_report",
+]
+
+SCHEMA_VERSION = 1
+STAGES = ("tokenize", "text_encoder", "unet", "vae_decoder", "other")
+STAGE_COLOURS = {"tokenize": (141, 160, 203), "text_encoder": (102, 194, 165), "unet": (252, 141, 98),
+                 "vae_decoder": (231, 138, 195), "other": (190, 190, 190)}
+
+
+class ReportError(SdedgeError):
+    """A report that does not match the schema."""
+
+
+# -- schema --------------------------------------------------------------------------------------------------
+def _obj(props: dict, required=None, extra=False) -> dict:
+    return {"type": "object", "properties": props, "required": list(props if required is None else required),
+            "additionalProperties": extra}
+
+
+NUM = {"type": "number"}
+NUM_N = {"type": ["number", "null"]}
+INT = {"type": "integer", "minimum": 0}
+INT_N = {"type": ["integer", "null"], "minimum": 0}
+STR = {"type": "string"}
+STR_N = {"type": ["string", "null"]}
+BOOL = {"type": "boolean"}
+STATS = _obj({"n": INT, "min": NUM, "median": NUM, "p95": NUM, "max": NUM, "mean": NUM})
+STATS_N = {**STATS, "type": ["object", "null"]}
+STAGE_TIMES = _obj({k: NUM for k in STAGES})
+NUM_MAP = {"type": "object", "additionalProperties": NUM}
+
+ENGINE = _obj({
+    "name": STR,
+    "role": {"type": "string", "enum": ["reference", "engine"]},
+    "kind": {"type": "string", "enum": ["diffusers", "sdedge"]},
+    "path": STR,
+    "backend": STR,
+    "backend_reason": STR,
+    "precision": STR,
+    "device": STR,
+    "threads": INT,
+    "memory_mode": STR_N,
+    "signed": BOOL,
+    "provenance": {"type": ["object", "null"], "additionalProperties": True},
+    "load": _obj({"cold_start_seconds": NUM, "import_seconds": NUM, "load_seconds": NUM, "components": NUM_MAP,
+                  "first_image_seconds": NUM}),
+    "warmup_seconds": {"type": "array", "items": NUM},
+    "runs": {"type": "array", "items": _obj({"index": INT, "prompt_index": INT, "seed": INT, "seconds": NUM,
+                                             "stages": STAGE_TIMES, "step_seconds": {"type": "array", "items": NUM}})},
+    "seconds_per_image": STATS,
+    "images_per_minute": NUM_N,
+    "stages_median_seconds": STAGE_TIMES,
+    "unet_step_seconds": STATS_N,
+    "memory": _obj({"peak_rss_bytes": INT, "rss_scope": STR, "peak_gpu_bytes": INT_N, "gpu_method": STR_N}),
+    "speedup_vs_reference": {**_obj({
+        "pairs": {"type": "array", "items": _obj({"run": INT, "reference_seconds": NUM, "engine_seconds": NUM,
+                                                  "ratio": NUM})},
+        "median": NUM}), "type": ["object", "null"]},
+    "parity": {**_obj({
+        "against": STR,
+        "images": {"type": "array", "items": _obj({"run": INT, "image": INT, "psnr_db": NUM, "ssim": NUM})},
+        "psnr_db": STATS_N,
+        "ssim": STATS_N}), "type": ["object", "null"]},
+    "clip_score": {**_obj({"per_image": {"type": "array", "items": NUM}, "mean": NUM}), "type": ["object", "null"]},
+    "samples": {"type": "array", "items": STR},
+})
+
+SCHEMA: dict[str, Any] = _obj({
+    "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
+    "kind": {"type": "string", "enum": ["sdedge-bench"]},
+    "created": STR,
+    "suite": _obj({"name": STR, "file": STR_N, "description": STR}),
+    "machine": _obj({
+        "cpu": STR, "cpu_flags": {"type": "array", "items": STR}, "logical_cores": INT_N, "physical_cores": INT_N,
+        "memory_bytes": INT_N,
+        "gpus": {"type": "array", "items": _obj({"name": STR, "driver": STR, "memory_bytes": INT})},
+        "load_average": {"type": ["array", "null"], "items": NUM},
+        "load_average_after": {"type": ["array", "null"], "items": NUM},
+        "os": STR, "python": STR, "versions": {"type": "object", "additionalProperties": STR},
+        "git": {**_obj({"commit": STR, "dirty": BOOL}), "type": ["object", "null"]},
+    }),
+    "settings": _obj({
+        "runs": INT, "warmup": INT, "steps": INT, "width": INT, "height": INT, "guidance": NUM, "scheduler": STR,
+        "prompts": {"type": "array", "items": STR}, "negative": STR, "seed": INT, "batch": INT, "device": STR,
+        "interleave": BOOL, "isolation": {"type": "string", "enum": ["process", "inline"]},
+    }),
+    "reference": STR_N,
+    "target": {**_obj({
+        "seconds": NUM, "statistic": {"type": "string", "enum": ["min", "median", "p95", "max"]},
+        "verdict": {"type": "string", "enum": ["pass", "fail"]},
+        "engines": {"type": "object", "additionalProperties": _obj({"seconds": NUM, "pass": BOOL})},
+        "statement": STR}), "type": ["object", "null"]},
+    "engines": {"type": "array", "items": ENGINE},
+    "clip": {**_obj({"model": STR_N, "skipped": STR_N}), "type": ["object", "null"]},
+    "notes": {"type": "array", "items": STR},
+    "files": _obj({"report_json": STR, "report_md": STR, "report_png": STR, "samples_png": STR}),
+})
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _is(value: Any, tp: str) -> bool:
+    if tp == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, _TYPES[tp])
+
+
+def _check(value: Any, schema: dict, where: str, errors: list[str]) -> None:
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if not any(_is(value, t) for t in types):
+            errors.append(f"{where}: expected {' or '.join(types)}, got {type(value).__name__} {value!r:.60}")
+            return
+    if value is None:
+        return
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "minimum" in schema and isinstance(value, (int, float)) and not isinstance(value, bool) and value < schema["minimum"]:
+        errors.append(f"{where}: {value} is below the minimum {schema['minimum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: missing key {key!r}")
+        extra = schema.get("additionalProperties", True)
+        for key, v in value.items():
+            if key in props:
+                _check(v, props[key], f"{where}.{key}", errors)
+            elif extra is False:
+                errors.append(f"{where}: unknown key {key!r}")
+            elif isinstance(extra, dict):
+                _check(v, extra, f"{where}.{key}", errors)
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            _check(v, schema["items"], f"{where}[{i}]", errors)
+
+
+def validate(report: Any, schema: dict | None = None) -> None:
+    """Raise ReportError listing every place where `report` departs from the schema."""
+    errors: list[str] = []
+    _check(report, schema or SCHEMA, "report", errors)
+    if errors:
+        more = f" (and {len(errors) - 20} more)" if len(errors) > 20 else ""
+        raise ReportError("report.json does not match its schema: " + "; ".join(errors[:20]) + more)
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    """Read and validate a report.json (refusing a schema_version this sdedge does not know)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
+        raise ReportError(f"{path}: schema_version {data.get('schema_version')!r}; this sdedge reads {SCHEMA_VERSION}")
+    validate(data)
+    return data
+
+
+# -- markdown ------------------------------------------------------------------------------------------------
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def _s(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3f}" if x < 10 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
+
+
+def _load(values) -> str:
+    return ", ".join(f"{v:g}" for v in values) if values else "unknown"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(report: dict) -> str:
+    st, m = report["settings"], report["machine"]
+    git = m.get("git") or {}
+    gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "none"
+    commit = (git.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+    lines = [
+        (f"# Benchmark `{report['suite']['name']}`: {st['width']}×{st['height']}, {st['steps']} steps {st['scheduler']}, "
+         f"guidance {st['guidance']:g}"),
+        "",
+    ]
+    if report["suite"].get("description"):
+        lines += [report["suite"]["description"], ""]
+    lines += [
+        f"- date: {report['created']}",
+        (f"- machine: {m['cpu']}, {m.get('logical_cores')} logical / {m.get('physical_cores')} physical cores, "
+         f"{_bytes(m.get('memory_bytes'))} RAM; GPU: {gpus}; {m['os']}"),
+        f"- commit: {commit}",
+        f"- load average (1, 5, 15 min) at start: {_load(m.get('load_average'))}; after: {_load(m.get('load_average_after'))}",
+        f"- versions: {versions}, Python {m['python']}",
+        f"- method: {st['warmup']} warm-up + {st['runs']} timed image(s) per engine, batch {st['batch']}; "
+        + ("engines alternated run by run (ABBA), " if st["interleave"] else "engines one after the other, ")
+        + ("each in its own process; " if st["isolation"] == "process" else "all in one process (peak RSS shared); ")
+        + f"same prompts, seeds (from {st['seed']}) and initial latents for every engine",
+        "",
+    ]
+    t = report.get("target")
+    if t:
+        lines += [f"**{'PASS' if t['verdict'] == 'pass' else 'FAIL'}** against the target of {t['seconds']:g} s per "
+                  f"image ({t['statistic']}): " + "; ".join(
+                      f"{name} {v['seconds']:.3f} s {'≤' if v['pass'] else '>'} {t['seconds']:g} s"
+                      for name, v in t["engines"].items()), ""]
+    else:
+        lines += ["No target given (`--target-seconds`): no pass/fail verdict.", ""]
+
+    ref = report.get("reference")
+    lines += ["## Speed", "",
+              ("| engine | backend | precision | median s/image | min | p95 | max | images/min | speed-up vs "
+               f"{ref or 'reference'} (median; per run) |"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for e in report["engines"]:
+        sp = e["seconds_per_image"]
+        su = e.get("speedup_vs_reference")
+        if e["role"] == "reference":
+            ratio = "reference"
+        elif not su:
+            ratio = "—"
+        else:
+            per_run = ", ".join(f"{p['ratio']:.2f}" for p in su["pairs"])
+            ratio = f"{su['median']:.2f}× ({per_run})"
+        ipm = f"{e['images_per_minute']:.1f}" if e.get("images_per_minute") else "—"
+        lines.append(f"| {_md_escape(e['name'])} | {_md_escape(e['backend'])} | {e['precision']} | {_s(sp['median'])} | "
+                     f"{_s(sp['min'])} | {_s(sp['p95'])} | {_s(sp['max'])} | {ipm} | {ratio} |")
+    lines += ["", "## Stages (median seconds per call) and cold start", "",
+              ("| engine | tokenize | text encoder | UNet loop | per UNet step (median) | VAE decode | other | "
+               "cold start | of which load | first image |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["engines"]:
+        sm, ld = e["stages_median_seconds"], e["load"]
+        step = e.get("unet_step_seconds") or {}
+        lines.append(f"| {_md_escape(e['name'])} | {_s(sm['tokenize'])} | {_s(sm['text_encoder'])} | {_s(sm['unet'])} | "
+                     f"{_s(step.get('median'))} | {_s(sm['vae_decoder'])} | {_s(sm['other'])} | "
+                     f"{_s(ld['cold_start_seconds'])} | {_s(ld['load_seconds'])} | {_s(ld['first_image_seconds'])} |")
+    lines += ["", "## Memory", "", "| engine | peak RSS | scope | peak GPU memory | how measured |", "|---|---|---|---|---|"]
+    for e in report["engines"]:
+        mem = e["memory"]
+        lines.append(f"| {_md_escape(e['name'])} | {_bytes(mem['peak_rss_bytes'])} | {mem['rss_scope']} | "
+                     f"{_bytes(mem['peak_gpu_bytes'])} | {mem['gpu_method'] or '—'} |")
+    if ref:
+        lines += ["", f"## Image parity against {ref} (same latents)", "",
+                  "| engine | PSNR min (dB) | PSNR median | SSIM min | SSIM median | CLIP score (mean) |",
+                  "|---|---|---|---|---|---|"]
+        for e in report["engines"]:
+            clip = f"{e['clip_score']['mean']:.2f}" if e.get("clip_score") else "—"
+            p = e.get("parity")
+            if p is None:
+                lines.append(f"| {_md_escape(e['name'])} | reference | | | | {clip} |")
+                continue
+            ps, ss = p["psnr_db"], p["ssim"]
+            lines.append(f"| {_md_escape(e['name'])} | {ps['min']:.1f} | {ps['median']:.1f} | {ss['min']:.4f} | "
+                         f"{ss['median']:.4f} | {clip} |")
+        lines += ["", "PSNR 999 means identical images. Per image:", "",
+                  "| engine | run | image | prompt | seed | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|"]
+        for e in report["engines"]:
+            for im in (e.get("parity") or {}).get("images", []):
+                prompt = st["prompts"][im["run"] % len(st["prompts"])]
+                lines.append(f"| {_md_escape(e['name'])} | {im['run']} | {im['image']} | {_md_escape(prompt)} | "
+                             f"{st['seed'] + im['run']} | {im['psnr_db']:.1f} | {im['ssim']:.4f} |")
+    clip = report.get("clip")
+    if clip and clip.get("skipped"):
+        lines += ["", f"CLIP score: skipped ({clip['skipped']})."]
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {_md_escape(n)}" for n in report["notes"]]
+    lines += ["", "![stages](report.png)", "", "![samples](samples.png)", ""]
+    return "\n".join(lines)
+
+
+# -- pictures ------------------------------------------------------------------------------------------------
+CHART_W, CHART_LEFT, CHART_RIGHT, CHART_TOP, BAR_H, BAR_GAP, AXIS_H, LEGEND_H = 960, 210, 110, 64, 30, 16, 40, 40
+GRID_LABEL_W, GRID_HEADER, GRID_CAPTION, GRID_PAD, GRID_MAX_ROWS = 230, 34, 18, 8, 8
+
+
+def chart_size(n_engines: int) -> tuple[int, int]:
+    """(width, height) of report.png for n engines."""
+    return CHART_W, CHART_TOP + n_engines * (BAR_H + BAR_GAP) + AXIS_H + LEGEND_H
+
+
+def grid_cell(image_size: int) -> int:
+    """Side of one image cell in samples.png: the image's own size, kept between 128 and 256 px."""
+    return max(128, min(256, image_size))
+
+
+def grid_size(rows: int, cols: int, cell: int) -> tuple[int, int]:
+    """(width, height) of samples.png for rows (runs, at most GRID_MAX_ROWS) × cols (engines)."""
+    rows = min(rows, GRID_MAX_ROWS)
+    return GRID_LABEL_W + cols * (cell + GRID_PAD) + GRID_PAD, GRID_HEADER + rows * (cell + GRID_CAPTION + GRID_PAD) + GRID_PAD
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _nice_step(span: float) -> float:
+    raw = span / 6 if span > 0 else 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+
+
+def median_run(engine: dict, batch: int = 1) -> dict:
+    """The timed run whose time per image is nearest the engine's median. report.png draws its stages, so that
+    a bar's length is a real run's time and its parts add up to it."""
+    med = engine["seconds_per_image"]["median"]
+    return min(engine["runs"], key=lambda r: abs(r["seconds"] / batch - med))
+
+
+def render_chart(report: dict):
+    """Stacked horizontal bars: median seconds per image by stage, one bar per engine, target line if any."""
+    from PIL import Image, ImageDraw
+
+    engines = report["engines"]
+    batch = report["settings"]["batch"]
+    w, h = chart_size(len(engines))
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    f, fb = _font(13), _font(16)
+    st = report["settings"]
+    d.text((12, 10), f"{report['suite']['name']}: seconds per image by stage (the median run), {st['width']}x{st['height']}, "
+                     f"{st['steps']} steps {st['scheduler']}", fill="black", font=fb)
+    d.text((12, 34), f"{report['machine']['cpu']} · {report['created'][:10]}", fill=(90, 90, 90), font=f)
+    stacks = [[run["stages"][k] / batch for k in STAGES] for run in (median_run(e, batch) for e in engines)]
+    totals = [sum(stack) for stack in stacks]
+    span = max([*totals, 1e-9])
+    target = report.get("target")
+    target_on_scale = bool(target) and target["seconds"] <= 3 * span
+    if target_on_scale:
+        span = max(span, target["seconds"])
+    step = _nice_step(span)
+    span = math.ceil(span / step) * step
+    plot_w = w - CHART_LEFT - CHART_RIGHT
+    def x_of(v: float) -> int:
+        return CHART_LEFT + round(plot_w * v / span)
+
+    axis_y = CHART_TOP + len(engines) * (BAR_H + BAR_GAP)
+    tick = 0.0
+    while tick <= span + 1e-12:
+        x = x_of(tick)
+        d.line([(x, CHART_TOP - 4), (x, axis_y)], fill=(228, 228, 228))
+        d.text((x - 10, axis_y + 6), f"{tick:g}", fill="black", font=f)
+        tick += step
+    d.text((CHART_LEFT + plot_w // 2 - 30, axis_y + 22), "seconds", fill="black", font=f)
+    for i, (e, stack, total) in enumerate(zip(engines, stacks, totals)):
+        y = CHART_TOP + i * (BAR_H + BAR_GAP)
+        label = e["name"] + (" (reference)" if e["role"] == "reference" else "")
+        d.text((12, y + 2), label[:30], fill="black", font=f)
+        d.text((12, y + 16), f"{e['backend']} {e['precision']}"[:32], fill=(100, 100, 100), font=_font(11))
+        x = CHART_LEFT
+        acc = 0.0
+        for k, v in zip(STAGES, stack):
+            acc += v
+            x2 = x_of(acc)
+            if x2 > x:
+                d.rectangle([x, y, x2, y + BAR_H], fill=STAGE_COLOURS[k])
+            x = x2
+        d.text((x + 6, y + 8), f"{total:.3g} s", fill="black", font=f)
+    d.line([(CHART_LEFT, CHART_TOP - 4), (CHART_LEFT, axis_y)], fill="black")
+    d.line([(CHART_LEFT, axis_y), (w - CHART_RIGHT, axis_y)], fill="black")
+    if target:
+        colour = (0, 140, 0) if target["verdict"] == "pass" else (200, 0, 0)
+        if target_on_scale:
+            x = x_of(target["seconds"])
+            for y0 in range(CHART_TOP - 8, axis_y, 8):
+                d.line([(x, y0), (x, y0 + 4)], fill=colour, width=2)
+            d.text((x + 4, CHART_TOP - 22), f"target {target['seconds']:g} s: {target['verdict'].upper()} (engines)",
+                   fill=colour, font=f)
+        else:
+            d.text((w - 330, 34), f"target {target['seconds']:g} s (off scale): {target['verdict'].upper()}",
+                   fill=colour, font=f)
+    lx, ly = CHART_LEFT, axis_y + AXIS_H + 6
+    for k in STAGES:
+        d.rectangle([lx, ly, lx + 14, ly + 14], fill=STAGE_COLOURS[k])
+        d.text((lx + 20, ly), k, fill="black", font=f)
+        lx += 20 + int(d.textlength(k, font=f)) + 24
+    return img
+
+
+def _wrap(text: str, width: int, lines: int) -> list[str]:
+    words, out, cur = text.split(), [], ""
+    for word in words:
+        if len(cur) + len(word) + 1 > width and cur:
+            out.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}".strip()
+    if cur:
+        out.append(cur)
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: width - 1] + "…"
+    return out
+
+
+def render_samples(report: dict, samples: dict):
+    """The first image of each run (rows, at most GRID_MAX_ROWS) for each engine (columns, reference first),
+    with PSNR/SSIM against the reference under each engine image."""
+    from PIL import Image, ImageDraw
+
+    engines = report["engines"]
+    rows = min(report["settings"]["runs"], GRID_MAX_ROWS)
+    side = report["settings"]["width"]
+    cell = grid_cell(side)
+    w, h = grid_size(rows, len(engines), cell)
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    f, fb = _font(12), _font(14)
+    st = report["settings"]
+    for c, e in enumerate(engines):
+        x = GRID_LABEL_W + GRID_PAD + c * (cell + GRID_PAD)
+        d.text((x, 8), (e["name"] + (" (ref)" if e["role"] == "reference" else ""))[: max(8, cell // 8)], fill="black", font=fb)
+        parity = {im["run"]: im for im in (e.get("parity") or {}).get("images", []) if im["image"] == 0}
+        for r in range(rows):
+            y = GRID_HEADER + r * (cell + GRID_CAPTION + GRID_PAD)
+            arrays = samples.get(e["name"], [])
+            if r < len(arrays):
+                tile = Image.fromarray(arrays[r]).resize((cell, cell), Image.NEAREST if cell >= side else Image.LANCZOS)
+                img.paste(tile, (x, y))
+            p = parity.get(r)
+            caption = "reference" if e["role"] == "reference" else (
+                f"{p['psnr_db']:.1f} dB · SSIM {p['ssim']:.3f}" if p else "")
+            d.text((x, y + cell + 2), caption, fill=(60, 60, 60), font=f)
+    for r in range(rows):
+        y = GRID_HEADER + r * (cell + GRID_CAPTION + GRID_PAD)
+        d.text((8, y), f"run {r} · seed {st['seed'] + r}", fill="black", font=fb)
+        for i, line in enumerate(_wrap(st["prompts"][r % len(st["prompts"])], 30, max(1, (cell - 24) // 16))):
+            d.text((8, y + 20 + 16 * i), line, fill=(70, 70, 70), font=f)
+    return img
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+def write_report(report: dict, out_dir: str | os.PathLike, samples: dict) -> dict:
+    """Write report.json, report.md, report.png and samples.png into out_dir (report.json last, validated)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report["files"] = {"report_json": "report.json", "report_md": "report.md", "report_png": "report.png",
+                       "samples_png": "samples.png"}
+    validate(report)
+    render_chart(report).save(out / "report.png")
+    render_samples(report, samples).save(out / "samples.png")
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "report.json")
+    return report
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--schema"]:
+        print(json.dumps(SCHEMA, indent=2))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--validate":
+        load_report(sys.argv[2])
+        print(f"{sys.argv[2]}: valid (schema_version {SCHEMA_VERSION})")
+    else:
+        print("usage: python -m sdedge.benchmarks.report --schema | --validate report.json", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,323 @@
+"""Benchmark suites: YAML files that name what to measure, with what settings, against which reference.
+
+    name: cpu-tiny
+    description: the built-in tiny model, seconds; CI's smoke test
+    prepare:                                  # run by `sdedge bench --suite ... --build` for missing outputs
+      - builtin: tiny                         # write a built-in base (sdedge base tiny)
+        out: "{work}/tiny-base"
+      - export: "{work}/tiny-base"            # export a base to a bundle (sdedge export)
+        out: "{work}/bundle-fp32"
+        options: {parity_steps: 4}            # sdedge.export.build.ExportOptions fields
+    settings: {runs: 3, warmup: 1, steps: 10, size: 64, target_seconds: 5}
+    reference: {name: diffusers, base: "{work}/tiny-base"}
+    engines:
+      - {name: sdedge-fp32, bundle: "{work}/bundle-fp32"}
+
+Every key is checked (`sdedge.runtime.strict.from_dict` on frozen dataclasses): a typo is an error naming the
+file and the key, never a silently ignored setting. Paths: `{work}` is the work folder (`--work DIR`,
+default `$XDG_CACHE_HOME/sdedge/bench/<suite name>`), `{suite}` the suite file's folder; other relative paths
+are resolved against the suite file's folder; `--path NAME=PATH` replaces the path of the engine (or
+reference) called NAME. A bundle or base that is missing when the bench starts is an error naming the suite
+entry, the path, and how to build it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.strict import ConfigError, from_dict
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "EngineSpec",
+    "PrepareStep",
+    "ReferenceSpec",
+    "Settings",
+    "Suite",
+    "SuiteError",
+    "check_inputs",
+    "default_work_dir",
+    "load_suite",
+    "resolve_suite",
+    "run_prepare",
+    "validate_suite",
+]
+
+DEFAULT_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a red circle on a blue background",
+    "a watercolour painting of a lighthouse at dawn",
+)
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("fp32", "fp16", "bf16")
+MEMORY_MODES = ("normal", "low")
+STATISTICS = ("min", "median", "p95", "max")
+ISOLATIONS = ("process", "inline")
+VERIFY = ("required", "if-signed", "off")
+
+
+class SuiteError(SdedgeError):
+    """A suite file that cannot be used: unknown key, bad value, missing bundle or base."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every engine runs: the same prompts, seeds, initial latents, steps and size."""
+
+    runs: int = 3  # timed images per engine
+    warmup: int = 1  # untimed images per engine first
+    steps: int = 20
+    size: int | None = None  # square, in pixels; default: the (first) bundle's default size
+    guidance: float = 7.5
+    scheduler: str = "dpm++2m"
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # run r uses prompts[r % len(prompts)] and seed + r
+    negative: str = ""
+    seed: int = 0
+    batch: int = 1  # images per call
+    threads: int | None = None  # default: os.cpu_count(), for every engine alike
+    device: str = "cpu"
+    target_seconds: float | None = None  # per image
+    target_statistic: str = "median"  # the statistic held against the target
+    interleave: bool = True  # all workers alive, runs alternated; False: one engine after the other
+    isolation: str = "process"  # "process": a child process per engine (its own peak RSS); "inline": this one
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """diffusers' eager StableDiffusionPipeline on a base (the truth for parity, the baseline for speed)."""
+
+    base: str  # a local diffusers folder
+    name: str = "diffusers"
+    dtype: str = "fp32"
+    device: str | None = None  # default: settings.device
+    threads: int | None = None  # default: settings.threads
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """An sdedge bundle run by the PyTorch-free runtime."""
+
+    name: str
+    bundle: str
+    backend: str = "auto"  # auto | onnxruntime | openvino (sdedge.runtime.backends.select)
+    memory: str = "normal"  # normal | low
+    device: str | None = None  # default: settings.device
+    threads: int | None = None  # default: settings.threads
+    verify: str = "if-signed"
+    build_hint: str | None = None  # how to make the bundle when it is missing (shown in the error)
+
+
+@dataclass(frozen=True)
+class PrepareStep:
+    """One step that makes an input of the suite: a built-in base, or a bundle exported from a base."""
+
+    out: str
+    builtin: str | None = None  # "tiny" | "sd15-arch": sdedge base NAME --out OUT
+    export: str | None = None  # a base path: sdedge export --base EXPORT --out OUT
+    seed: int = 0  # for builtin
+    options: dict[str, Any] = field(default_factory=dict)  # ExportOptions fields, for export
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str = ""
+    settings: Settings = field(default_factory=Settings)
+    reference: ReferenceSpec | None = None
+    engines: tuple[EngineSpec, ...] = ()
+    prepare: tuple[PrepareStep, ...] = ()
+    clip_model: str | None = None  # a local CLIP model folder; skipped with a note when absent
+    file: str | None = field(default=None, compare=False)  # where it was read from (not a YAML key)
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+def load_suite(path: str | os.PathLike) -> Suite:
+    """Parse and validate a suite file (paths not resolved yet: see `resolve_suite`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite file not found: {path}")
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - pyyaml is in the export extra
+        from sdedge.runtime.errors import MissingDependency
+
+        raise MissingDependency("reading a suite needs pyyaml: pip install 'sdedge[export]'") from None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SuiteError(f"{path}: not a readable YAML file ({exc})") from None
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path}: a suite is a YAML mapping with name, settings, reference, engines")
+    if "file" in data:
+        raise SuiteError(f"{path}: unknown key 'file'")
+    try:
+        suite = from_dict(Suite, data, str(path))
+    except ConfigError as exc:
+        raise SuiteError(str(exc)) from None
+    suite = dataclasses.replace(suite, file=str(path))
+    validate_suite(suite)
+    return suite
+
+
+def validate_suite(suite: Suite) -> None:
+    """Values that types alone do not catch, each error naming the suite entry."""
+    where = suite.file or suite.name
+    s = suite.settings
+    checks = [
+        (s.runs >= 1, "settings.runs must be at least 1"),
+        (s.warmup >= 0, "settings.warmup must be 0 or more"),
+        (1 <= s.steps <= 1000, "settings.steps must be from 1 to 1000"),
+        (s.size is None or s.size >= 8, "settings.size must be a pixel size (8 or more)"),
+        (s.batch >= 1, "settings.batch must be at least 1"),
+        (s.threads is None or s.threads >= 1, "settings.threads must be at least 1"),
+        (bool(s.prompts), "settings.prompts must name at least one prompt"),
+        (s.device in DEVICES, f"settings.device {s.device!r}: choose one of {', '.join(DEVICES)}"),
+        (s.target_seconds is None or s.target_seconds > 0, "settings.target_seconds must be positive"),
+        (s.target_statistic in STATISTICS,
+         f"settings.target_statistic {s.target_statistic!r}: choose one of {', '.join(STATISTICS)}"),
+        (s.isolation in ISOLATIONS, f"settings.isolation {s.isolation!r}: choose one of {', '.join(ISOLATIONS)}"),
+        (bool(suite.engines), "engines: name at least one bundle to measure"),
+    ]
+    if suite.reference is not None:
+        r = suite.reference
+        checks += [
+            (r.dtype in DTYPES, f"reference.dtype {r.dtype!r}: choose one of {', '.join(DTYPES)}"),
+            (r.device is None or r.device in DEVICES, f"reference.device {r.device!r}: choose one of {', '.join(DEVICES)}"),
+        ]
+    names = [e.name for e in suite.engines] + ([suite.reference.name] if suite.reference else [])
+    for i, e in enumerate(suite.engines):
+        entry = f"engines[{i}] {e.name!r}"
+        checks += [
+            (bool(e.name.strip()), f"engines[{i}]: name must not be empty"),
+            (e.memory in MEMORY_MODES, f"{entry}: memory {e.memory!r}: choose one of {', '.join(MEMORY_MODES)}"),
+            (e.device is None or e.device in DEVICES, f"{entry}: device {e.device!r}: choose one of {', '.join(DEVICES)}"),
+            (e.verify in VERIFY, f"{entry}: verify {e.verify!r}: choose one of {', '.join(VERIFY)}"),
+            (names.count(e.name) == 1, f"{entry}: the name is used twice (engine and reference names must differ)"),
+        ]
+    for i, p in enumerate(suite.prepare):
+        checks.append(((p.builtin is None) != (p.export is None),
+                       f"prepare[{i}]: give exactly one of 'builtin' (a built-in base) or 'export' (a base to export)"))
+    for ok, message in checks:
+        if not ok:
+            raise SuiteError(f"{where}: {message}")
+
+
+# -- paths ---------------------------------------------------------------------------------------------------
+def default_work_dir(suite_name: str) -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "sdedge" / "bench" / suite_name
+
+
+def _resolve(value: str | None, suite_dir: Path, work: Path) -> str | None:
+    if value is None:
+        return None
+    text = value.replace("{work}", str(work)).replace("{suite}", str(suite_dir))
+    p = Path(os.path.expanduser(text))
+    return str(p if p.is_absolute() else (suite_dir / p).resolve())
+
+
+def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
+                  overrides: dict[str, str] | None = None) -> Suite:
+    """Absolute paths everywhere; `overrides` maps an engine or reference name to a path (`--path NAME=PATH`)."""
+    suite_dir = Path(suite.file).resolve().parent if suite.file else Path.cwd()
+    work_dir = Path(work).resolve() if work else default_work_dir(suite.name)
+    overrides = dict(overrides or {})
+    known = {e.name for e in suite.engines} | ({suite.reference.name, "reference"} if suite.reference else set())
+    for name in overrides:
+        if name not in known:
+            raise SuiteError(f"{suite.file or suite.name}: --path {name}=…: no engine or reference called {name!r} "
+                             f"(have: {', '.join(sorted(known))})")
+    def path_of(name, value):
+        if name in overrides:
+            return str(Path(overrides[name]).expanduser().resolve())
+        return _resolve(value, suite_dir, work_dir)
+
+    def hint(text):
+        return None if text is None else text.replace("{work}", str(work_dir)).replace("{suite}", str(suite_dir))
+
+    engines = tuple(dataclasses.replace(e, bundle=path_of(e.name, e.bundle), build_hint=hint(e.build_hint))
+                    for e in suite.engines)
+    reference = suite.reference
+    if reference is not None:
+        base = overrides.get("reference") or overrides.get(reference.name)
+        reference = dataclasses.replace(
+            reference, base=str(Path(base).expanduser().resolve()) if base else _resolve(reference.base, suite_dir, work_dir))
+    prepare = tuple(dataclasses.replace(p, out=_resolve(p.out, suite_dir, work_dir),
+                                        export=_resolve(p.export, suite_dir, work_dir)) for p in suite.prepare)
+    clip = _resolve(suite.clip_model, suite_dir, work_dir)
+    return dataclasses.replace(suite, engines=engines, reference=reference, prepare=prepare, clip_model=clip)
+
+
+def check_inputs(suite: Suite) -> None:
+    """Every bundle and the reference base exist (call on a resolved suite). The error names the entry."""
+    where = suite.file or suite.name
+    made_by = {Path(p.out): i for i, p in enumerate(suite.prepare)}
+    for i, e in enumerate(suite.engines):
+        path = Path(e.bundle)
+        if not (path / "sdedge.json").is_file():
+            what = "no such folder" if not path.exists() else "no sdedge.json in it (not an sdedge bundle)"
+            hint = ""
+            if path in made_by:
+                hint = f"; build it with --build (prepare[{made_by[path]}])"
+            elif e.build_hint:
+                hint = f"; to make it: {e.build_hint}"
+            raise SuiteError(f"{where}: engines[{i}] {e.name!r}: bundle {path}: {what}{hint}. "
+                             f"Pass --path {e.name}=DIR to use another folder, or --only to leave it out.")
+    if suite.reference is not None:
+        path = Path(suite.reference.base)
+        if not (path / "model_index.json").is_file():
+            hint = f"; build it with --build (prepare[{made_by[path]}])" if path in made_by else ""
+            what = "no such folder" if not path.exists() else "no model_index.json (not a diffusers folder)"
+            raise SuiteError(f"{where}: reference {suite.reference.name!r}: base {path}: {what}{hint}")
+
+
+def select_engines(suite: Suite, only: list[str] | None) -> Suite:
+    """Keep only the engines named (`--only a,b`); the reference stays."""
+    if not only:
+        return suite
+    names = [e.name for e in suite.engines]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise SuiteError(f"{suite.file or suite.name}: --only {unknown[0]!r}: no such engine (have: {', '.join(names)})")
+    return dataclasses.replace(suite, engines=tuple(e for e in suite.engines if e.name in only))
+
+
+# -- preparing -----------------------------------------------------------------------------------------------
+def run_prepare(suite: Suite, console=None, rebuild: bool = False) -> list[str]:
+    """Run the suite's prepare steps whose output is missing (all of them with `rebuild`); returns what was done."""
+    from sdedge.runtime.stages import Stages
+
+    stages = Stages(console, quiet=console is None)
+    done = []
+    for i, step in enumerate(suite.prepare):
+        out = Path(step.out)
+        marker = "sdedge.json" if step.export else "model_index.json"
+        if (out / marker).is_file() and not rebuild:
+            done.append(f"prepare[{i}]: {out} exists, kept")
+            continue
+        if step.builtin:
+            from sdedge.export.bases import write_builtin_base
+
+            with stages(f"prepare[{i}]: write the built-in {step.builtin} base to {out}"):
+                write_builtin_base(step.builtin, out, seed=step.seed, overwrite=True)
+            done.append(f"prepare[{i}]: wrote base {step.builtin} to {out}")
+        else:
+            from sdedge.export.build import ExportOptions, export_bundle
+
+            try:
+                opts = from_dict(ExportOptions, {**step.options, "overwrite": True},
+                                 f"{suite.file or suite.name}: prepare[{i}].options")
+            except ConfigError as exc:
+                raise SuiteError(str(exc)) from None
+            if not Path(step.export, "model_index.json").is_file() and not Path(step.export).is_file():
+                raise SuiteError(f"{suite.file or suite.name}: prepare[{i}]: base {step.export} not found "
+                                 "(an earlier prepare step should write it)")
+            with stages(f"prepare[{i}]: export {step.export} to {out}"):
+                export_bundle(step.export, out, opts)
+            done.append(f"prepare[{i}]: exported {step.export} to {out}")
+    return done
