@@ -11,6 +11,8 @@ import datetime as dt
 import gc
 import importlib.metadata
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,7 +54,15 @@ class ExportOptions:
     parity_steps: int = 10
     parity_scheduler: str = "ddim"
     parity_size: int | None = None  # pixels; default: the native size, at most 256
-    min_psnr: float = 40.0
+    min_psnr: float | None = None  # dB; None: 40 for an fp32 bundle (vs diffusers), recorded but not gated otherwise
+    min_cosine: float | None = None  # gate on the UNet's cosine after guidance vs fp32 (reduced precisions, pruning)
+    calibration: str | None = None  # prompts file (one per line) for static int8; None: the built-in set
+    calibration_steps: int = 10  # steps per calibration prompt (each recorded)
+    int8_method: str = "nncf"  # static int8 quantiser: nncf | ort
+    int8_samples: int = 16  # UNet calls the quantiser calibrates on, spread over prompts and timesteps
+    prune: float = 0.0  # structural pruning ratio of the UNet's channels (torch-pruning)
+    prune_criterion: str = "magnitude"
+    speed_calls: int = 3  # UNet calls per engine in the speed gate
     allow_pickle: bool = False
     base_config: str | None = None  # local diffusers folder with the configs, for a single-file base
     overwrite: bool = False
@@ -76,8 +86,12 @@ def check_options(opts: ExportOptions) -> None:
                 "export with --target onnx (runs on ONNX Runtime, CPU or CUDA)"
             )
         raise BadInput(f"--target {opts.target!r}: choose onnx or trt")
-    if opts.precision is not Precision.FP32:
-        raise BadInput(f"--precision {opts.precision.value}: this version exports fp32 only")
+    if opts.int8_method not in ("nncf", "ort"):
+        raise BadInput(f"--int8-method {opts.int8_method!r}: choose nncf or ort")
+    if not 0.0 <= opts.prune <= 0.9:
+        raise BadInput(f"--prune {opts.prune:g}: a ratio from 0 to 0.9 of the UNet's channels")
+    if opts.min_cosine is not None and not -1.0 <= opts.min_cosine <= 1.0:
+        raise BadInput(f"--min-cosine {opts.min_cosine:g}: a cosine is between -1 and 1")
     if not 1 <= opts.batch_min <= opts.batch_max:
         raise BadInput(f"batch range {opts.batch_min}-{opts.batch_max} is empty")
     if opts.parity_scheduler not in DETERMINISTIC_SCHEDULERS:
@@ -112,6 +126,25 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
     scale = pipe.vae_scale_factor
     parity_size = opts.parity_size or min(shapes.default_height, max(256, shapes.height_min))
     lat = parity_size // scale
+    optimise = opts.precision is not Precision.FP32 or opts.prune > 0
+    reference = prune_report = None
+    if optimise:  # the fp32 truth, recorded before anything changes the model (cpu-engines stages)
+        from .gates import record_reference
+
+        ref_dir = Path(tempfile.mkdtemp(prefix=".sdedge-ref-", dir=Path(out).parent))
+        with stages("fp32 reference run (diffusers)"):
+            sched = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+            sched.setdefault("timestep_spacing", "leading")
+            ref_latents = np.random.default_rng(opts.parity_seed).standard_normal(
+                (1, pipe.unet.config.in_channels, lat, lat), dtype=np.float32)
+            reference = record_reference(pipe, ref_dir, prompt=opts.parity_prompt, latents=ref_latents,
+                                         steps=opts.parity_steps, guidance=opts.default_guidance,
+                                         scheduler=opts.parity_scheduler, scheduler_config=sched)
+    if opts.prune > 0:
+        from .prune import prune_unet
+
+        with stages(f"prune the UNet's channels by {opts.prune:.0%} ({opts.prune_criterion})"):
+            prune_report = prune_unet(pipe, opts.prune, opts.prune_criterion, latent_size=lat)
     trace_dims = {"B": 2, "h": lat, "w": lat, "H": parity_size, "W": parity_size}
     check_dims = [trace_dims, {"B": 1, "h": shapes.height_min // scale, "w": shapes.width_max // scale,
                                "H": shapes.height_min, "W": shapes.width_max}]
@@ -145,6 +178,8 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                 base=BaseInfo(id=base_desc["id"], sha256=base_desc["sha256"]),
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 toolchain=toolchain_versions(),
+                prune_ratio=opts.prune,
+                prune=prune_report,
             ),
             parity=Parity(components=parity),
         )
@@ -154,12 +189,28 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
             image = image_parity(pipe, tmp, opts, parity_size)
         manifest = replace(manifest, parity=Parity(components=parity, image=image))
         write_manifest(tmp, manifest)
-        if not image.psnr_db >= opts.min_psnr:
+        fp32_gate = opts.min_psnr if opts.min_psnr is not None and not optimise else 40.0
+        if not image.psnr_db >= fp32_gate:
             raise ExportError(
                 f"end-to-end parity: the bundle's image is {image.psnr_db:.1f} dB PSNR against diffusers, "
-                f"under the gate of {opts.min_psnr:g} dB"
+                f"under the gate of {fp32_gate:g} dB"
             )
-    del pipe
+        if optimise:
+            from .calibration import read_prompts
+            from .quantize import apply_precision
+
+            pipe = None  # release PyTorch before quantising: bounded memory
+            gc.collect()
+            prompts, source = read_prompts(opts.calibration)
+            try:
+                manifest = apply_precision(
+                    tmp, manifest, reference, precision=opts.precision, calibration_prompts=prompts,
+                    calibration_source=source, calibration_steps=opts.calibration_steps, calibration_size=parity_size,
+                    int8_method=opts.int8_method, int8_samples=opts.int8_samples, min_cosine=opts.min_cosine,
+                    min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, pruned=opts.prune > 0, stages=stages)
+            finally:
+                shutil.rmtree(ref_dir, ignore_errors=True)
+    pipe = None
     gc.collect()
     return manifest
 

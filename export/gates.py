@@ -1,0 +1,223 @@
+"""Parity, speed and size gates for optimised bundles.
+
+The reference is the fp32 PyTorch/diffusers pipeline of the base (before pruning), run once on the parity
+prompt with the parity latents: every UNet call's inputs and output are written to disk (`Reference`), with
+the final image. Each optimised bundle is then measured against it:
+
+- UNet raw-output cosine: the optimised UNet engine on the recorded inputs vs the recorded outputs, the mean of
+  the per-call cosines over the guided batch (both halves);
+- cosine after guidance: the same on `u + g·(c − u)` at the bundle's default guidance g. Guidance magnifies
+  the error about g-fold, so this figure, not the raw one, predicts the image;
+- final-image PSNR: the runtime pipeline with the optimised bundle, same prompt, scheduler, steps and initial
+  latents, against the reference image.
+
+The speed gate times the optimised UNet against the fp32 one on the same backend, same inputs, a few calls each,
+interleaved; the size report counts bytes per component (every file of it) before and after.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdedge.runtime.manifest import Manifest, SizeReport, SpeedReport
+
+from .onnx_export import ExportError
+
+log = logging.getLogger("sdedge.export")
+
+
+class GateFailed(ExportError):
+    """An optimised bundle missed a parity gate the user set (--min-cosine, --min-psnr)."""
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(np.dot(a, b) / den) if den > 0 else (1.0 if np.array_equal(a, b) else 0.0)
+
+
+def guided(out: np.ndarray, guidance: float) -> np.ndarray:
+    """u + g·(c − u) of a guided batch (negative half first, as the runtime and diffusers order it)."""
+    half = out.shape[0] // 2
+    u, c = out[:half].astype(np.float64), out[half:].astype(np.float64)
+    return u + guidance * (c - u)
+
+
+@dataclass
+class Reference:
+    """The fp32 reference run: per UNet call an .npz (inputs + `out_sample`), and the final image."""
+
+    files: list[Path]
+    image: np.ndarray  # (1, H, W, 3) in [0, 1]
+    latents: np.ndarray  # initial latents (1, 4, h, w)
+    prompt: str
+    steps: int
+    guidance: float
+    scheduler: str
+    size: int
+
+    def samples(self):
+        for path in self.files:
+            with np.load(path) as data:
+                yield {k: data[k] for k in data.files}
+
+
+def record_reference(pipe, out_dir: Path, *, prompt: str, latents: np.ndarray, steps: int, guidance: float,
+                     scheduler: str, scheduler_config: dict) -> Reference:
+    """Run diffusers (fp32, PyTorch) once, recording every UNet call's inputs and output to `out_dir`."""
+    import torch
+
+    from .reference import reference_images
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+
+    def hook(module, args, kwargs, output):
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        ehs = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output.sample
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
+        path = out_dir / f"ref-{len(files):03d}.npz"
+        np.savez(path, sample=sample.float().numpy(), timestep=t.numpy().astype(np.float32),
+                 encoder_hidden_states=ehs.float().numpy(), out_sample=out.float().numpy())
+        files.append(path)
+
+    handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        image = reference_images(pipe, prompt, "", latents=latents, steps=steps, guidance=guidance,
+                                 scheduler=scheduler, scheduler_config=scheduler_config)
+    finally:
+        handle.remove()
+    return Reference(files=files, image=image, latents=latents, prompt=prompt, steps=steps, guidance=guidance,
+                     scheduler=scheduler, size=latents.shape[-1] * pipe.vae_scale_factor)
+
+
+def unet_parity(engine, reference: Reference, guidance: float) -> tuple[float, float, int]:
+    """(mean raw-output cosine, mean cosine after guidance, calls) of `engine` on the reference's UNet calls."""
+    raw, gui = [], []
+    for s in reference.samples():
+        ref = s.pop("out_sample")
+        out = engine.infer(s)[0]
+        raw.append(cosine(out, ref))
+        gui.append(cosine(guided(out, guidance), guided(ref, guidance)))
+    return float(np.mean(raw)), float(np.mean(gui)), len(raw)
+
+
+def image_psnr(bundle_dir: Path, backend: str, reference: Reference) -> float:
+    """PSNR (dB) of the runtime's image with this bundle against the reference image, same latents."""
+    from sdedge.runtime.pipeline import Pipeline
+
+    from .reference import psnr
+
+    pipe = Pipeline.load(bundle_dir, device="cpu", backend=backend, verify="off")
+    try:
+        ours = pipe.generate(reference.prompt, "", steps=reference.steps, guidance=reference.guidance,
+                             width=reference.size, height=reference.size, scheduler=reference.scheduler,
+                             latents=reference.latents).images
+    finally:
+        pipe.close()
+    return float(min(psnr(ours, reference.image), 999.0))
+
+
+def time_calls(engine, feeds: dict[str, np.ndarray], calls: int) -> list[float]:
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        engine.infer(feeds)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def speed_gate(make_fp32, make_test, feeds: dict[str, np.ndarray], *, backend: str, calls: int = 3,
+               threads: int | None = None) -> SpeedReport:
+    """Median seconds per UNet call, fp32 vs optimised, on the same backend and inputs.
+
+    `make_fp32` / `make_test` build (unloaded) engines. Each is loaded and warmed (one call, which also
+    compiles for these shapes), then both are timed in alternating rounds so drift in the machine's load
+    hits both alike. Only one engine is held at a time when memory is tight is not attempted: both are held.
+    """
+    fp32, test = make_fp32(), make_test()
+    fp32.load()
+    fp32.infer(feeds)
+    test.load()
+    test.infer(feeds)
+    a, b = [], []
+    for _ in range(calls):
+        a += time_calls(fp32, feeds, 1)
+        b += time_calls(test, feeds, 1)
+    fp32.unload()
+    test.unload()
+    del fp32, test
+    gc.collect()
+    ta, tb = statistics.median(a), statistics.median(b)
+    shape = "x".join(str(d) for d in feeds["sample"].shape)
+    import os
+
+    return SpeedReport(backend=backend, fp32_seconds=round(ta, 4), seconds=round(tb, 4), ratio=round(ta / tb, 3),
+                       calls=calls, shape=shape, threads=threads or os.cpu_count() or 1, machine=machine_name())
+
+
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, {cpu_features()}"
+
+
+def cpu_features() -> str:
+    """The SIMD features that decide int8/bf16 speed: avx2, avx512f, avx512_vnni, avx512_bf16, amx."""
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "unknown ISA"
+    names = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+             if f in flags]
+    return "+".join(names) or "no AVX2"
+
+
+def component_bytes(manifest: Manifest) -> dict[str, int]:
+    """Bytes on disk per component: its ONNX file, external data and OpenVINO IR."""
+    return {name: sum(manifest.files[f].bytes for f in (c.file, *c.external_data, *c.openvino_ir))
+            for name, c in manifest.components.items()}
+
+
+def size_report(before: Manifest, after: Manifest) -> SizeReport:
+    b, a = component_bytes(before), component_bytes(after)
+    b["total"], a["total"] = sum(before.files[f].bytes for f in before.files), sum(after.files[f].bytes for f in after.files)
+    return SizeReport(before=b, after=a)
+
+
+def check_gates(*, guided_cosine: float, image_psnr_db: float | None, min_cosine: float | None,
+                min_psnr: float | None, what: str) -> None:
+    """Raise GateFailed with the figures and the gate when one is missed."""
+    problems = []
+    if min_cosine is not None and not guided_cosine >= min_cosine:
+        problems.append(f"the UNet's cosine after guidance is {guided_cosine:.4f}, under --min-cosine {min_cosine:g}")
+    if min_psnr is not None and image_psnr_db is not None and not image_psnr_db >= min_psnr:
+        problems.append(f"the final image is {image_psnr_db:.1f} dB PSNR against the fp32 reference, under "
+                        f"--min-psnr {min_psnr:g} dB")
+    if problems:
+        raise GateFailed(f"{what}: " + "; ".join(problems) + ". Try a higher precision (int8-weights or bf16), "
+                         "more --calibration prompts, or a lower gate if this quality is acceptable.")
