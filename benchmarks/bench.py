@@ -401,6 +401,7 @@ class _DiffusersWorker:
         t1 = time.perf_counter()
         self.torch = torch
         self.make_scheduler = diffusers_scheduler
+        self.threads_before = torch.get_num_threads()  # restored at close (inline mode shares the process)
         torch.set_num_threads(self.spec["threads"])
         device = self.spec["device"]
         if device == "auto":
@@ -522,6 +523,8 @@ class _DiffusersWorker:
 
     def close(self) -> None:
         self.pipe = None
+        if hasattr(self, "threads_before"):
+            self.torch.set_num_threads(self.threads_before)
 
 
 def _make_worker(role: str, spec: dict, settings: dict):
@@ -1015,6 +1018,12 @@ def clip_scores(model_dir: str | Path, images: dict[str, list[np.ndarray]], prom
     except ImportError as exc:
         raise BenchError(f"the CLIP score needs torch and transformers ({exc})") from None
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - an older transformers
+        pass
+    try:
         model = CLIPModel.from_pretrained(str(model_dir), local_files_only=True).eval()
         processor = CLIPProcessor.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a skip with its reason
@@ -1060,14 +1069,15 @@ def _save_samples(report: dict, engines: list[_Engine], out: Path) -> dict[str, 
 # == convenience ============================================================================================
 def quick_bench(bundle_dir: str | os.PathLike, reference_base: str | os.PathLike | None, out_dir: str | os.PathLike,
                 runs: int = 2, steps: int = 4, size: int | None = None, warmup: int = 1, *, console=None,
-                progress: bool = False, target_seconds: float | None = None, isolation: str = "inline") -> dict:
+                progress: bool = False, target_seconds: float | None = None, isolation: str = "inline",
+                threads: int | None = None) -> dict:
     """A short bench of one bundle against its base (the quickstart's last step: a few seconds on tiny).
 
     Runs inline (this process) by default, so no interpreter or torch import is paid again; peak RSS is then
     the shared process's and the report says so. Returns the report dict; files are written to out_dir.
     """
     settings = Settings(runs=runs, warmup=warmup, steps=steps, size=size, prompts=DEFAULT_PROMPTS[:2],
-                        isolation=isolation, target_seconds=target_seconds)
+                        isolation=isolation, target_seconds=target_seconds, threads=threads)
     suite = Suite(name="quick", description="quick bench of one bundle against its base", settings=settings,
                   reference=ReferenceSpec(base=str(Path(reference_base).resolve())) if reference_base else None,
                   engines=(EngineSpec(name="sdedge", bundle=str(Path(bundle_dir).resolve())),))

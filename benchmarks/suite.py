@@ -218,14 +218,14 @@ def _resolve(value: str | None, suite_dir: Path, work: Path) -> str | None:
         return None
     text = value.replace("{work}", str(work)).replace("{suite}", str(suite_dir))
     p = Path(os.path.expanduser(text))
-    return str(p if p.is_absolute() else (suite_dir / p).resolve())
+    return os.path.abspath(p if p.is_absolute() else suite_dir / p)  # normalised, symlinks kept as named
 
 
 def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
                   overrides: dict[str, str] | None = None) -> Suite:
     """Absolute paths everywhere; `overrides` maps an engine or reference name to a path (`--path NAME=PATH`)."""
-    suite_dir = Path(suite.file).resolve().parent if suite.file else Path.cwd()
-    work_dir = Path(work).resolve() if work else default_work_dir(suite.name)
+    suite_dir = Path(os.path.abspath(suite.file)).parent if suite.file else Path.cwd()
+    work_dir = Path(os.path.abspath(work)) if work else default_work_dir(suite.name)
     overrides = dict(overrides or {})
     known = {e.name for e in suite.engines} | ({suite.reference.name, "reference"} if suite.reference else set())
     for name in overrides:
@@ -234,7 +234,7 @@ def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
                              f"(have: {', '.join(sorted(known))})")
     def path_of(name, value):
         if name in overrides:
-            return str(Path(overrides[name]).expanduser().resolve())
+            return os.path.abspath(Path(overrides[name]).expanduser())
         return _resolve(value, suite_dir, work_dir)
 
     def hint(text):
@@ -246,18 +246,21 @@ def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
     if reference is not None:
         base = overrides.get("reference") or overrides.get(reference.name)
         reference = dataclasses.replace(
-            reference, base=str(Path(base).expanduser().resolve()) if base else _resolve(reference.base, suite_dir, work_dir))
+            reference, base=os.path.abspath(Path(base).expanduser()) if base else _resolve(reference.base, suite_dir, work_dir))
     prepare = tuple(dataclasses.replace(p, out=_resolve(p.out, suite_dir, work_dir),
                                         export=_resolve(p.export, suite_dir, work_dir)) for p in suite.prepare)
     clip = _resolve(suite.clip_model, suite_dir, work_dir)
     return dataclasses.replace(suite, engines=engines, reference=reference, prepare=prepare, clip_model=clip)
 
 
-def check_inputs(suite: Suite) -> None:
-    """Every bundle and the reference base exist (call on a resolved suite). The error names the entry."""
+def check_inputs(suite: Suite, positions: dict[str, int] | None = None) -> None:
+    """Every bundle and the reference base exist (call on a resolved suite). The error names the entry as
+    `engines[i] 'name'`, i its place in the file (`positions`, when engines were left out with --only)."""
     where = suite.file or suite.name
     made_by = {Path(p.out): i for i, p in enumerate(suite.prepare)}
-    for i, e in enumerate(suite.engines):
+    positions = positions or {}
+    for k, e in enumerate(suite.engines):
+        i = positions.get(e.name, k)
         path = Path(e.bundle)
         if not (path / "sdedge.json").is_file():
             what = "no such folder" if not path.exists() else "no sdedge.json in it (not an sdedge bundle)"

@@ -35,6 +35,7 @@ def _suite_from_args(args):
     """The resolved suite to run, and whether it came from a file."""
     from sdedge.benchmarks.bench import BenchError, bench_from_args
     from sdedge.benchmarks.suite import (
+        check_inputs,
         load_suite,
         resolve_suite,
         run_prepare,
@@ -59,10 +60,12 @@ def _suite_from_args(args):
         suite = dataclasses.replace(suite, settings=dataclasses.replace(suite.settings, **overrides))
         validate_suite(suite)
         suite = resolve_suite(suite, work=args.work, overrides=dict(args.path or []))
+        positions = {e.name: i for i, e in enumerate(suite.engines)}
         suite = select_engines(suite, [n.strip() for n in args.only.split(",")] if args.only else None)
         if args.build or args.rebuild:
             for line in run_prepare(suite, console, rebuild=args.rebuild):
                 console.print(f"[dim]{line}[/dim]")
+        check_inputs(suite, positions)
         return suite
     if not args.bundle:
         raise BenchError("name a bundle (sdedge bench BUNDLE [--reference BASE]) or a suite (--suite FILE)")
