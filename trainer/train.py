@@ -98,16 +98,35 @@ def _prepare_out(cfg: TrainConfig, is_main: bool) -> None:
 
 
 def _accelerator(cfg: TrainConfig):
+    import os
+
     import torch
     from accelerate import Accelerator
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise BadInput("mixed_precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    # accelerate only sets up CPU DDP (gloo) when told the run is on CPUs: without this, N launched processes
+    # on a machine without a GPU would each train alone and write the same files.
+    cpu = world > 1 and not torch.cuda.is_available()
+    # A second run in the same process (a notebook, the tests) gets its own precision and accumulation settings:
+    # accelerate keeps them in process-wide singletons, reset here (the process group itself is kept).
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision,
-                           gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    except (ImportError, AttributeError):  # pragma: no cover - another accelerate version
+        pass
+    try:
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                          cpu=cpu)
     except (ValueError, RuntimeError) as e:
         raise SdedgeError(f"accelerate cannot start: {e}") from e
+    if acc.num_processes != world:
+        raise SdedgeError(f"{world} processes were launched (WORLD_SIZE) but accelerate set up "
+                          f"{acc.num_processes}: check the accelerate config")
+    return acc
 
 
 def _optimizer(cfg: TrainConfig, groups: list[dict]):
@@ -241,7 +260,9 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> T
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None) or \
+                text_encoder.gradient_checkpointing_enable
+            enable()
     device = accelerator.device
     for m in (unet, vae, text_encoder):
         m.to(device)
