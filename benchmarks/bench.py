@@ -989,7 +989,7 @@ def _add_clip(report: dict, engines: list[_Engine], s: Settings, model: str, con
     path = Path(model)
     if not (path / "config.json").is_file():
         msg = f"CLIP score skipped: no local CLIP model at {path}"
-        console.print(f"[yellow]{msg}[/yellow]")
+        console.print(msg, style="yellow", markup=False)
         report["clip"] = {"model": str(path), "skipped": msg}
         report["notes"].append(msg)
         return
@@ -998,7 +998,7 @@ def _add_clip(report: dict, engines: list[_Engine], s: Settings, model: str, con
                                                                          for i in range(s.runs)])
     except SdedgeError as exc:
         msg = f"CLIP score skipped: {exc}"
-        console.print(f"[yellow]{msg}[/yellow]")
+        console.print(msg, style="yellow", markup=False)
         report["clip"] = {"model": str(path), "skipped": msg}
         report["notes"].append(msg)
         return

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from sdedge.runtime.errors import SdedgeError
 
@@ -64,7 +65,7 @@ def _suite_from_args(args):
         suite = select_engines(suite, [n.strip() for n in args.only.split(",")] if args.only else None)
         if args.build or args.rebuild:
             for line in run_prepare(suite, console, rebuild=args.rebuild):
-                console.print(f"[dim]{line}[/dim]")
+                console.print(f"[dim]{escape(line)}[/dim]")
         check_inputs(suite, positions)
         return suite
     if not args.bundle:
@@ -96,21 +97,23 @@ def cmd_bench(args) -> int:
                   "peak RSS", title=f"sdedge bench · {report['suite']['name']}")
     for e in report["engines"]:
         sp, su, par = e["seconds_per_image"], e.get("speedup_vs_reference"), e.get("parity")
-        table.add_row(e["name"] + (" (ref)" if e["role"] == "reference" else ""), f"{e['backend']} {e['precision']}",
+        table.add_row(escape(e["name"]) + (" (ref)" if e["role"] == "reference" else ""),
+                      escape(f"{e['backend']} {e['precision']}"),
                       f"{sp['median']:.3f}", f"{sp['p95']:.3f}", f"{e['images_per_minute']:.1f}",
                       f"{su['median']:.2f}×" if su else "—",
                       f"{par['psnr_db']['min']:.1f} dB" if par else "—", f"{par['ssim']['min']:.4f}" if par else "—",
                       f"{e['memory']['peak_rss_bytes'] / 1e9:.2f} GB")
     console.print(table)
     for note in report["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     target = report.get("target")
     if target:
         colour = "green" if target["verdict"] == "pass" else "red"
-        console.print(f"[bold {colour}]{target['statement']}[/bold {colour}]")
+        console.print(f"[bold {colour}]{escape(target['statement'])}[/bold {colour}]")
     else:
         console.print("no target given (--target-seconds S): no pass/fail verdict")
-    console.print(f"report: {out / 'report.md'} · {out / 'report.json'} · {out / 'report.png'} · {out / 'samples.png'}")
+    console.print(escape(f"report: {out / 'report.md'} · {out / 'report.json'} · {out / 'report.png'} · "
+                         f"{out / 'samples.png'}"))
     if target and target["verdict"] == "fail" and args.fail_on_miss:
         return 1
     return 0
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SdedgeError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")
