@@ -408,8 +408,9 @@ def render_chart(report: dict):
             x = x_of(target["seconds"])
             for y0 in range(CHART_TOP - 8, axis_y, 8):
                 d.line([(x, y0), (x, y0 + 4)], fill=colour, width=2)
-            d.text((x + 4, CHART_TOP - 22), f"target {target['seconds']:g} s: {target['verdict'].upper()} (engines)",
-                   fill=colour, font=f)
+            label = f"target {target['seconds']:g} s: {target['verdict'].upper()} (engines)"
+            lw = int(d.textlength(label, font=f))
+            d.text((x + 4 if x + 4 + lw < w - 4 else x - 4 - lw, CHART_TOP - 22), label, fill=colour, font=f)
         else:
             d.text((w - 330, 34), f"target {target['seconds']:g} s (off scale): {target['verdict'].upper()}",
                    fill=colour, font=f)
