@@ -28,6 +28,7 @@ def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    normalise_permissions(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -35,6 +36,16 @@ def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def normalise_permissions(root: Path) -> None:
+    """Folders 0777 and files 0666, less the umask: temp files are created private (0600/0700), and a bundle
+    must be readable by the service user that runs it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def hash_files(root: Path) -> dict[str, FileEntry]:

@@ -6,7 +6,18 @@ import sys
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of the resident set size since the process started."""
+    """High-water mark of the resident set size of this process.
+
+    Linux: VmHWM from /proc/self/status. (getrusage's ru_maxrss survives fork + exec, so a child would report
+    at least its parent's peak.)
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
 

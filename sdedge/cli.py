@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from sdedge import __version__
 from sdedge.runtime.errors import SdedgeError
@@ -256,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quickstart)
 
-    from sdedge import cli_sign
+    from sdedge import cli_bench, cli_sign
 
     cli_sign.register(sub)
+    cli_bench.register(sub)
     return p
 
 
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SdedgeError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")

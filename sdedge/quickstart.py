@@ -34,11 +34,11 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     stages = Stages(console)
     base_dir, bundle_dir, images_dir, keys_dir = out / "tiny-base", out / "bundle", out / "images", out / "keys"
 
-    with stages("1/5 write the built-in tiny base"):
+    with stages("1/6 write the built-in tiny base"):
         write_builtin_base("tiny", base_dir, seed=0, overwrite=True)
-    with stages("2/5 export to an ONNX bundle (parity checked against diffusers)"):
+    with stages("2/6 export to an ONNX bundle (parity checked against diffusers)"):
         manifest = export_bundle(base_dir, bundle_dir, ExportOptions(overwrite=True))
-    with stages("3/5 sign with a fresh key and verify"):
+    with stages("3/6 sign with a fresh key and verify"):
         if keys_dir.exists():
             import shutil
 
@@ -47,7 +47,7 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
         sign(bundle_dir, key=keys.private)
         signer = verify_bundle(bundle_dir, public_key=keys.public)
     images_dir.mkdir(exist_ok=True)
-    with stages("4/5 generate with the PyTorch-free runtime (signature required)"):
+    with stages("4/6 generate with the PyTorch-free runtime (signature required)"):
         pipe = Pipeline.load(bundle_dir, device="cpu", verify="required", public_key=keys.public)
         results = []
         for i, prompt in enumerate(PROMPTS):
@@ -56,7 +56,11 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
             r.to_pil()[0].save(path)
             results.append((prompt, path, r))
         pipe.close()
-    with stages("5/5 summary"):
+    with stages("5/6 bench the bundle against diffusers on the same weights and latents"):
+        from sdedge.benchmarks.bench import quick_bench
+
+        report = quick_bench(bundle_dir, base_dir, out / "bench", runs=2, steps=4)
+    with stages("6/6 summary"):
         summary = {
             "base": str(base_dir),
             "bundle": str(bundle_dir),
@@ -68,6 +72,7 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
             "parity_max_abs_err": {k: v.max_abs_err for k, v in manifest.parity.components.items()},
             "seconds_per_image": [round(r.timings["unet"] + r.timings["text_encoder"] + r.timings["vae_decoder"], 4)
                                   for _, _, r in results],
+            "bench": str(out / "bench" / "report.md"),
             "stage_seconds": {k: round(v, 2) for k, v in stages.seconds.items()},
         }
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -79,6 +84,7 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     table.add_row("signing keys", str(keys_dir))
     for prompt, path, r in results:
         table.add_row(f"image: {prompt!r}", str(path))
+    table.add_row("bench report (vs diffusers)", str(out / "bench" / "report.md"))
     table.add_row("summary", str(out / "summary.json"))
     console.print(table)
     if manifest.parity.image:

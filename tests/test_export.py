@@ -117,3 +117,16 @@ def test_info_shows_parity_and_json(tiny_bundle):
     r = run_cli("info", str(tiny_bundle), "--json")
     data = json.loads(r.stdout)
     assert data["format_version"] == 1 and data["precision"] == "fp32"
+
+
+def test_bundle_is_readable_by_others(tiny_bundle):
+    """Temp files are created private; the bundle a service user loads must not be."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    if umask & 0o044:
+        pytest.skip(f"umask {umask:o} hides files from others anyway")
+    for p in [tiny_bundle, *tiny_bundle.rglob("*")]:
+        assert p.stat().st_mode & stat.S_IROTH, p
