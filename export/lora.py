@@ -261,7 +261,9 @@ def _apply_metadata_alphas(layers: dict, header: dict[str, str], path: Path) -> 
         if lay.kohya or lay.alpha is not None:
             continue
         prefix = f"{comp}." if comp else ""
-        get = lambda k: meta.get(prefix + k, meta.get(k))  # noqa: E731
+        def get(k, prefix=prefix):
+            return meta.get(prefix + k, meta.get(k))
+
         if get("use_dora"):
             raise LoraError(f"{path}: a DoRA adapter ({prefix}use_dora): plain LoRA only")
         alpha = get("lora_alpha")
@@ -318,7 +320,7 @@ def _aliases(component: str, model, targets: dict[str, Any]) -> tuple[dict[str, 
                 ldm = unet_key_to_ldm(path + ".weight", model.config).removesuffix(".weight")
                 dotted.setdefault(ldm, path)
                 add_kohya(ldm, path)
-            except (SdedgeError, Exception):  # modules with no LDM name (or another architecture)
+            except Exception:  # noqa: BLE001 - modules with no LDM name (or another architecture)
                 pass
     for u in ambiguous:
         kohya.pop(u, None)
@@ -347,7 +349,7 @@ def _delta(weight, down, up):
     return (u @ d).reshape(weight.shape).to(torch.float32)
 
 
-def _resolve(lora: LoraFile, pipe, tables) -> tuple[list[tuple[str, str, LoraLayer]], list[tuple[str, str]]]:
+def _resolve(lora: LoraFile, tables) -> tuple[list[tuple[str, str, LoraLayer]], list[tuple[str, str]]]:
     """[(component, module path, layer)] and [(key, reason)] of keys that match no module."""
     resolved, unmatched = [], []
     for (comp, name), lay in sorted(lora.layers.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
@@ -434,7 +436,7 @@ def fuse_loras(pipe, loras, *, strict: bool = True) -> FuseReport:
         if not math.isfinite(scale):
             raise LoraError(f"{path}: scale {scale} is not a finite number")
         lora = read_lora(path)
-        resolved, unmatched = _resolve(lora, pipe, tables)
+        resolved, unmatched = _resolve(lora, tables)
         unmatched = lora.unmatched + unmatched
         if unmatched and strict:
             key, reason = sorted(unmatched)[0]
@@ -447,7 +449,7 @@ def fuse_loras(pipe, loras, *, strict: bool = True) -> FuseReport:
 
     # Everything checks: undo an earlier fuse, then W = W_base + sum of deltas.
     deltas: dict[tuple[str, str], Any] = {}
-    for lora, scale, resolved, _ in plan:
+    for _, scale, resolved, _ in plan:
         for comp, path, lay in resolved:
             weight = targets_by_comp[comp][path].weight
             rank = lay.down.shape[0]

@@ -205,6 +205,7 @@ def test_run_outputs(trained, tiny_base, data):
 # -- checkpoints and resume --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_injected_stop_then_resume_gives_the_same_curve(tiny_base, data, tmp_path):
     """Text-encoder LoRA, grad accumulation, warm-up + cosine, min-SNR, noise offset, no caches, kohya keys:
     a run stopped after a checkpoint and resumed equals an uninterrupted run, bit for bit."""
@@ -239,6 +240,7 @@ def test_injected_stop_then_resume_gives_the_same_curve(tiny_base, data, tmp_pat
         train(cfg(tiny_base, data, tmp_path / "cut", **{**kw, "rank": 4, "resume": str(tmp_path / "cut" / "checkpoints" / "step-000002")}))
 
 
+@pytest.mark.slow
 def test_resume_after_killing_the_process(tiny_base, data, tmp_path):
     """`sdedge train` killed (SIGKILL) after a checkpoint, then --resume: the loss curve equals an uninterrupted
     run's with the same seed."""
@@ -276,6 +278,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_equal_one_process_with_the_global_batch(tiny_base, data, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo), batch 1 each, follows the curve of 1 process, batch 2."""
     out = tmp_path / "ddp"

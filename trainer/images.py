@@ -32,7 +32,7 @@ def open_image(path: Path, max_pixels: int | None = None):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if Image.MAX_IMAGE_PIXELS is None:  # someone switched the guard off in this process: switch it back on
-        Image.MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+        Image.MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(int(max_pixels), Image.MAX_IMAGE_PIXELS)
     try:
         with warnings.catch_warnings():
