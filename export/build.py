@@ -116,8 +116,15 @@ def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
 
 def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = ExportOptions(),
                   stages: Stages | None = None) -> Manifest:
-    """Export `base` to a bundle at `out`; returns the manifest written."""
+    """Export `base` to a bundle at `out`; returns the manifest written.
+
+    `base` may also be an fp32 sdedge bundle: then a reduced precision is derived from it without PyTorch
+    (export/quantize.py: derive_bundle)."""
     check_options(opts)
+    if (Path(base) / "sdedge.json").is_file():
+        from .quantize import derive_bundle
+
+        return derive_bundle(base, out, opts, stages)
     stages = stages or Stages(quiet=True)
     with stages("load base"):
         base_desc = describe_base(base)

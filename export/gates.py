@@ -214,10 +214,58 @@ def check_gates(*, guided_cosine: float, image_psnr_db: float | None, min_cosine
     """Raise GateFailed with the figures and the gate when one is missed."""
     problems = []
     if min_cosine is not None and not guided_cosine >= min_cosine:
-        problems.append(f"the UNet's cosine after guidance is {guided_cosine:.4f}, under --min-cosine {min_cosine:g}")
+        problems.append(f"the UNet's cosine after guidance is {guided_cosine:.6f}, under --min-cosine {min_cosine}")
     if min_psnr is not None and image_psnr_db is not None and not image_psnr_db >= min_psnr:
         problems.append(f"the final image is {image_psnr_db:.1f} dB PSNR against the fp32 reference, under "
                         f"--min-psnr {min_psnr:g} dB")
     if problems:
         raise GateFailed(f"{what}: " + "; ".join(problems) + ". Try a higher precision (int8-weights or bf16), "
                          "more --calibration prompts, or a lower gate if this quality is acceptable.")
+
+
+def record_reference_bundle(bundle_dir: Path, out_dir: Path, *, prompt: str, latents: np.ndarray, steps: int,
+                            guidance: float, scheduler: str) -> Reference:
+    """The same reference from an fp32 bundle (itself checked against diffusers at export, ≥ 40 dB), run with
+    ONNX Runtime: no PyTorch needed, so a bundle can be re-quantised on a machine without it."""
+    from sdedge.runtime.backends.select import choose_backend, engine_factory
+    from sdedge.runtime.bundle import Bundle
+    from sdedge.runtime.pipeline import Pipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundle = Bundle.open(bundle_dir)
+    inner = engine_factory(choose_backend(bundle.manifest, "onnxruntime", "cpu"), bundle.manifest)
+    files: list[Path] = []
+
+    class Recorder:
+        def __init__(self, engine):
+            self.engine = engine
+
+        @property
+        def loaded(self):
+            return self.engine.loaded
+
+        def load(self):
+            self.engine.load()
+
+        def unload(self):
+            self.engine.unload()
+
+        def infer(self, feeds):
+            out = self.engine.infer(feeds)
+            path = out_dir / f"ref-{len(files):03d}.npz"
+            np.savez(path, **{k: np.asarray(v) for k, v in feeds.items()}, out_sample=out[0])
+            files.append(path)
+            return out
+
+    def factory(b, name, info):
+        engine = inner(b, name, info)
+        return Recorder(engine) if name == "unet" else engine
+
+    pipe = Pipeline(bundle, device="cpu", engine_factory=factory)
+    size = latents.shape[-1] * bundle.manifest.latent.vae_scale_factor
+    image = pipe.generate(prompt, "", steps=steps, guidance=guidance, width=size, height=size, scheduler=scheduler,
+                          latents=latents).images
+    pipe.close()
+    return Reference(files=files, image=image, latents=latents, prompt=prompt, steps=steps, guidance=guidance,
+                     scheduler=scheduler, size=size)

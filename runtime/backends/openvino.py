@@ -44,6 +44,7 @@ log = logging.getLogger("sdedge.runtime")
 
 _CORE = None
 _CORE_LOCK = threading.Lock()
+_WARNED: set[str] = set()  # warnings given once per process
 
 
 def openvino_available() -> bool:
@@ -87,7 +88,8 @@ def inference_precision(precision: Precision, hint: str | None = None) -> tuple[
             return "bf16", f"{precision.value} bundle and the CPU computes bf16 natively"
         why = (f"{precision.value} bundle, but this CPU has no native bf16 (AVX-512 BF16 or AMX): running in f32, "
                "at fp32 speed and exactness")
-        if precision is Precision.BF16:
+        if precision is Precision.BF16 and not _WARNED:
+            _WARNED.add("bf16")
             log.warning("openvino: %s", why)
         return "f32", why
     return "f32", f"{precision.value} bundle: fp32 compute keeps parity with the reference"
