@@ -42,7 +42,7 @@ _PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 _SDXL_HINT = ("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner.")
 _UNSUPPORTED = (
     ("hada_", "LoHa (LyCORIS)"), ("lokr_", "LoKr (LyCORIS)"), (".lora_mid.", "LoCon with a Tucker mid weight"),
-    ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), (".diff", "a full weight difference"),
+    ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), (".lora_B.bias", "a LoRA bias (lora_bias)"),
     ("emb_params", "a textual-inversion embedding"), ("bundle_emb", "a textual-inversion embedding"),
 )
 
@@ -127,6 +127,8 @@ def _unsupported(key: str) -> str | None:
     for marker, what in _UNSUPPORTED:
         if marker in key:
             return f"{what} is not supported (plain LoRA only)"
+    if key.endswith((".diff", ".diff_b")):
+        return "a full weight difference is not supported (plain LoRA only)"
     return None
 
 
