@@ -1,6 +1,6 @@
-"""`sdedge export`: a base (and later adapters) in, a bundle folder out.
+"""`sdedge export`: a base and LoRA adapters in, a bundle folder out.
 
-    load base ─► export each component (specs.py + onnx_export.py, parity per component)
+    load base ─► fuse LoRAs (export/lora.py) ─► export each component (specs.py + onnx_export.py, parity per component)
               ─► tokenizer ─► manifest with SHA-256 of every file ─► end-to-end image parity
               ─► rename the staging folder into place
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from sdedge.runtime.errors import BadInput, MissingDependency
 from sdedge.runtime.manifest import (
-    FORMAT_VERSION, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision, Provenance,
+    FORMAT_VERSION, AdapterInfo, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision, Provenance,
     ShapeRange, TokenizerInfo,
 )
 from sdedge.runtime.stages import Stages
@@ -63,6 +63,7 @@ class ExportOptions:
     prune: float = 0.0  # structural pruning ratio of the UNet's channels (torch-pruning)
     prune_criterion: str = "magnitude"
     speed_calls: int = 3  # UNet calls per engine in the speed gate
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter .safetensors, scale), fused into the weights in order
     allow_pickle: bool = False
     base_config: str | None = None  # local diffusers folder with the configs, for a single-file base
     overwrite: bool = False
@@ -118,7 +119,7 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                   stages: Stages | None = None) -> Manifest:
     """Export `base` to a bundle at `out`; returns the manifest written.
 
-    `base` may also be an fp32 sdedge bundle: then a reduced precision is derived from it without PyTorch
+    `base` may also be an fp32 sdedge bundle: then a reduced precision is derived from it without the PyTorch model
     (export/quantize.py: derive_bundle)."""
     check_options(opts)
     if (Path(base) / "sdedge.json").is_file():
@@ -129,6 +130,13 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
     with stages("load base"):
         base_desc = describe_base(base)
         pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)
+    adapters: tuple[AdapterInfo, ...] = ()
+    if opts.loras:
+        from .lora import fuse_loras
+
+        with stages(f"fuse {len(opts.loras)} LoRA(s)"):
+            fused = fuse_loras(pipe, list(opts.loras))
+        adapters = tuple(AdapterInfo(file=Path(f.path).name, sha256=f.sha256, scale=f.scale) for f in fused.loras)
     shapes = shape_range(pipe, opts)
     scale = pipe.vae_scale_factor
     parity_size = opts.parity_size or min(shapes.default_height, max(256, shapes.height_min))
@@ -185,6 +193,7 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                 base=BaseInfo(id=base_desc["id"], sha256=base_desc["sha256"]),
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 toolchain=toolchain_versions(),
+                adapters=adapters,
                 prune_ratio=opts.prune,
                 prune=prune_report,
             ),

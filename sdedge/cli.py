@@ -50,7 +50,10 @@ def export_options(args):
         precision = Precision(args.precision)
     except ValueError:
         raise SdedgeError(f"--precision {args.precision!r}: choose one of {', '.join(p.value for p in Precision)}") from None
-    kw = dict(target=args.target, precision=precision, batch_min=args.batch[0], batch_max=args.batch[1],
+    from sdedge.export.lora import parse_lora_arg
+
+    kw = dict(target=args.target, precision=precision, loras=tuple(parse_lora_arg(x) for x in args.lora),
+              batch_min=args.batch[0], batch_max=args.batch[1],
               vae_encoder=not args.no_vae_encoder, allow_pickle=args.allow_pickle, base_config=args.config,
               overwrite=args.overwrite, min_psnr=args.min_psnr, parity_steps=args.parity_steps,
               default_scheduler=args.scheduler, min_cosine=args.min_cosine, calibration=args.calibration,
@@ -201,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="onnx", help="onnx (default) or trt")
     e.add_argument("--precision", default="fp32")
     e.add_argument("--config", help="local diffusers folder with the configs of a single-file base")
+    e.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (diffusers/peft or kohya keys) with a scale; repeat for several")
     e.add_argument("--allow-pickle", action="store_true", help="load a pickle .ckpt (it can run code: trust it first)")
     e.add_argument("--batch", type=_range, default=(1, 8), help="batch range, e.g. 1-8")
     e.add_argument("--size-range", type=_range, help="pixel size range, e.g. 256-1024 (default: half to twice native)")
@@ -257,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quickstart)
 
-    from sdedge import cli_bench, cli_sign
+    from sdedge import cli_bench, cli_sign, cli_train
 
+    cli_train.register(sub)
     cli_sign.register(sub)
     cli_bench.register(sub)
     return p
