@@ -6,7 +6,7 @@ pruned) against PyTorch eager fp32, one guided step at a time, and end to end th
         --engine ort-fp32=/work/bundle-sd15:onnxruntime --engine ov-int8=/work/bundle-sd15-int8:openvino \
         --size 256 --calls 3 --out benchmarks/results/cpu-engines/unet-step.json
 
-    # a reduced-precision bundle from the fp32 one, without PyTorch (bounded time and memory, peak RSS printed):
+    # a reduced-precision bundle from the fp32 one, without the PyTorch model (bounded time and memory, peak RSS printed):
     flock /tmp/sdedge-heavy.lock python -m sdedge.benchmarks.cpu_engines derive --src /work/bundle-sd15 \
         --precision int8 --out /work/bundle-sd15-int8
 

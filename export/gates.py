@@ -226,7 +226,7 @@ def check_gates(*, guided_cosine: float, image_psnr_db: float | None, min_cosine
 def record_reference_bundle(bundle_dir: Path, out_dir: Path, *, prompt: str, latents: np.ndarray, steps: int,
                             guidance: float, scheduler: str) -> Reference:
     """The same reference from an fp32 bundle (itself checked against diffusers at export, ≥ 40 dB), run with
-    ONNX Runtime: no PyTorch needed, so a bundle can be re-quantised on a machine without it."""
+    ONNX Runtime: no PyTorch model needed, so a bundle can be re-quantised on a machine without it."""
     from sdedge.runtime.backends.select import choose_backend, engine_factory
     from sdedge.runtime.bundle import Bundle
     from sdedge.runtime.pipeline import Pipeline

@@ -363,7 +363,7 @@ class _NoStages:
 
 
 def derive_bundle(src: str | Path, out: str | Path, opts, stages=None) -> Manifest:
-    """A reduced-precision bundle from an existing fp32 bundle, without PyTorch: the fp32 bundle (checked
+    """A reduced-precision bundle from an existing fp32 bundle, without the PyTorch model: the fp32 bundle (checked
     against diffusers when it was exported) is the reference. `opts` is an ExportOptions; pruning needs
     the PyTorch model and is refused here."""
     from sdedge.runtime.errors import BadInput
