@@ -60,12 +60,17 @@ def read_prompts(path: str | Path | None) -> tuple[tuple[str, ...], str]:
     return prompts, f"{p.name} ({len(prompts)} prompts)"
 
 
+class _Enough(Exception):
+    """Raised by the recorder after the last call it needs: the rest of the run (and the VAE decode) is skipped."""
+
+
 class _Recorder:
     """An engine wrapper that writes every call's feeds to disk, then runs the real engine."""
 
     def __init__(self, engine, out_dir: Path, prefix: str, keep_steps: set[int] | None):
         self.engine, self.out_dir, self.prefix, self.keep = engine, out_dir, prefix, keep_steps
         self.calls = 0
+        self.last = -1  # the last call to record; after it, stop the run
         self.files: list[Path] = []
 
     @property
@@ -83,6 +88,8 @@ class _Recorder:
             path = self.out_dir / f"{self.prefix}-{self.calls:03d}.npz"
             np.savez(path, **{k: np.asarray(v) for k, v in feeds.items()})
             self.files.append(path)
+        if self.calls == self.last:
+            raise _Enough  # the inputs are recorded; the output of this call is not needed
         self.calls += 1
         return self.engine.infer(feeds)
 
@@ -140,8 +147,12 @@ def collect(bundle_dir: str | Path, prompts: tuple[str, ...], out_dir: str | Pat
     by_prompt: list[list[Path]] = []
     for i, prompt in enumerate(prompts):
         rec.calls, rec.files, rec.prefix = 0, [], f"unet-p{i:03d}"
-        pipe.generate(prompt, "", steps=steps, guidance=guidance, width=size, height=size, scheduler=scheduler,
-                      seed=seed + i)
+        rec.last = max(keep) if keep is not None else steps - 1
+        try:
+            pipe.generate(prompt, "", steps=steps, guidance=guidance, width=size, height=size, scheduler=scheduler,
+                          seed=seed + i)
+        except _Enough:
+            pass
         by_prompt.append(list(rec.files))
     pipe.close()
     files = [f for step in range(max(map(len, by_prompt), default=0)) for fs in by_prompt if step < len(fs)
