@@ -1,0 +1,507 @@
+"""The HTTP server behind `sdedge serve`: a FastAPI app around one loaded, verified `Pipeline`.
+
+    POST /v1/generate        prompt ... ─► image/png (n = 1) or JSON with base64 PNGs
+    GET  /v1/jobs/{id}       a job's state (never its prompt);  DELETE /v1/jobs/{id}: cancel that job
+    GET  /healthz            the process answers
+    GET  /readyz             the model is loaded and its signature verified (or --allow-unsigned)
+    GET  /metrics            Prometheus text: requests by status, latency histogram, queue depth, stage times
+    GET  /openapi.json       the schema (request limits are this bundle's: sizes, multiples, n)
+
+One generation at a time per model (runtime/jobs.py: one worker thread, a bounded wait queue → 429 with
+Retry-After). A request waits at most `timeout` seconds (from arrival, queue included); past it the client
+gets 503 and that job, by its id, is cancelled between denoising steps. A client that disconnects cancels
+its job the same way. Prompts are never logged unless `log_prompts` is set.
+
+fastapi, pydantic and uvicorn come from the `serve` extra and are imported when `create_app` runs, so
+`sdedge.runtime` imports without them. (No `from __future__ import annotations` here: FastAPI reads the
+endpoint annotations, some of which are classes built inside `create_app`.)
+"""
+
+import asyncio
+import base64
+import hmac
+import io
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import BadInput, MissingDependency
+from .jobs import Job, JobQueue, QueueClosed, QueueFull
+
+log = logging.getLogger("sdedge.server")
+
+INSTALL_HINT = "pip install 'sdedge[serve]' (fastapi and uvicorn)"
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
+ROUTES = ("/v1/generate", "/v1/jobs/{job_id}", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+
+
+@dataclass
+class ServeSettings:
+    """What `sdedge serve` passes to `create_app`. `token`: the bearer token itself (None: no auth)."""
+
+    max_queue: int = 8  # jobs waiting behind the running one
+    timeout: float = 60.0  # seconds per request, queue wait included
+    max_steps: int = 150
+    max_prompt_chars: int = 2000
+    max_images: Optional[int] = None  # None: what the bundle's batch range allows with guidance
+    token: Optional[str] = None
+    allow_unsigned: bool = False
+    public_key: Optional[str] = None
+    identity: Optional[str] = None
+    issuer: Optional[str] = None
+    device: str = "auto"
+    backend: str = "auto"
+    memory: str = "normal"
+    threads: Optional[int] = None
+    log_prompts: bool = False
+    max_body_bytes: int = 1_000_000
+
+
+def _require_fastapi():
+    try:
+        import fastapi  # noqa: F401
+        import pydantic  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependency(f"the server needs {exc.name or exc}: {INSTALL_HINT}") from None
+
+
+def load_pipeline(path: Union[str, os.PathLike], settings: ServeSettings):
+    """Load a bundle for serving: the signature is required unless `allow_unsigned` (then it is still checked
+    when the bundle is signed and a key is given)."""
+    from .pipeline import Pipeline
+
+    trust = dict(public_key=settings.public_key, identity=settings.identity, issuer=settings.issuer)
+    verify = "if-signed" if settings.allow_unsigned else "required"
+    if settings.allow_unsigned and not any(trust.values()):
+        verify = "off"  # nothing to verify with: only the manifest's SHA-256 of every file is checked
+    return Pipeline.load(path, device=settings.device, memory=settings.memory, threads=settings.threads,
+                         backend=settings.backend, verify=verify, **trust)
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+class Metrics:
+    """Counters for /metrics, in Prometheus text format (no prometheus_client dependency)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}  # (method, route, status) -> count
+        self.latency_buckets = [0] * len(LATENCY_BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self.stage_sum: dict[str, float] = {}
+        self.stage_count: dict[str, int] = {}
+        self.jobs: dict[str, int] = {}  # final state -> count
+        self.images = 0
+
+    def request(self, method: str, route: str, status: int) -> None:
+        with self._lock:
+            key = (method, route, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def latency(self, seconds: float) -> None:
+        with self._lock:
+            self.latency_sum += seconds
+            self.latency_count += 1
+            for i, edge in enumerate(LATENCY_BUCKETS):
+                if seconds <= edge:
+                    self.latency_buckets[i] += 1
+
+    def job_finished(self, job: Job) -> None:
+        with self._lock:
+            self.jobs[job.state] = self.jobs.get(job.state, 0) + 1
+
+    def stages(self, timings: dict[str, float], images: int) -> None:
+        with self._lock:
+            self.images += images
+            for stage, secs in timings.items():
+                self.stage_sum[stage] = self.stage_sum.get(stage, 0.0) + secs
+                self.stage_count[stage] = self.stage_count.get(stage, 0) + 1
+
+    def render(self, queue: JobQueue, ready: bool) -> str:
+        out: list[str] = []
+
+        def head(name: str, kind: str, text: str) -> None:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        with self._lock:
+            head("sdedge_http_requests_total", "counter", "HTTP requests by method, route and status code.")
+            for (method, route, status), n in sorted(self.requests.items()):
+                out.append(f'sdedge_http_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
+            head("sdedge_generate_duration_seconds", "histogram",
+                 "Time from arrival to response of POST /v1/generate answered 200.")
+            for edge, n in zip(LATENCY_BUCKETS, self.latency_buckets):
+                out.append(f'sdedge_generate_duration_seconds_bucket{{le="{edge}"}} {n}')
+            out.append(f'sdedge_generate_duration_seconds_bucket{{le="+Inf"}} {self.latency_count}')
+            out.append(f"sdedge_generate_duration_seconds_sum {self.latency_sum:.6f}")
+            out.append(f"sdedge_generate_duration_seconds_count {self.latency_count}")
+            head("sdedge_stage_seconds", "summary", "Seconds spent per pipeline stage (finished generations).")
+            for stage in sorted(self.stage_sum):
+                out.append(f'sdedge_stage_seconds_sum{{stage="{stage}"}} {self.stage_sum[stage]:.6f}')
+                out.append(f'sdedge_stage_seconds_count{{stage="{stage}"}} {self.stage_count[stage]}')
+            head("sdedge_jobs_total", "counter", "Jobs by final state (done, failed, cancelled).")
+            for state in ("done", "failed", "cancelled"):
+                out.append(f'sdedge_jobs_total{{state="{state}"}} {self.jobs.get(state, 0)}')
+            head("sdedge_images_total", "counter", "Images generated.")
+            out.append(f"sdedge_images_total {self.images}")
+        head("sdedge_queue_depth", "gauge", "Jobs waiting behind the running one.")
+        out.append(f"sdedge_queue_depth {queue.depth}")
+        head("sdedge_queue_capacity", "gauge", "The most jobs that may wait.")
+        out.append(f"sdedge_queue_capacity {queue.max_waiting}")
+        head("sdedge_jobs_running", "gauge", "Jobs running now (0 or 1).")
+        out.append(f"sdedge_jobs_running {0 if queue.running is None else 1}")
+        head("sdedge_ready", "gauge", "1 when the model is loaded and verified.")
+        out.append(f"sdedge_ready {int(ready)}")
+        try:
+            import psutil
+
+            head("process_resident_memory_bytes", "gauge", "Resident memory of the server process.")
+            out.append(f"process_resident_memory_bytes {psutil.Process().memory_info().rss}")
+        except Exception:  # noqa: BLE001 - metrics are best effort
+            pass
+        return "\n".join(out) + "\n"
+
+
+# -- the app ------------------------------------------------------------------------------------------------------
+def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
+    """A FastAPI app serving `pipeline_or_path`: a loaded `Pipeline`, or a bundle folder loaded (and verified)
+    here, before the app exists, so that a bad or unsigned bundle fails at start rather than at first request."""
+    _require_fastapi()
+    from fastapi import Depends, FastAPI, Header, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    from .pipeline import Pipeline
+    from .schedulers import scheduler_names
+
+    settings = settings or ServeSettings()
+    if isinstance(pipeline_or_path, (str, os.PathLike)):
+        pipeline = load_pipeline(Path(pipeline_or_path), settings)
+    elif isinstance(pipeline_or_path, Pipeline):
+        pipeline = pipeline_or_path
+    else:
+        raise TypeError(f"create_app needs a Pipeline or a bundle path, not {type(pipeline_or_path).__name__}")
+
+    m = pipeline.manifest
+    s = m.shapes
+    bundle_max_images = max(1, s.batch_max // 2)  # with guidance > 1 the negative prompts share the batch
+    max_images = min(settings.max_images or bundle_max_images, bundle_max_images)
+    default_steps = min(m.defaults.steps, settings.max_steps)
+    schedulers = tuple(scheduler_names())
+    metrics = Metrics()
+    verified = pipeline.signer is not None
+
+    # -- request model: this bundle's limits, so the OpenAPI schema states them ------------------------------
+    class GenerateRequest(BaseModel):
+        """Text to image. Unknown fields are refused; types are strict (no "5" for 5)."""
+
+        model_config = ConfigDict(strict=True, extra="forbid")
+
+        prompt: str = Field(min_length=1, max_length=settings.max_prompt_chars,
+                            description="What to draw (CLIP keeps the first 77 tokens).")
+        negative_prompt: str = Field("", max_length=settings.max_prompt_chars)
+        steps: int = Field(default_steps, ge=1, le=settings.max_steps, description="Denoising steps.")
+        guidance: float = Field(m.defaults.guidance, ge=0.0, le=30.0, allow_inf_nan=False,
+                                description="Classifier-free guidance scale (≤ 1 disables it).")
+        seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="Omitted: a random seed (returned).")
+        width: int = Field(s.default_width, ge=s.width_min, le=s.width_max, multiple_of=s.pixel_multiple)
+        height: int = Field(s.default_height, ge=s.height_min, le=s.height_max, multiple_of=s.pixel_multiple)
+        scheduler: str = Field(m.defaults.scheduler, json_schema_extra={"enum": list(schedulers)})
+        n: int = Field(1, ge=1, le=max_images, description="Images per request (n > 1 answers JSON).")
+        response_format: Optional[str] = Field(
+            None, json_schema_extra={"enum": ["png", "json"]},
+            description="png: image/png (n = 1); json: base64 PNGs. Default: png unless Accept asks for JSON or n > 1.")
+        timeout: Optional[float] = Field(None, gt=0, le=settings.timeout, allow_inf_nan=False,
+                                         description=f"Seconds to wait at most (≤ the server's {settings.timeout}).")
+
+        @model_validator(mode="after")
+        def _check(self):
+            if self.scheduler not in schedulers:
+                raise ValueError(f"scheduler {self.scheduler!r}: choose one of {', '.join(schedulers)}")
+            if self.response_format not in (None, "png", "json"):
+                raise ValueError("response_format: 'png' or 'json'")
+            if self.response_format == "png" and self.n > 1:
+                raise ValueError("n > 1 needs response_format 'json' (one PNG per response)")
+            if not self.prompt.strip():
+                raise ValueError("prompt: must not be blank")
+            return self
+
+    class GenerateJSON(BaseModel):
+        job_id: str
+        seed: int
+        images: list[str] = Field(description="base64 PNG images")
+        settings: dict[str, Any]
+        timings: dict[str, float]
+
+    class ErrorBody(BaseModel):
+        detail: Any
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+    def run(job: Job):
+        p = job.params
+
+        def on_step(i: int, total: int) -> None:
+            job.steps_done, job.steps_total = i, total
+
+        job.steps_total = p["steps"]
+        return pipeline.generate(p["prompt"], p["negative_prompt"], steps=p["steps"], guidance=p["guidance"],
+                                 seed=p["seed"], width=p["width"], height=p["height"], scheduler=p["scheduler"],
+                                 num_images=p["n"], on_step=on_step, cancel=job.cancel_event)
+
+    queue = JobQueue(run, max_waiting=settings.max_queue, on_finish=metrics.job_finished)
+
+    # -- app --------------------------------------------------------------------------------------------------
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has stopped accepting and waited for open requests; let the running job finish.
+        log.info("shutting down: finishing the running job")
+        await asyncio.to_thread(queue.close, True, True, settings.timeout + 5)
+        pipeline.close()
+
+    app = FastAPI(title="sdedge", version=_version(), lifespan=lifespan,
+                  description="Text to image with a signed sdedge bundle. Limits in the request schema are "
+                              "this bundle's exported range.")
+    app.state.pipeline, app.state.queue, app.state.metrics, app.state.settings = pipeline, queue, metrics, settings
+
+    bearer = HTTPBearer(auto_error=False, description="Set when the server runs with a token (--token-env).")
+
+    def require_token(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if settings.token is None:
+            return
+        given = creds.credentials.encode() if creds is not None else b""
+        if not hmac.compare_digest(given, settings.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # The inputs are not echoed back (a 100,000-character prompt would come back whole, and prompts stay private).
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()][:20]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    def ready() -> bool:
+        return not queue.closed and (verified or settings.allow_unsigned)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict:
+        """The process answers (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorBody}})
+    async def readyz():
+        """The model is loaded and its signature verified (or the server was told to allow unsigned bundles)."""
+        body = {"ready": ready(), "signature": "verified" if verified else "not verified",
+                "backend": pipeline.backend, "queue_depth": queue.depth, "queue_capacity": queue.max_waiting}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(require_token)],
+             responses={401: {"model": ErrorBody}})
+    async def metrics_endpoint():
+        """Prometheus text format."""
+        return PlainTextResponse(metrics.render(queue, ready()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(require_token)],
+             responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+    async def job_status(job_id: str) -> dict:
+        """A recent job's state and progress (its prompt is never shown)."""
+        job = queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job (unknown, or too old)")
+        return job.status()
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(require_token)],
+                responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def job_cancel(job_id: str) -> dict:
+        """Cancel this job (only this one): dropped if waiting, stopped between denoising steps if running."""
+        job = queue.get(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job (unknown, or too old)")
+        if not queue.cancel(job_id):
+            raise HTTPException(409, f"job already {job.state}")
+        return queue.get(job_id).status()
+
+    png_or_json = {
+        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                          "application/json": {"schema": GenerateJSON.model_json_schema()}},
+              "description": "image/png (n = 1), or JSON with base64 PNGs"},
+        401: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody},
+        429: {"model": ErrorBody, "description": "queue full; see Retry-After"},
+        503: {"model": ErrorBody, "description": "timed out (the job is cancelled) or shutting down"},
+    }
+
+    @app.post("/v1/generate", tags=["generate"], dependencies=[Depends(require_token)], responses=png_or_json,
+              response_class=Response)
+    async def generate(body: GenerateRequest, request: Request,
+                       x_job_id: Optional[str] = Header(None, pattern=JOB_ID_PATTERN,
+                                                        description="Your own job id (to cancel it by id).")):
+        """Generate images. One generation runs at a time; others wait in a bounded queue (429 when full)."""
+        t0 = time.monotonic()
+        params = body.model_dump()
+        want_json = body.response_format == "json" or body.n > 1 or (
+            body.response_format is None and _prefers_json(request.headers.get("accept", "")))
+        try:
+            job = queue.submit(params, x_job_id)
+        except QueueFull as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=429,
+                                headers={"Retry-After": str(math.ceil(exc.retry_after))})
+        except QueueClosed as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        except ValueError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=409)
+        headers = {"X-Job-Id": job.id}
+        if settings.log_prompts:
+            log.info("job %s: prompt %r", job.id, body.prompt)
+        log.info("job %s: %dx%d, %d steps, n=%d", job.id, body.width, body.height, body.steps, body.n)
+
+        timeout = min(body.timeout or settings.timeout, settings.timeout)
+        fut = asyncio.wrap_future(job.future)
+        deadline = t0 + timeout
+        while not fut.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                queue.cancel(job.id)
+                log.info("job %s: timed out after %.1f s; cancelled", job.id, timeout)
+                return JSONResponse({"detail": f"timed out after {timeout:g} s; job {job.id} cancelled",
+                                     "job_id": job.id}, status_code=503, headers=headers)
+            await asyncio.wait({fut}, timeout=min(remaining, 0.25))
+            if not fut.done() and await request.is_disconnected():
+                queue.cancel(job.id)
+                log.info("job %s: client went away; cancelled", job.id)
+                return Response(status_code=499, headers=headers)
+
+        if fut.cancelled():
+            return JSONResponse({"detail": f"job {job.id} was cancelled", "job_id": job.id}, status_code=503,
+                                headers=headers)
+        exc = fut.exception()
+        if exc is not None:
+            from .pipeline import Cancelled
+
+            if isinstance(exc, Cancelled):
+                return JSONResponse({"detail": f"job {job.id} was cancelled ({exc})", "job_id": job.id},
+                                    status_code=503, headers=headers)
+            if isinstance(exc, BadInput):
+                return JSONResponse({"detail": str(exc)}, status_code=422, headers=headers)
+            log.error("job %s failed: %s: %s", job.id, type(exc).__name__, exc)
+            return JSONResponse({"detail": f"generation failed ({type(exc).__name__})", "job_id": job.id},
+                                status_code=500, headers=headers)
+
+        result = fut.result()
+        pngs = await asyncio.to_thread(_encode_pngs, result)
+        metrics.stages(result.timings, len(pngs))
+        metrics.latency(time.monotonic() - t0)
+        headers.update({"X-Seed": str(result.settings["seed"]),
+                        "X-Generation-Seconds": f"{sum(result.timings.values()):.3f}"})
+        if want_json:
+            return JSONResponse({"job_id": job.id, "seed": result.settings["seed"],
+                                 "images": [base64.b64encode(p).decode("ascii") for p in pngs],
+                                 "settings": result.settings,
+                                 "timings": {k: round(v, 6) for k, v in result.timings.items()}}, headers=headers)
+        return Response(pngs[0], media_type="image/png", headers=headers)
+
+    app.add_middleware(_Guard, metrics=metrics, max_body=settings.max_body_bytes)
+    return app
+
+
+def _prefers_json(accept: str) -> bool:
+    accept = accept.lower()
+    return "application/json" in accept and "image/png" not in accept
+
+
+def _encode_pngs(result) -> list[bytes]:
+    out = []
+    for image in result.to_pil():
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _version() -> str:
+    try:
+        from sdedge import __version__
+
+        return __version__
+    except Exception:  # noqa: BLE001
+        return "0"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """ASGI middleware: counts responses by route and status for /metrics, and refuses bodies over max_body
+    (413) whether or not they declare a Content-Length."""
+
+    def __init__(self, app, metrics: Metrics, max_body: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = _route_label(scope.get("path", ""))
+        method = scope.get("method", "GET")
+        status = {"code": 500, "started": False}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await _send_json(send_counted, 413, b'{"detail":"request body too large"}')
+            self.metrics.request(method, route, status["code"])
+            return
+        seen = {"bytes": 0}
+
+        async def receive_limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["bytes"] += len(message.get("body", b""))
+                if seen["bytes"] > self.max_body:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, receive_limited, send_counted)
+        except _BodyTooLarge:
+            if not status["started"]:
+                await _send_json(send_counted, 413, b'{"detail":"request body too large"}')
+        finally:
+            self.metrics.request(method, route, status["code"])
+
+
+async def _send_json(send, code: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _route_label(path: str) -> str:
+    """A bounded set of label values: known routes, jobs collapsed to their template, the rest 'other'."""
+    if path.startswith("/v1/jobs/"):
+        return "/v1/jobs/{job_id}"
+    return path if path in ROUTES else "other"
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 7860, *, log_level: str = "info",
+          limit_concurrency: Optional[int] = None) -> None:
+    """Run `app` with uvicorn until SIGINT/SIGTERM; the running request finishes before the process exits."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingDependency(f"the server needs uvicorn: {INSTALL_HINT}") from None
+    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limit_concurrency,
+                timeout_graceful_shutdown=None, server_header=False)
