@@ -33,7 +33,6 @@ How it measures (what makes the figures honest):
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sdedge.runtime.environment import cpu_model, package_versions
 from sdedge.runtime.errors import BadInput, SdedgeError
 
 from .suite import (
@@ -141,16 +141,6 @@ def summarize(values) -> dict[str, float] | None:
 
 
 # == the machine ============================================================================================
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -210,14 +200,9 @@ def describe_machine() -> dict[str, Any]:
         physical, memory = psutil.cpu_count(logical=False), int(psutil.virtual_memory().total)
     except Exception:  # noqa: BLE001 - informational
         physical, memory = None, None
-    versions = {}
-    for pkg in VERSION_PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = package_versions(VERSION_PACKAGES)
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "logical_cores": os.cpu_count(),
         "physical_cores": physical,
@@ -1116,6 +1101,6 @@ def default_results_dir(suite: Suite, machine: dict | None = None) -> Path:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         raise SystemExit(worker_main())
-    from sdedge.cli_bench import main
+    from sdedge.cli import main
 
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(["bench", *sys.argv[1:]]))

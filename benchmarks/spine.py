@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sdedge.runtime.environment import cpu_model, package_versions
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
@@ -39,7 +40,6 @@ def worker(engine: str, args) -> dict:
     t0 = time.perf_counter()
     if engine == "diffusers":
         import torch
-
         from sdedge.export.bases import load_base
         from sdedge.export.reference import reference_images
 
@@ -64,16 +64,6 @@ def worker(engine: str, args) -> dict:
     seconds = time.perf_counter() - t0
     return {"engine": engine, "seconds": seconds, "load_seconds": load_s, "peak_rss_bytes": peak_rss_bytes(),
             "image": image.tolist()}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> int:
@@ -127,12 +117,7 @@ def main(argv=None) -> int:
             "psnr_vs_diffusers_db": None if engine == "diffusers" else min(psnr(img, ref_img), 999.0),
             "speedup_per_round": [d["seconds"] / r["seconds"] for d, r in zip(runs["diffusers"], runs[engine])],
         }
-    try:
-        import importlib.metadata as md
-
-        summary["versions"] = {k: md.version(k) for k in ("sdedge", "torch", "diffusers", "onnxruntime")}
-    except Exception:  # noqa: BLE001 - versions are informational
-        pass
+    summary["versions"] = package_versions(("sdedge", "torch", "diffusers", "onnxruntime"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -24,13 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+from sdedge.runtime.environment import cpu_model
+
 MODES = ("cached", "uncached")
 
 
 def make_dataset(folder: Path, size: int, n: int) -> Path:
     import numpy as np
     from PIL import Image, ImageDraw
-
     from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
 
     data = folder / "data"
@@ -52,7 +53,6 @@ def make_dataset(folder: Path, size: int, n: int) -> Path:
 
 def worker(mode: str, args) -> dict:
     import torch
-
     from sdedge.runtime.memory import peak_rss_bytes
     from sdedge.trainer.config import TrainConfig
     from sdedge.trainer.metrics import read_metrics
@@ -73,16 +73,6 @@ def worker(mode: str, args) -> dict:
     return {"mode": mode, "step_seconds": step_s, "median_step_seconds": statistics.median(step_s),
             "total_seconds": total, "loop_seconds": loop_s, "setup_seconds": total - loop_s,
             "peak_rss_bytes": peak_rss_bytes(), "final_loss": result.final_loss}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
 
 __all__ = [
@@ -676,7 +677,11 @@ def _quiet():
         except Exception:  # pragma: no cover - a version without these helpers
             pass
     try:
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+        from huggingface_hub.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+            enable_progress_bars,
+        )
 
         if not are_progress_bars_disabled():
             disable_progress_bars()
@@ -693,14 +698,6 @@ def _quiet():
 # --- provenance ---------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def describe_base(source: str | os.PathLike) -> dict[str, Any]:
     """Provenance of a base: {"id", "kind", "path", "sha256", "size_bytes", "files", ("builtin", "seed")}.
 
@@ -712,7 +709,7 @@ def describe_base(source: str | os.PathLike) -> dict[str, Any]:
     if not source.exists():
         raise SdedgeError(f"base not found: {source}")
     if source.is_file():
-        sha = _sha256_file(source)
+        sha = sha256_file(source)
         return {
             "id": source.name,
             "kind": "single-file",
@@ -728,7 +725,7 @@ def describe_base(source: str | os.PathLike) -> dict[str, Any]:
     )
     if not weight_files:
         raise SdedgeError(f"base {source} has no weight files")
-    files = {p.relative_to(source).as_posix(): _sha256_file(p) for p in weight_files}
+    files = {p.relative_to(source).as_posix(): sha256_file(p) for p in weight_files}
     combined = hashlib.sha256("".join(f"{rel}  {sha}\n" for rel, sha in files.items()).encode("utf-8")).hexdigest()
     desc: dict[str, Any] = {
         "id": source.resolve().name,

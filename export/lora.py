@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
 
 __all__ = ["LoraError", "LoraLayer", "LoraFile", "FusedLora", "FuseReport", "read_lora", "fuse_loras",
@@ -112,16 +113,6 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _unsupported(key: str) -> str | None:
     for marker, what in _UNSUPPORTED:
@@ -241,7 +232,7 @@ def read_lora(path: str | Path) -> LoraFile:
 
     _apply_metadata_alphas(layers, header, path)
     fmt = "+".join(sorted(formats)) or "unknown"
-    return LoraFile(path=path, sha256=_sha256(path), format=fmt, layers=layers, metadata=header,
+    return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers, metadata=header,
                     key_count=len(tensors), unmatched=unmatched)
 
 

@@ -3,24 +3,19 @@
     sdedge bench bundle/ --reference tiny-base/ --runs 5 --warmup 1 --steps 20 --size 512 --target-seconds 5 --out report/
     sdedge bench --suite benchmarks/cpu-tiny.yaml --build --out /tmp/cpu-tiny
 
-`register(subparsers)` adds the command to sdedge's parser; `python -m sdedge.cli_bench ...` runs it alone
-(the same arguments as after `sdedge bench`). Heavy imports happen when the command runs.
+`register(subparsers)` adds the command to sdedge's parser (sdedge/cli.py). Heavy imports happen when the
+command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import os
-import sys
-import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
-from sdedge.runtime.errors import SdedgeError
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -161,25 +156,3 @@ def register(subparsers) -> None:
                    help="use PATH for the engine (or reference) called NAME")
     s.add_argument("--only", metavar="A,B", help="measure only these engines of the suite (the reference stays)")
     b.set_defaults(func=cmd_bench)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sdedge")
-    parser.add_argument("--log-level", default="WARNING")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except SdedgeError as exc:
-        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

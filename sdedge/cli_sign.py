@@ -1,6 +1,6 @@
 """`sdedge keygen`, `sdedge sign`, `sdedge verify`: signed bundles with the OpenSSF model-signing library.
 
-`register(subparsers)` adds the three commands to sdedge's parser; `python -m sdedge.cli_sign ...` runs them alone.
+`register(subparsers)` adds the three commands to sdedge's parser (sdedge/cli.py).
 Everything heavy is imported when a command runs: `sdedge verify` works on a runtime-only install plus the
 `sign` extra (no torch).
 """

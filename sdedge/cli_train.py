@@ -1,26 +1,21 @@
 """`sdedge prepare` and `sdedge train`.
 
 `register(subparsers)` adds both commands to the main CLI (sdedge/cli.py). Torch, diffusers and peft are imported
-only when a command runs. `python -m sdedge.cli_train prepare|train ...` runs them without the main CLI, and
-`accelerate launch -m sdedge train ...` runs training on several processes (DDP): accelerate starts one
+only when a command runs. `accelerate launch -m sdedge train ...` runs training on several processes (DDP): accelerate starts one
 `python -m sdedge train` per process and the trainer picks the process group up from the environment.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from sdedge.runtime.errors import SdedgeError
 
 console = Console(stderr=True)
 
-__all__ = ["register", "cmd_prepare", "cmd_train", "main"]
+__all__ = ["register", "cmd_prepare", "cmd_train"]
 
 
 def _is_main_process() -> bool:
@@ -92,24 +87,3 @@ def register(subparsers) -> None:
     t.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sdedge", description="sdedge prepare / train")
-    parser.add_argument("--log-level", default="WARNING")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except SdedgeError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,14 +23,19 @@ from sdedge.benchmarks.suite import (
     run_prepare,
 )
 
-from sdedge.cli_bench import main as bench_main
+from sdedge.cli import main as sdedge_main
+
+
+def bench_main(argv: list[str]) -> int:
+    """`sdedge bench ...` in this process."""
+    return sdedge_main(["bench", *argv])
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m sdedge.cli_bench ...` (the arguments after `sdedge bench`) in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "sdedge.cli_bench", *args], capture_output=True, text=True,
+    """`python -m sdedge bench ...` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "sdedge", "bench", *args], capture_output=True, text=True,
                           check=False, timeout=timeout, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 

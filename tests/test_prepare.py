@@ -241,11 +241,11 @@ def test_cli_prepare(photos, tmp_path):
 
     out = tmp_path / "data"
     env = {**os.environ, "COLUMNS": "300"}  # rich wraps at 80 columns without a terminal
-    run = subprocess.run([sys.executable, "-m", "sdedge.cli_train", "prepare", str(photos), "--out", str(out),
+    run = subprocess.run([sys.executable, "-m", "sdedge", "prepare", str(photos), "--out", str(out),
                           "--resolution", "64", "--augment", "flip"], capture_output=True, text=True, cwd=REPO,
                          timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     assert "4 image(s) kept (+4 augmented copies)" in run.stderr and "corrupt.png" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "sdedge.cli_train", "prepare", str(photos), "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "sdedge", "prepare", str(photos), "--out", str(out)],
                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert run.returncode == 2 and "not empty" in run.stderr

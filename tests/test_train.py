@@ -248,7 +248,7 @@ def test_resume_after_killing_the_process(tiny_base, data, tmp_path):
     args = ["train", "--base", str(tiny_base), "--data", str(data), "--out", str(out), "--rank", "8",
             "--learning-rate", "0.02", "--batch-size", "2", "--checkpoint-steps", "3", "--max-steps", "60",
             "--no-progress", "--no-tensorboard"]
-    proc = subprocess.Popen([sys.executable, "-m", "sdedge.cli_train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "sdedge", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -284,7 +284,7 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_global_batch(tiny_base
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "sdedge.cli_train", "train", "--base", str(tiny_base),
+           "--main_process_port", str(_free_port()), "-m", "sdedge", "train", "--base", str(tiny_base),
            "--data", str(data), "--out", str(out), "--rank", "8", "--learning-rate", "0.02", "--batch-size", "1",
            "--max-steps", "3", "--no-progress", "--no-tensorboard"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
@@ -335,7 +335,7 @@ def test_clear_errors(tiny_base, data, tmp_path):
 
 
 def test_cli_unknown_yaml_key(tmp_path, capsys):
-    from sdedge.cli_train import main
+    from sdedge.cli import main
 
     y = tmp_path / "t.yaml"
     y.write_text("base: b\ndata: d\nout: o\nbatchsize: 2\n")

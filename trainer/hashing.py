@@ -12,6 +12,8 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from sdedge.runtime.bundle import sha256_file  # noqa: F401 (one implementation, re-exported)
+
 __all__ = ["sha256_file", "sha256_bytes", "combined_sha256", "base_sha256", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -19,14 +21,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def combined_sha256(files: Iterable[tuple[str, str]]) -> str:

@@ -13,7 +13,6 @@ uninterrupted run, and N processes x batch b see the samples of 1 process x batc
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import logging
 import math
 import shutil
@@ -21,13 +20,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency, SdedgeError
 from sdedge.runtime.strict import ConfigError, to_dict
 
 from .adapter import (
-    adapter_tensors, inject_lora, lora_layers, lora_parameters, write_adapter, write_json_atomic,
+    adapter_tensors,
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    write_adapter,
+    write_json_atomic,
 )
-from .checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .config import RESUME_MAY_CHANGE, TrainConfig, resolve, save_config
 from .dataset import BatchPlan, image_tensor, load_prepared, seed_for
 from .hashing import sha256_file
@@ -72,13 +82,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def _toolchain() -> dict[str, str]:
-    out = {}
-    for pkg in TOOLCHAIN:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(TOOLCHAIN)
 
 
 def _prepare_out(cfg: TrainConfig, is_main: bool) -> None:
