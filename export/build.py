@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import importlib.metadata
 import logging
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency
 from sdedge.runtime.manifest import (
     FORMAT_VERSION, AdapterInfo, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision, Provenance,
@@ -70,13 +70,7 @@ class ExportOptions:
 
 
 def toolchain_versions() -> dict[str, str]:
-    versions = {}
-    for pkg in TOOLCHAIN:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
+    return package_versions(TOOLCHAIN)
 
 
 def check_options(opts: ExportOptions) -> None:
