@@ -181,7 +181,8 @@ def cmd_derive(args) -> int:
     opts = ExportOptions(precision=Precision(args.precision), overwrite=True, calibration=args.calibration,
                          calibration_steps=args.calibration_steps, int8_samples=args.int8_samples,
                          int8_method=args.int8_method, parity_steps=args.parity_steps, speed_calls=args.speed_calls,
-                         min_cosine=args.min_cosine)
+                         min_cosine=args.min_cosine,
+                         speed_backends=tuple(args.speed_backends.split(",")) if args.speed_backends else None)
     t0 = time.perf_counter()
     m = export_bundle(args.src, args.out, opts, Stages())
     from sdedge.runtime.strict import to_dict
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
     d.add_argument("--parity-steps", type=int, default=10)
     d.add_argument("--speed-calls", type=int, default=2)
     d.add_argument("--min-cosine", type=float)
+    d.add_argument("--speed-backends", help="comma-separated backends the speed gate times (default: all)")
     d.add_argument("--report")
     d.set_defaults(func=cmd_derive)
     w = sub.add_parser("_worker")

@@ -63,6 +63,7 @@ class ExportOptions:
     prune: float = 0.0  # structural pruning ratio of the UNet's channels (torch-pruning)
     prune_criterion: str = "magnitude"
     speed_calls: int = 3  # UNet calls per engine in the speed gate
+    speed_backends: tuple[str, ...] | None = None  # backends the speed gate times (None: every installed one)
     loras: tuple[tuple[str, float], ...] = ()  # (adapter .safetensors, scale), fused into the weights in order
     allow_pickle: bool = False
     base_config: str | None = None  # local diffusers folder with the configs, for a single-file base
@@ -217,7 +218,8 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                     tmp, manifest, reference, precision=opts.precision, calibration_prompts=prompts,
                     calibration_source=source, calibration_steps=opts.calibration_steps, calibration_size=parity_size,
                     int8_method=opts.int8_method, int8_samples=opts.int8_samples, min_cosine=opts.min_cosine,
-                    min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, pruned=opts.prune > 0, stages=stages)
+                    min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, pruned=opts.prune > 0, stages=stages,
+                    backends=list(opts.speed_backends) if opts.speed_backends else None)
             finally:
                 shutil.rmtree(ref_dir, ignore_errors=True)
     pipe = None

@@ -402,7 +402,8 @@ def derive_bundle(src: str | Path, out: str | Path, opts, stages=None) -> Manife
                 tmp, fp32, reference, precision=opts.precision, calibration_prompts=prompts,
                 calibration_source=source, calibration_steps=opts.calibration_steps, calibration_size=size,
                 int8_method=opts.int8_method, int8_samples=opts.int8_samples, min_cosine=opts.min_cosine,
-                min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, stages=stages)
+                min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, stages=stages,
+                backends=list(opts.speed_backends) if opts.speed_backends else None)
         finally:
             shutil.rmtree(ref_dir, ignore_errors=True)
     return manifest
