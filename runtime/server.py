@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from .errors import BadInput, MissingDependency
 from .jobs import Job, JobQueue, QueueClosed, QueueFull
@@ -177,13 +177,18 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from typing import Annotated
+
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+    Int = Annotated[int, BeforeValidator(_json_integer)]
 
     from .pipeline import Pipeline
     from .schedulers import scheduler_names
 
     settings = settings or ServeSettings()
-    if isinstance(pipeline_or_path, (str, os.PathLike)):
+    owned = isinstance(pipeline_or_path, (str, os.PathLike))  # we loaded it, so we close it at shutdown
+    if owned:
         pipeline = load_pipeline(Path(pipeline_or_path), settings)
     elif isinstance(pipeline_or_path, Pipeline):
         pipeline = pipeline_or_path
@@ -205,33 +210,31 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
 
         model_config = ConfigDict(strict=True, extra="forbid")
 
-        prompt: str = Field(min_length=1, max_length=settings.max_prompt_chars,
+        prompt: str = Field(min_length=1, max_length=settings.max_prompt_chars, pattern=r"\S",
                             description="What to draw (CLIP keeps the first 77 tokens).")
         negative_prompt: str = Field("", max_length=settings.max_prompt_chars)
-        steps: int = Field(default_steps, ge=1, le=settings.max_steps, description="Denoising steps.")
+        steps: Int = Field(default_steps, ge=1, le=settings.max_steps, description="Denoising steps.")
         guidance: float = Field(m.defaults.guidance, ge=0.0, le=30.0, allow_inf_nan=False,
                                 description="Classifier-free guidance scale (≤ 1 disables it).")
-        seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="Omitted: a random seed (returned).")
-        width: int = Field(s.default_width, ge=s.width_min, le=s.width_max, multiple_of=s.pixel_multiple)
-        height: int = Field(s.default_height, ge=s.height_min, le=s.height_max, multiple_of=s.pixel_multiple)
+        seed: Optional[Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_json_integer)]] = Field(
+            None, description="Omitted: a random seed (returned).")
+        width: Int = Field(s.default_width, ge=s.width_min, le=s.width_max, multiple_of=s.pixel_multiple)
+        height: Int = Field(s.default_height, ge=s.height_min, le=s.height_max, multiple_of=s.pixel_multiple)
         scheduler: str = Field(m.defaults.scheduler, json_schema_extra={"enum": list(schedulers)})
-        n: int = Field(1, ge=1, le=max_images, description="Images per request (n > 1 answers JSON).")
-        response_format: Optional[str] = Field(
-            None, json_schema_extra={"enum": ["png", "json"]},
+        n: Int = Field(1, ge=1, le=max_images, description="Images per request (n > 1 answers JSON).")
+        response_format: Optional[Literal["png", "json"]] = Field(
+            None,
             description="png: image/png (n = 1); json: base64 PNGs. Default: png unless Accept asks for JSON or n > 1.")
-        timeout: Optional[float] = Field(None, gt=0, le=settings.timeout, allow_inf_nan=False,
-                                         description=f"Seconds to wait at most (≤ the server's {settings.timeout}).")
+        timeout: Optional[Annotated[float, Field(ge=min(1.0, settings.timeout), le=settings.timeout,
+                                                 allow_inf_nan=False)]] = Field(
+            None, description=f"Seconds to wait at most (≤ the server's {settings.timeout:g}).")
 
         @model_validator(mode="after")
         def _check(self):
             if self.scheduler not in schedulers:
                 raise ValueError(f"scheduler {self.scheduler!r}: choose one of {', '.join(schedulers)}")
-            if self.response_format not in (None, "png", "json"):
-                raise ValueError("response_format: 'png' or 'json'")
             if self.response_format == "png" and self.n > 1:
                 raise ValueError("n > 1 needs response_format 'json' (one PNG per response)")
-            if not self.prompt.strip():
-                raise ValueError("prompt: must not be blank")
             return self
 
     class GenerateJSON(BaseModel):
@@ -267,7 +270,8 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
         # uvicorn has stopped accepting and waited for open requests; let the running job finish.
         log.info("shutting down: finishing the running job")
         await asyncio.to_thread(queue.close, True, True, settings.timeout + 5)
-        pipeline.close()
+        if owned:
+            pipeline.close()
 
     app = FastAPI(title="sdedge", version=_version(), lifespan=lifespan,
                   description="Text to image with a signed sdedge bundle. Limits in the request schema are "
@@ -282,6 +286,10 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
         given = creds.credentials.encode() if creds is not None else b""
         if not hmac.compare_digest(given, settings.token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    # The security scheme appears in the schema (and is enforced) only when the server has a token.
+    auth = [Depends(require_token)] if settings.token else []
+    auth_responses = {401: {"model": ErrorBody}} if settings.token else {}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -305,45 +313,38 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
                 "backend": pipeline.backend, "queue_depth": queue.depth, "queue_capacity": queue.max_waiting}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=[Depends(require_token)],
-             responses={401: {"model": ErrorBody}})
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, dependencies=auth, responses=auth_responses)
     async def metrics_endpoint():
         """Prometheus text format."""
         return PlainTextResponse(metrics.render(queue, ready()), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(require_token)],
-             responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
-    async def job_status(job_id: str) -> dict:
-        """A recent job's state and progress (its prompt is never shown)."""
-        job = queue.get(job_id)
-        if job is None:
+    @app.api_route("/v1/jobs/{job_id}", methods=["GET", "DELETE"], tags=["jobs"], dependencies=auth,
+                   responses={**auth_responses, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def job(job_id: str, request: Request) -> dict:
+        """GET: a recent job's state and progress (its prompt is never shown). DELETE: cancel this job, and only
+        this one: dropped if waiting, stopped between denoising steps if running (409 when already finished)."""
+        found = queue.get(job_id)
+        if found is None:
             raise HTTPException(404, "no such job (unknown, or too old)")
-        return job.status()
-
-    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(require_token)],
-                responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def job_cancel(job_id: str) -> dict:
-        """Cancel this job (only this one): dropped if waiting, stopped between denoising steps if running."""
-        job = queue.get(job_id)
-        if job is None:
-            raise HTTPException(404, "no such job (unknown, or too old)")
-        if not queue.cancel(job_id):
-            raise HTTPException(409, f"job already {job.state}")
-        return queue.get(job_id).status()
+        if request.method == "DELETE" and not queue.cancel(job_id):
+            raise HTTPException(409, f"job already {found.state}")
+        return found.status()
 
     png_or_json = {
         200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
                           "application/json": {"schema": GenerateJSON.model_json_schema()}},
               "description": "image/png (n = 1), or JSON with base64 PNGs"},
-        401: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody},
+        400: {"model": ErrorBody, "description": "a body that is not JSON text"},
+        **auth_responses, 409: {"model": ErrorBody, "description": "X-Job-Id already in use"},
+        413: {"model": ErrorBody, "description": "body too large"}, 422: {"model": ErrorBody},
         429: {"model": ErrorBody, "description": "queue full; see Retry-After"},
         503: {"model": ErrorBody, "description": "timed out (the job is cancelled) or shutting down"},
     }
 
-    @app.post("/v1/generate", tags=["generate"], dependencies=[Depends(require_token)], responses=png_or_json,
+    @app.post("/v1/generate", tags=["generate"], dependencies=auth, responses=png_or_json,
               response_class=Response)
     async def generate(body: GenerateRequest, request: Request,
-                       x_job_id: Optional[str] = Header(None, pattern=JOB_ID_PATTERN,
+                       x_job_id: str = Header(None, pattern=JOB_ID_PATTERN,
                                                         description="Your own job id (to cancel it by id).")):
         """Generate images. One generation runs at a time; others wait in a bounded queue (429 when full)."""
         t0 = time.monotonic()
@@ -411,6 +412,13 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
 
     app.add_middleware(_Guard, metrics=metrics, max_body=settings.max_body_bytes)
     return app
+
+
+def _json_integer(value):
+    """JSON Schema counts 128.0 as an integer: accept an integral float, refuse strings and booleans."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _prefers_json(accept: str) -> bool:
