@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from .errors import BadInput, MissingDependency
 from .jobs import Job, JobQueue, QueueClosed, QueueFull
@@ -49,16 +49,16 @@ class ServeSettings:
     timeout: float = 60.0  # seconds per request, queue wait included
     max_steps: int = 150
     max_prompt_chars: int = 2000
-    max_images: Optional[int] = None  # None: what the bundle's batch range allows with guidance
-    token: Optional[str] = None
+    max_images: int | None = None  # None: what the bundle's batch range allows with guidance
+    token: str | None = None
     allow_unsigned: bool = False
-    public_key: Optional[str] = None
-    identity: Optional[str] = None
-    issuer: Optional[str] = None
+    public_key: str | None = None
+    identity: str | None = None
+    issuer: str | None = None
     device: str = "auto"
     backend: str = "auto"
     memory: str = "normal"
-    threads: Optional[int] = None
+    threads: int | None = None
     log_prompts: bool = False
     max_body_bytes: int = 1_000_000
 
@@ -71,12 +71,12 @@ def _require_fastapi():
         raise MissingDependency(f"the server needs {exc.name or exc}: {INSTALL_HINT}") from None
 
 
-def load_pipeline(path: Union[str, os.PathLike], settings: ServeSettings):
+def load_pipeline(path: str | os.PathLike, settings: ServeSettings):
     """Load a bundle for serving: the signature is required unless `allow_unsigned` (then it is still checked
     when the bundle is signed and a key is given)."""
     from .pipeline import Pipeline
 
-    trust = dict(public_key=settings.public_key, identity=settings.identity, issuer=settings.issuer)
+    trust = {"public_key": settings.public_key, "identity": settings.identity, "issuer": settings.issuer}
     verify = "if-signed" if settings.allow_unsigned else "required"
     if settings.allow_unsigned and not any(trust.values()):
         verify = "off"  # nothing to verify with: only the manifest's SHA-256 of every file is checked
@@ -163,22 +163,22 @@ class Metrics:
 
             head("process_resident_memory_bytes", "gauge", "Resident memory of the server process.")
             out.append(f"process_resident_memory_bytes {psutil.Process().memory_info().rss}")
-        except Exception:  # noqa: BLE001 - metrics are best effort
-            pass
+        except Exception as exc:  # noqa: BLE001 - metrics are best effort
+            log.debug("no RSS figure: %s", exc)
         return "\n".join(out) + "\n"
 
 
 # -- the app ------------------------------------------------------------------------------------------------------
-def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
+def create_app(pipeline_or_path, settings: ServeSettings | None = None):
     """A FastAPI app serving `pipeline_or_path`: a loaded `Pipeline`, or a bundle folder loaded (and verified)
     here, before the app exists, so that a bad or unsigned bundle fails at start rather than at first request."""
     _require_fastapi()
+    from typing import Annotated
+
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from typing import Annotated
-
     from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
     Int = Annotated[int, BeforeValidator(_json_integer)]
@@ -216,17 +216,16 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
         steps: Int = Field(default_steps, ge=1, le=settings.max_steps, description="Denoising steps.")
         guidance: float = Field(m.defaults.guidance, ge=0.0, le=30.0, allow_inf_nan=False,
                                 description="Classifier-free guidance scale (≤ 1 disables it).")
-        seed: Optional[Annotated[int, Field(ge=0, le=2**32 - 1), BeforeValidator(_json_integer)]] = Field(
+        seed: Annotated[int, Field(ge=0, le=2 ** 32 - 1), BeforeValidator(_json_integer)] | None = Field(
             None, description="Omitted: a random seed (returned).")
         width: Int = Field(s.default_width, ge=s.width_min, le=s.width_max, multiple_of=s.pixel_multiple)
         height: Int = Field(s.default_height, ge=s.height_min, le=s.height_max, multiple_of=s.pixel_multiple)
         scheduler: str = Field(m.defaults.scheduler, json_schema_extra={"enum": list(schedulers)})
         n: Int = Field(1, ge=1, le=max_images, description="Images per request (n > 1 answers JSON).")
-        response_format: Optional[Literal["png", "json"]] = Field(
+        response_format: Literal["png", "json"] | None = Field(
             None,
             description="png: image/png (n = 1); json: base64 PNGs. Default: png unless Accept asks for JSON or n > 1.")
-        timeout: Optional[Annotated[float, Field(ge=min(1.0, settings.timeout), le=settings.timeout,
-                                                 allow_inf_nan=False)]] = Field(
+        timeout: Annotated[float, Field(ge=min(1.0, settings.timeout), le=settings.timeout, allow_inf_nan=False)] | None = Field(
             None, description=f"Seconds to wait at most (≤ the server's {settings.timeout:g}).")
 
         @model_validator(mode="after")
@@ -280,7 +279,7 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
 
     bearer = HTTPBearer(auto_error=False, description="Set when the server runs with a token (--token-env).")
 
-    def require_token(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+    def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if settings.token is None:
             return
         given = creds.credentials.encode() if creds is not None else b""
@@ -318,17 +317,31 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
         """Prometheus text format."""
         return PlainTextResponse(metrics.render(queue, ready()), media_type="text/plain; version=0.0.4")
 
-    @app.api_route("/v1/jobs/{job_id}", methods=["GET", "DELETE"], tags=["jobs"], dependencies=auth,
-                   responses={**auth_responses, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def job(job_id: str, request: Request) -> dict:
-        """GET: a recent job's state and progress (its prompt is never shown). DELETE: cancel this job, and only
-        this one: dropped if waiting, stopped between denoising steps if running (409 when already finished)."""
+    def job_response(job_id: str, cancel: bool) -> dict:
         found = queue.get(job_id)
         if found is None:
             raise HTTPException(404, "no such job (unknown, or too old)")
-        if request.method == "DELETE" and not queue.cancel(job_id):
+        if cancel and not queue.cancel(job_id):
             raise HTTPException(409, f"job already {found.state}")
         return found.status()
+
+    # One route serves both methods (so a 405 lists both in Allow); the two below only document them.
+    @app.api_route("/v1/jobs/{job_id}", methods=["GET", "DELETE"], dependencies=auth, include_in_schema=False)
+    async def job(job_id: str, request: Request) -> dict:
+        return job_response(job_id, request.method == "DELETE")
+
+    job_errors = {**auth_responses, 404: {"model": ErrorBody}}
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], dependencies=auth, responses=job_errors, operation_id="get_job")
+    async def get_job(job_id: str) -> dict:
+        """A recent job's state and progress (its prompt is never shown)."""
+        return job_response(job_id, False)
+
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], dependencies=auth, operation_id="cancel_job",
+                responses={**job_errors, 409: {"model": ErrorBody, "description": "the job already finished"}})
+    async def cancel_job(job_id: str) -> dict:
+        """Cancel this job, and only this one: dropped if waiting, stopped between denoising steps if running."""
+        return job_response(job_id, True)
 
     png_or_json = {
         200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -341,7 +354,7 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
         503: {"model": ErrorBody, "description": "timed out (the job is cancelled) or shutting down"},
     }
 
-    @app.post("/v1/generate", tags=["generate"], dependencies=auth, responses=png_or_json,
+    @app.post("/v1/generate", tags=["generate"], dependencies=auth, responses=png_or_json, operation_id="generate",
               response_class=Response)
     async def generate(body: GenerateRequest, request: Request,
                        x_job_id: str = Header(None, pattern=JOB_ID_PATTERN,
@@ -367,6 +380,7 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
 
         timeout = min(body.timeout or settings.timeout, settings.timeout)
         fut = asyncio.wrap_future(job.future)
+        fut.add_done_callback(_retrieve)  # a job cancelled after its client got 503 must not log "never retrieved"
         deadline = t0 + timeout
         while not fut.done():
             remaining = deadline - time.monotonic()
@@ -412,6 +426,11 @@ def create_app(pipeline_or_path, settings: Optional[ServeSettings] = None):
 
     app.add_middleware(_Guard, metrics=metrics, max_body=settings.max_body_bytes)
     return app
+
+
+def _retrieve(fut) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _json_integer(value):
@@ -505,7 +524,7 @@ def _route_label(path: str) -> str:
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 7860, *, log_level: str = "info",
-          limit_concurrency: Optional[int] = None) -> None:
+          limit_concurrency: int | None = None) -> None:
     """Run `app` with uvicorn until SIGINT/SIGTERM; the running request finishes before the process exits."""
     try:
         import uvicorn
