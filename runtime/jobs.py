@@ -167,7 +167,7 @@ class JobQueue:
                 job.state, job.started, self._running = "running", time.monotonic(), job
             try:
                 result = self._run(job)
-            except BaseException as exc:  # noqa: BLE001 - every failure goes to the waiting client
+            except BaseException as exc:
                 from .pipeline import Cancelled
 
                 with self._cond:
@@ -188,7 +188,7 @@ class JobQueue:
         if self._on_finish is not None:
             try:
                 self._on_finish(job)
-            except Exception:  # noqa: BLE001 - metrics must never break the queue
+            except Exception:
                 log.exception("on_finish hook failed")
 
     def _remember(self, job: Job) -> None:  # holds self._cond
