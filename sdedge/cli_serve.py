@@ -80,7 +80,8 @@ def register(subparsers) -> None:
                               description="Serve a bundle over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, "
                                           "/openapi.json. See docs/serving.md.")
     s.add_argument("bundle")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    s.add_argument("--host", default=os.environ.get("SDEDGE_HOST", "127.0.0.1"),
+                   help="address to listen on (default $SDEDGE_HOST or 127.0.0.1; the image sets 0.0.0.0)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--max-queue", type=_positive_int, default=8, help="requests that may wait behind the running one")
     s.add_argument("--timeout", type=_positive_float, default=60.0,
@@ -88,7 +89,8 @@ def register(subparsers) -> None:
     s.add_argument("--max-steps", type=int, default=150, help="largest steps a request may ask for")
     s.add_argument("--max-prompt-chars", type=int, default=2000)
     s.add_argument("--max-images", type=int, help="largest n (default: what the bundle's batch range allows)")
-    s.add_argument("--public-key", help="public key (PEM) the bundle must be signed with")
+    s.add_argument("--public-key", default=os.environ.get("SDEDGE_PUBLIC_KEY") or None,
+                   help="public key (PEM) the bundle must be signed with (default $SDEDGE_PUBLIC_KEY)")
     s.add_argument("--identity", help="Sigstore identity the bundle must be signed by")
     s.add_argument("--issuer", help="OIDC issuer of that identity")
     s.add_argument("--allow-unsigned", action="store_true",
