@@ -432,3 +432,18 @@ def test_schemathesis_bounded_run(unsigned_bundle):
                            check=False, capture_output=True, text=True, timeout=90, cwd=REPO)
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
         assert httpx.get(srv.url + "/healthz").status_code == 200
+
+
+# -- the embedding example ----------------------------------------------------------------------------------------
+def test_embedding_example_progress_and_cancel(unsigned_bundle, tmp_path):
+    script = str(REPO / "examples" / "embed.py")
+    r = subprocess.run([sys.executable, script, str(unsigned_bundle), "a red circle", "--steps", "3", "--out",
+                        str(tmp_path / "e.png")], check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "step 3/3" in r.stderr and (tmp_path / "e.png").is_file()
+    assert "3 threads shared one Pipeline: 3 results" in r.stdout
+    r = subprocess.run([sys.executable, script, str(unsigned_bundle), "a red circle", "--steps", "1000",
+                        "--cancel-after", "0.01", "--out", str(tmp_path / "c.png")],
+                       check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert "cancelled after" in r.stderr and not (tmp_path / "c.png").exists()
