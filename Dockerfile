@@ -62,5 +62,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # the public key defaults to /keys/public.pem (mount it); --public-key / --host on the command line win.
 ENV SDEDGE_HOST=0.0.0.0 \
     SDEDGE_PUBLIC_KEY=/keys/public.pem
-ENTRYPOINT ["python", "-m", "sdedge.cli_serve"]
+ENTRYPOINT ["python", "-m", "sdedge"]
 CMD ["serve", "/bundle"]

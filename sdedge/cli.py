@@ -262,11 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quickstart)
 
-    from sdedge import cli_bench, cli_sign, cli_train
+    from sdedge import cli_bench, cli_serve, cli_sign, cli_train
 
     cli_train.register(sub)
     cli_sign.register(sub)
     cli_bench.register(sub)
+    cli_serve.register(sub)
     return p
 
 

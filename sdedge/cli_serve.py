@@ -8,9 +8,7 @@ fastapi and uvicorn (the `serve` extra) are imported when the command runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 
 from rich.console import Console
 
@@ -108,22 +106,3 @@ def register(subparsers) -> None:
     s.add_argument("--server-log-level", dest="log_level_server", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sdedge")
-    p.add_argument("--log-level", default="WARNING")
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except SdedgeError as exc:
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -63,12 +63,12 @@ class ThreadServer:
 
 
 class ProcessServer:
-    """`python -m sdedge.cli_serve serve BUNDLE ...` in a subprocess."""
+    """`python -m sdedge serve BUNDLE ...` in a subprocess."""
 
     def __init__(self, bundle: Path, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "sdedge.cli_serve", "serve", str(bundle), "--port", str(self.port),
+        self.cmd = [sys.executable, "-m", "sdedge", "serve", str(bundle), "--port", str(self.port),
                     "--server-log-level", "warning", *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -386,7 +386,7 @@ def test_sigterm_finishes_the_running_request(unsigned_bundle):
 def test_unsigned_bundle_is_refused_at_start(unsigned_bundle, tmp_path):
     from sdedge.runtime.errors import BundleError
 
-    r = subprocess.run([sys.executable, "-m", "sdedge.cli_serve", "serve", str(unsigned_bundle), "--port",
+    r = subprocess.run([sys.executable, "-m", "sdedge", "serve", str(unsigned_bundle), "--port",
                         str(free_port())], check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "--public-key" in r.stderr and "--allow-unsigned" in r.stderr
@@ -403,7 +403,7 @@ def test_signed_bundle_serves_with_its_key_and_refuses_another(unsigned_bundle, 
     shutil.copytree(unsigned_bundle, signed)
     keys, other = keygen(tmp_path / "k"), keygen(tmp_path / "other")
     sign(signed, key=keys.private)
-    r = subprocess.run([sys.executable, "-m", "sdedge.cli_serve", "serve", str(unsigned_bundle), "--port",
+    r = subprocess.run([sys.executable, "-m", "sdedge", "serve", str(unsigned_bundle), "--port",
                         str(free_port()), "--public-key", str(keys.public)],
                        check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and "unsigned" in r.stderr, r.stderr
