@@ -231,3 +231,18 @@ def test_derive_refuses_prune_and_non_fp32_source(wint8_bundle, tiny_bundle, tmp
         export_bundle(wint8_bundle, tmp_path / "x", ExportOptions(precision=Precision.INT8))
     with pytest.raises(BadInput, match="--prune needs the PyTorch base"):
         export_bundle(tiny_bundle, tmp_path / "y", ExportOptions(precision=Precision.INT8, prune=0.3))
+
+
+def test_activation_matmuls_are_found():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdedge.export.quantize import activation_matmuls
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="linear"),
+             helper.make_node("Transpose", ["w"], ["wt"], name="t"),
+             helper.make_node("MatMul", ["h", "wt"], ["h2"], name="linear_t"),
+             helper.make_node("MatMul", ["h2", "x"], ["y"], name="scores")]
+    f = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4])  # noqa: E731
+    m = helper.make_model(helper.make_graph(nodes, "g", [f("x")], [f("y")], [w]))
+    assert activation_matmuls(m) == ["scores"]
