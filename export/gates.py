@@ -164,7 +164,7 @@ def speed_gate(make_fp32, make_test, feeds: dict[str, np.ndarray], *, backend: s
     shape = "x".join(str(d) for d in feeds["sample"].shape)
     import os
 
-    return SpeedReport(backend=backend, fp32_seconds=round(ta, 4), seconds=round(tb, 4), ratio=round(ta / tb, 3),
+    return SpeedReport(backend=backend, fp32_seconds=round(ta, 6), seconds=round(tb, 6), ratio=round(ta / tb, 3),
                        calls=calls, shape=shape, threads=threads or os.cpu_count() or 1, machine=machine_name())
 
 

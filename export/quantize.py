@@ -264,20 +264,25 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
             if r.ratio < 1.0 and not pruned:
                 log.warning("the %s UNet is NOT faster than fp32 on %s on this machine (%.2fx: %.3f s vs %.3f s "
                             "per call)", precision.value, backend, r.ratio, r.seconds, r.fp32_seconds)
-        best = min(reports, key=lambda r: r.seconds)
+        # parity on every timed backend: the same file may run accurately on one and not on another
+        parities = {}
+        for r in reports:
+            with stages(f"parity gates on {r.backend}"):
+                engine = _engine(r.backend, test_bundle)
+                engine.load()
+                parities[r.backend] = unet_parity(engine, reference, manifest.defaults.guidance)
+                engine.unload()
+                del engine
+                gc.collect()
+            log.info("parity %s: UNet cosine %.5f, after guidance %.4f", r.backend, *parities[r.backend][:2])
+        best = choose_preferred(reports, {b: p[1] for b, p in parities.items()}, min_cosine)
         hint = BackendHint(preferred=best.backend, reason=f"{best.backend} {best.seconds:.3f} s per UNet call at "
-                           f"{best.shape}, {best.ratio:.2f}x its fp32" + "".join(
-                               f"; {r.backend} {r.seconds:.3f} s" for r in reports if r is not best))
+                           f"{best.shape}, {best.ratio:.2f}x its fp32, cosine after guidance "
+                           f"{parities[best.backend][1]:.4f}" + "".join(
+                               f"; {r.backend} {r.seconds:.3f} s, cosine {parities[r.backend][1]:.4f}"
+                               for r in reports if r is not best))
         manifest = replace(manifest, speed=tuple(reports), backend=hint)
-
-        # parity gates on the backend the runtime will pick
-        with stages(f"parity gates on {best.backend}"):
-            engine = _engine(best.backend, test_bundle)
-            engine.load()
-            raw, gui, n = unet_parity(engine, reference, manifest.defaults.guidance)
-            engine.unload()
-            del engine
-            gc.collect()
+        raw, gui, n = parities[best.backend]
         kept: list[str] = []
         if precision is Precision.INT8 and sensitivity and min_cosine is not None and gui < min_cosine:
             with stages("sensitivity sweep: layers kept in fp32"):
@@ -303,6 +308,15 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def choose_preferred(reports, guided: dict[str, float], min_cosine: float | None, slack: float = 0.01):
+    """The fastest backend among those whose cosine after guidance meets `min_cosine` (when set) and is
+    within `slack` of the best one measured: a faster but less exact engine is not preferred."""
+    top = max(guided.values())
+    ok = [r for r in reports if guided[r.backend] >= top - slack
+          and (min_cosine is None or guided[r.backend] >= min_cosine)]
+    return min(ok or [max(reports, key=lambda r: guided[r.backend])], key=lambda r: r.seconds)
 
 
 def _describe(precision: Precision, int8_method: str) -> str | None:
