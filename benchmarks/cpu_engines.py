@@ -197,6 +197,47 @@ def cmd_derive(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    """Prune the UNet of a diffusers base (PyTorch): parameters, MACs, and one guided eager call before/after."""
+    import torch
+
+    from sdedge.export.bases import load_base
+    from sdedge.export.prune import prune_unet
+    from sdedge.runtime.memory import peak_rss_bytes
+    from sdedge.runtime.strict import to_dict
+
+    torch.set_num_threads(args.threads)
+    pipe = load_base(args.base)
+    lat = args.size // pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, lat, lat, generator=g)
+    t = torch.full((2,), 500.0)
+    ehs = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+
+    def timed():
+        with torch.inference_mode():
+            pipe.unet(x, t, ehs)  # warm
+            s = time.perf_counter()
+            out = pipe.unet(x, t, ehs).sample
+            return time.perf_counter() - s, out
+
+    before_s, ref = timed()
+    t0 = time.perf_counter()
+    report = prune_unet(pipe, args.ratio, args.criterion, latent_size=lat)
+    prune_s = time.perf_counter() - t0
+    after_s, out = timed()
+    from sdedge.export.gates import cosine, machine_name
+
+    result = {"machine": machine_name(), "size": args.size, "prune": to_dict(report), "prune_seconds": round(prune_s, 1),
+              "eager_guided_call_seconds_before": round(before_s, 3), "eager_guided_call_seconds_after": round(after_s, 3),
+              "cosine_vs_unpruned_no_finetune": round(cosine(out.numpy(), ref.numpy()), 4),
+              "peak_rss_bytes": peak_rss_bytes()}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdedge.benchmarks.cpu_engines")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -227,6 +268,14 @@ def main(argv=None) -> int:
     d.add_argument("--speed-backends", help="comma-separated backends the speed gate times (default: all)")
     d.add_argument("--report")
     d.set_defaults(func=cmd_derive)
+    pr = sub.add_parser("prune")
+    pr.add_argument("--base", required=True)
+    pr.add_argument("--ratio", type=float, default=0.3)
+    pr.add_argument("--criterion", default="magnitude")
+    pr.add_argument("--size", type=int, default=256)
+    pr.add_argument("--threads", type=int, default=2)
+    pr.add_argument("--out")
+    pr.set_defaults(func=cmd_prune)
     w = sub.add_parser("_worker")
     w.add_argument("--kind", required=True)
     w.add_argument("--target", required=True)
