@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 from sdedge.runtime.bundle import Bundle
-from sdedge.runtime.manifest import BackendHint, ComponentInfo, Manifest, Parity, Precision, PrecisionParity
+from sdedge.runtime.manifest import BackendHint, Manifest, Precision, PrecisionParity
 from sdedge.runtime.memory import peak_rss_bytes
 
 from . import graph_passes
