@@ -1,6 +1,9 @@
 """`sdedge bench`: time a bundle (or several) against diffusers' eager pipeline on the same weights, prompts,
 seeds and initial latents, and write report.json / report.md / report.png / samples.png.
 
+This module orchestrates; the engines run in workers.py, the image metrics are in metrics.py, the machine's
+description in machine.py, the report's schema and files in report.py, suites in suite.py.
+
 How it measures (what makes the figures honest):
 - Each engine runs in its own child process (`isolation: process`, the default), so its peak RSS is its
   own and no engine inherits another's imports or allocator state. The parent only orchestrates: it never
@@ -35,7 +38,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -43,16 +45,16 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from sdedge.runtime.environment import cpu_model, package_versions
-from sdedge.runtime.errors import BadInput, SdedgeError
+from sdedge.runtime.errors import SdedgeError
 
+from .machine import describe_machine, load_average, machine_slug
+from .metrics import clip_scores, psnr, ssim, summarize
 from .suite import (
     DEFAULT_PROMPTS,
+    BenchError,
     EngineSpec,
     ReferenceSpec,
     Settings,
@@ -61,6 +63,7 @@ from .suite import (
     check_inputs,
     validate_suite,
 )
+from .workers import REPLY_PREFIX, STAGES, handle
 
 __all__ = [
     "STAGES",
@@ -74,154 +77,7 @@ __all__ = [
     "summarize",
 ]
 
-STAGES = ("tokenize", "text_encoder", "unet", "vae_decoder", "other")
-PSNR_CAP = 999.0
-REPLY_PREFIX = "@@sdedge-bench "
-VERSION_PACKAGES = ("sdedge", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "torch", "diffusers",
-                    "transformers", "numpy")
 
-
-class BenchError(SdedgeError):
-    """A benchmark that cannot run or whose worker failed; the message names the engine and the cause."""
-
-
-# == image metrics ==========================================================================================
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two float images in [0, 1]; identical images give PSNR_CAP (JSON has no infinity)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10.0 * float(np.log10(1.0 / mse)))
-
-
-def _gaussian(size: int, sigma: float) -> np.ndarray:
-    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    w = np.exp(-(x**2) / (2 * sigma**2))
-    return w / w.sum()
-
-
-def _filter(img: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Separable 'valid' filtering of (H, W, ...) by the 1-D window w on both axes."""
-    k = len(w)
-    h, wd = img.shape[:2]
-    rows = sum(w[i] * img[i : h - k + 1 + i] for i in range(k))
-    return sum(w[i] * rows[:, i : wd - k + 1 + i] for i in range(k))
-
-
-def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """Structural similarity (Wang et al. 2004) of two images (H, W) or (H, W, C) in [0, data_range].
-
-    Gaussian window 11×11 with σ = 1.5 (smaller for images under 11 px), 'valid' filtering, K1 = 0.01,
-    K2 = 0.03, computed per channel and averaged. Identical images give exactly 1.0.
-    """
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise BadInput(f"ssim: images of different shapes {a.shape} and {b.shape}")
-    if a.ndim == 2:
-        a, b = a[..., None], b[..., None]
-    size = min(11, a.shape[0], a.shape[1])
-    size -= 1 - size % 2  # odd
-    w = _gaussian(size, 1.5 * size / 11)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = _filter(a, w), _filter(b, w)
-    s_aa = _filter(a * a, w) - mu_a * mu_a
-    s_bb = _filter(b * b, w) - mu_b * mu_b
-    s_ab = _filter(a * b, w) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + c1) * (2 * s_ab + c2)
-    den = (mu_a * mu_a + mu_b * mu_b + c1) * (s_aa + s_bb + c2)
-    return float(np.mean(num / den))
-
-
-def summarize(values) -> dict[str, float] | None:
-    """min / median / p95 (linear interpolation) / max / mean of a list of numbers; None when empty."""
-    v = np.asarray(list(values), dtype=np.float64)
-    if v.size == 0:
-        return None
-    return {"n": int(v.size), "min": float(v.min()), "median": float(np.median(v)),
-            "p95": float(np.percentile(v, 95)), "max": float(v.max()), "mean": float(v.mean())}
-
-
-# == the machine ============================================================================================
-def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def _gpus() -> list[dict[str, Any]]:
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=False, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    gpus = []
-    for line in out.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3:
-            try:
-                gpus.append({"name": parts[0], "driver": parts[1], "memory_bytes": int(float(parts[2]) * 2**20)})
-            except ValueError:
-                continue
-    return gpus
-
-
-def _git(repo: Path) -> dict[str, Any] | None:
-    if not (repo / ".git").exists() or not shutil.which("git"):
-        return None
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False, timeout=20).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=False, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": bool(dirty)} if commit else None
-
-
-def _load_average() -> list[float] | None:
-    """The 1-, 5- and 15-minute load averages (other work on the machine skews every timing)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def describe_machine() -> dict[str, Any]:
-    """CPU model, cores, memory, GPUs, OS, Python, package versions and the sdedge git commit."""
-    try:
-        import psutil
-
-        physical, memory = psutil.cpu_count(logical=False), int(psutil.virtual_memory().total)
-    except Exception:  # noqa: BLE001 - informational
-        physical, memory = None, None
-    versions = package_versions(VERSION_PACKAGES)
-    return {
-        "cpu": cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": physical,
-        "memory_bytes": memory,
-        "gpus": _gpus(),
-        "load_average": _load_average(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "git": _git(Path(__file__).resolve().parents[1]),
-    }
-
-
-def machine_slug(machine: dict[str, Any], device: str) -> str:
-    """A short folder-safe name of the machine: the GPU's on a GPU run, else the CPU's and its core count."""
-    name = machine["gpus"][0]["name"] if device != "cpu" and machine.get("gpus") else machine.get("cpu") or "machine"
-    name = re.sub(r"\((R|TM)\)|CPU|Processor|@.*$|\bIntel\b|\bAMD\b|\bNVIDIA\b", "", name, flags=re.IGNORECASE)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "machine"
-    return slug if device != "cpu" else f"{slug}-{machine.get('logical_cores')}c"
 
 
 # == architecture check ========================================================================================
@@ -293,271 +149,6 @@ def check_reference(manifest, bundle_dir: str | Path, base_dir: str | Path) -> l
     return notes
 
 
-# == workers (run in the child process, or inline) ===========================================================
-def _peak_rss() -> int:
-    """This process's peak RSS. On Linux, VmHWM of /proc/self/status: the high-water mark of this program's
-    own address space. (getrusage's ru_maxrss survives fork + exec, so a child started by a large parent
-    would report at least the parent's size.) Elsewhere, sdedge.runtime.memory.peak_rss_bytes."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    from sdedge.runtime.memory import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
-class _SdedgeWorker:
-    """The PyTorch-free runtime on a bundle."""
-
-    def __init__(self, spec: dict, settings: dict):
-        self.spec, self.settings = spec, settings
-        self.pipe = None
-
-    def load(self) -> dict:
-        t0 = time.perf_counter()
-        from sdedge.runtime.pipeline import Pipeline
-
-        t1 = time.perf_counter()
-        s = self.settings
-        kw = {"device": self.spec["device"], "memory": self.spec["memory"], "threads": self.spec["threads"],
-              "verify": self.spec["verify"]}
-        if self.spec.get("backend", "auto") != "auto":
-            kw["backend"] = self.spec["backend"]
-        self.pipe = Pipeline.load(self.spec["bundle"], **kw)
-        t2 = time.perf_counter()
-        m = self.pipe.manifest
-        prov = m.provenance
-        return {
-            "import_seconds": t1 - t0,
-            "load_seconds": t2 - t1,
-            "component_load_seconds": dict(self.pipe.load_seconds),
-            "backend": self.pipe.backend,
-            "backend_reason": getattr(self.pipe, "backend_reason", ""),
-            "precision": m.precision.value,
-            "signed": bool(getattr(self.pipe, "signer", None)),
-            "provenance": {"base_id": prov.base.id, "base_sha256": prov.base.sha256, "quantisation": prov.quantisation,
-                           "prune_ratio": prov.prune_ratio, "adapters": len(prov.adapters)},
-            "scheduler": s["scheduler"],
-            "peak_rss_bytes": _peak_rss(),
-        }
-
-    def run(self, req: dict) -> dict:
-        s = self.settings
-        latents = np.load(req["latents"])
-        t0 = time.perf_counter()
-        r = self.pipe.generate(s["prompt_list"][req["prompt_index"]], s["negative"], steps=s["steps"],
-                               guidance=s["guidance"], scheduler=s["scheduler"], width=s["size"], height=s["size"],
-                               num_images=s["batch"], latents=latents)
-        wall = time.perf_counter() - t0
-        stages = {k: float(r.timings.get(k, 0.0)) for k in STAGES if k != "other"}
-        stages["other"] = max(0.0, wall - sum(stages.values()))
-        if req.get("image"):
-            np.save(req["image"], r.images.astype(np.float32))
-        return {"seconds": wall, "stages": stages, "step_seconds": [float(x) for x in r.step_times],
-                "peak_rss_bytes": _peak_rss()}
-
-    def final(self) -> dict:
-        return {"peak_rss_bytes": _peak_rss(), "peak_gpu_allocated_bytes": None}
-
-    def close(self) -> None:
-        if self.pipe is not None:
-            self.pipe.close()
-            self.pipe = None
-
-
-class _DiffusersWorker:
-    """diffusers' eager StableDiffusionPipeline, with hooks timing each stage."""
-
-    def __init__(self, spec: dict, settings: dict):
-        self.spec, self.settings = spec, settings
-        self.pipe = None
-        self.rec: dict[str, Any] = {}
-
-    def load(self) -> dict:
-        t0 = time.perf_counter()
-        import torch
-        from sdedge.export.bases import load_base
-        from sdedge.export.reference import diffusers_scheduler
-
-        t1 = time.perf_counter()
-        self.torch = torch
-        self.make_scheduler = diffusers_scheduler
-        self.threads_before = torch.get_num_threads()  # restored at close (inline mode shares the process)
-        torch.set_num_threads(self.spec["threads"])
-        device = self.spec["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BenchError("reference: device cuda asked for, but this torch build sees no CUDA GPU")
-        self.device = device
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec["dtype"]]
-        pipe = load_base(self.spec["base"])
-        if self.dtype != torch.float32 or device != "cpu":
-            pipe = pipe.to(device=device, dtype=self.dtype)
-        pipe.set_progress_bar_config(disable=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t2 = time.perf_counter()
-        self.pipe = pipe
-        self._instrument()
-        return {
-            "import_seconds": t1 - t0,
-            "load_seconds": t2 - t1,
-            "component_load_seconds": {},
-            "backend": f"torch-eager:{device}",
-            "backend_reason": "the PyTorch reference",
-            "precision": self.spec["dtype"],
-            "signed": False,
-            "provenance": None,
-            "scheduler": self.settings["scheduler"],
-            "peak_rss_bytes": _peak_rss(),
-        }
-
-    def _sync(self) -> None:
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-
-    def _instrument(self) -> None:
-        rec, pipe, clock = self.rec, self.pipe, time.perf_counter
-
-        def pre(name):
-            def hook(module, args):
-                self._sync()
-                rec[f"{name}_t0"] = clock()
-                if name == "unet":
-                    rec["step_starts"].append(rec["unet_t0"])
-            return hook
-
-        def post(name):
-            def hook(module, args, output):
-                self._sync()
-                rec[name] += clock() - rec[f"{name}_t0"]
-            return hook
-
-        for name in ("text_encoder", "unet"):
-            module = getattr(pipe, name)
-            module.register_forward_pre_hook(pre(name))
-            module.register_forward_hook(post(name))
-        decode = pipe.vae.decode
-
-        def timed_decode(*args, **kwargs):
-            self._sync()
-            t = clock()
-            rec["vae_start"] = t
-            try:
-                return decode(*args, **kwargs)
-            finally:
-                self._sync()
-                rec["vae_decoder"] += clock() - t
-
-        pipe.vae.decode = timed_decode
-        tok = pipe.tokenizer
-        try:
-            base_cls = type(tok)
-
-            def call(this, *args, **kwargs):
-                t = clock()
-                try:
-                    return base_cls.__call__(this, *args, **kwargs)
-                finally:
-                    rec["tokenize"] += clock() - t
-
-            tok.__class__ = type(base_cls.__name__, (base_cls,), {"__call__": call})
-            self.tokenizer_timed = True
-        except TypeError:  # pragma: no cover - a tokenizer class that refuses it: its time lands in "other"
-            self.tokenizer_timed = False
-
-    def run(self, req: dict) -> dict:
-        torch, s = self.torch, self.settings
-        lat = torch.from_numpy(np.load(req["latents"])).to(device=self.device, dtype=self.dtype)
-        prompt = s["prompt_list"][req["prompt_index"]]
-        b = lat.shape[0]
-        self.pipe.scheduler = self.make_scheduler(s["scheduler"], s["scheduler_config"])
-        self.rec.clear()
-        self.rec.update(tokenize=0.0, text_encoder=0.0, unet=0.0, vae_decoder=0.0, step_starts=[], vae_start=None)
-        self._sync()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.pipe([prompt] * b, negative_prompt=[s["negative"]] * b, num_inference_steps=s["steps"],
-                            guidance_scale=s["guidance"], latents=lat, height=s["size"], width=s["size"],
-                            output_type="np")
-        self._sync()
-        t_end = time.perf_counter()
-        wall = t_end - t0
-        images = np.asarray(out.images, dtype=np.float32)
-        starts = self.rec["step_starts"]
-        ends = starts[1:] + [self.rec["vae_start"] or t_end]
-        steps = [e - a for a, e in zip(starts, ends)]
-        stages = {"tokenize": self.rec["tokenize"], "text_encoder": self.rec["text_encoder"], "unet": float(sum(steps)),
-                  "vae_decoder": self.rec["vae_decoder"]}
-        stages["other"] = max(0.0, wall - sum(stages.values()))
-        if req.get("image"):
-            np.save(req["image"], images)
-        return {"seconds": wall, "stages": stages, "step_seconds": steps, "peak_rss_bytes": _peak_rss()}
-
-    def final(self) -> dict:
-        gpu = None
-        if self.device == "cuda":
-            gpu = int(self.torch.cuda.max_memory_allocated())
-        return {"peak_rss_bytes": _peak_rss(), "peak_gpu_allocated_bytes": gpu}
-
-    def close(self) -> None:
-        self.pipe = None
-        if hasattr(self, "threads_before"):
-            self.torch.set_num_threads(self.threads_before)
-
-
-def _make_worker(role: str, spec: dict, settings: dict):
-    return _DiffusersWorker(spec, settings) if role == "reference" else _SdedgeWorker(spec, settings)
-
-
-def _handle(worker_box: list, msg: dict) -> dict:
-    """One protocol message → its reply (shared by the child process and inline mode)."""
-    op = msg.get("op")
-    try:
-        if op == "init":
-            worker_box[:] = [_make_worker(msg["role"], msg["spec"], msg["settings"])]
-            return {"ok": True, **worker_box[0].load()}
-        if op == "run":
-            return {"ok": True, **worker_box[0].run(msg)}
-        if op == "final":
-            return {"ok": True, **worker_box[0].final()}
-        if op == "close":
-            if worker_box:
-                worker_box[0].close()
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown op {op!r}", "user_error": False}
-    except SdedgeError as exc:
-        return {"ok": False, "error": str(exc), "user_error": True}
-    except Exception as exc:  # noqa: BLE001 - reported to the parent with its traceback
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
-                "user_error": False}
-
-
-def worker_main() -> int:
-    """The child process: JSON requests on stdin, one prefixed JSON reply line each on the original stdout.
-    Everything else anything prints goes to stderr (the parent's log file for this engine)."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    box: list = []
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        msg = json.loads(line)
-        if msg.get("op") == "exit":
-            break
-        reply = _handle(box, msg)
-        proto.write(REPLY_PREFIX + json.dumps(reply) + "\n")
-    return 0
-
-
 # == parent side: engines as processes or inline ===============================================================
 class _Engine:
     """The parent's handle on one engine: its spec, its worker, and everything measured."""
@@ -581,7 +172,7 @@ class _Engine:
         if self.isolation == "process":
             env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
             self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-            self.proc = subprocess.Popen([sys.executable, "-m", "sdedge.benchmarks.bench", "--worker"],
+            self.proc = subprocess.Popen([sys.executable, "-m", "sdedge.benchmarks.workers", "--worker"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                          env=env, bufsize=1)
             self.pid = self.proc.pid
@@ -592,7 +183,7 @@ class _Engine:
 
     def call(self, msg: dict) -> dict:
         if self.proc is None:
-            reply = _handle(self.box, msg)
+            reply = handle(self.box, msg)
         else:
             try:
                 self.proc.stdin.write(json.dumps(msg) + "\n")
@@ -629,7 +220,7 @@ class _Engine:
     def stop(self) -> None:
         try:
             if self.proc is None:
-                _handle(self.box, {"op": "close"})
+                handle(self.box, {"op": "close"})
             elif self.proc.poll() is None:
                 try:
                     self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
@@ -857,6 +448,7 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
             _add_clip(report, engines, s, clip_model, console)
         else:
             report["clip"] = {"model": None, "skipped": "no --clip-model given"}
+        _add_shape_scores(report, engines, s)
         samples = _save_samples(report, engines, out)
         report_mod.write_report(report, out, samples)
     finally:
@@ -944,7 +536,7 @@ def _build_report(suite: Suite, engines: list[_Engine], s: Settings, size: int, 
         verdict = "pass" if verdict_ok else "fail"
         target = {"seconds": s.target_seconds, "statistic": s.target_statistic, "verdict": verdict,
                   "engines": per, "statement": f"{verdict.upper()}: " + "; ".join(lines)}
-    machine = {**machine, "load_average_after": _load_average()}
+    machine = {**machine, "load_average_after": load_average()}
     load, cores = machine.get("load_average"), machine.get("logical_cores") or 1
     if load and load[0] > 0.75 * cores:
         notes = [*notes, (f"the machine was busy when the bench started (1-minute load average {load[0]:g} on "
@@ -993,41 +585,23 @@ def _add_clip(report: dict, engines: list[_Engine], s: Settings, model: str, con
         row["clip_score"] = {"per_image": per, "mean": float(np.mean(per))}
 
 
-def clip_scores(model_dir: str | Path, images: dict[str, list[np.ndarray]], prompts: list[str]) -> dict[str, list[float]]:
-    """CLIP score 100 · max(cos(image embedding, prompt embedding), 0) of each image (per engine, per run, per
-    image in the batch) with a local CLIP model folder (transformers' CLIPModel + its processor)."""
-    try:
-        import torch
-        from PIL import Image
-        from transformers import CLIPModel, CLIPProcessor
-    except ImportError as exc:
-        raise BenchError(f"the CLIP score needs torch and transformers ({exc})") from None
-    try:
-        from transformers.utils import logging as hf_logging
+def _add_shape_scores(report: dict, engines: list[_Engine], s: Settings) -> None:
+    """Prompt-match rate and KID from the shapes classifier, when every prompt is a shapes-world caption (the
+    trained tiny base's domain); otherwise recorded as skipped."""
+    prompts = [s.prompts[i % len(s.prompts)] for i in range(s.runs)]
+    from sdedge.trainer.shapes import parse_caption
 
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - an older transformers
-        pass
-    try:
-        model = CLIPModel.from_pretrained(str(model_dir), local_files_only=True).eval()
-        processor = CLIPProcessor.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a skip with its reason
-        raise BenchError(f"cannot load the CLIP model at {model_dir}: {exc}") from None
-    out: dict[str, list[float]] = {}
-    for name, runs in images.items():
-        pil, texts = [], []
-        for r, batch in enumerate(runs):
-            for img in batch:
-                pil.append(Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)))
-                texts.append(prompts[r])
-        with torch.no_grad():
-            inputs = processor(text=texts, images=pil, return_tensors="pt", padding=True, truncation=True)
-            res = model(**inputs)
-            a = torch.nn.functional.normalize(res.image_embeds, dim=-1)
-            b = torch.nn.functional.normalize(res.text_embeds, dim=-1)
-            cos = (a * b).sum(-1)
-        out[name] = [float(100 * max(c, 0.0)) for c in cos.tolist()]
-    return out
+    if any(parse_caption(p) is None for p in prompts):
+        report["shapes"] = {"skipped": "the prompts are not all shapes-world captions ('a red circle on a blue "
+                                       "background'), so the tiny base's classifier does not apply",
+                            "real_images_per_image": 0}
+        return
+    from .shape_score import score_engines
+
+    scores = score_engines({e.name: e.images for e in engines}, prompts)
+    report["shapes"] = {"skipped": None, "real_images_per_image": scores["real_images_per_image"]}
+    for row in report["engines"]:
+        row.update(scores["engines"][row["name"]])
 
 
 def _save_samples(report: dict, engines: list[_Engine], out: Path) -> dict[str, list[np.ndarray]]:
@@ -1055,13 +629,13 @@ def _save_samples(report: dict, engines: list[_Engine], out: Path) -> dict[str, 
 def quick_bench(bundle_dir: str | os.PathLike, reference_base: str | os.PathLike | None, out_dir: str | os.PathLike,
                 runs: int = 2, steps: int = 4, size: int | None = None, warmup: int = 1, *, console=None,
                 progress: bool = False, target_seconds: float | None = None, isolation: str = "inline",
-                threads: int | None = None) -> dict:
+                threads: int | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS[:2]) -> dict:
     """A short bench of one bundle against its base (the quickstart's last step: a few seconds on tiny).
 
     Runs inline (this process) by default, so no interpreter or torch import is paid again; peak RSS is then
     the shared process's and the report says so. Returns the report dict; files are written to out_dir.
     """
-    settings = Settings(runs=runs, warmup=warmup, steps=steps, size=size, prompts=DEFAULT_PROMPTS[:2],
+    settings = Settings(runs=runs, warmup=warmup, steps=steps, size=size, prompts=prompts,
                         isolation=isolation, target_seconds=target_seconds, threads=threads)
     suite = Suite(name="quick", description="quick bench of one bundle against its base", settings=settings,
                   reference=ReferenceSpec(base=str(Path(reference_base).resolve())) if reference_base else None,
@@ -1097,10 +671,7 @@ def default_results_dir(suite: Suite, machine: dict | None = None) -> Path:
     return (Path(__file__).resolve().parent / "results" / suite.name
             / f"{date}_{machine_slug(machine, suite.settings.device)}_{commit}")
 
-
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        raise SystemExit(worker_main())
     from sdedge.cli import main
 
     raise SystemExit(main(["bench", *sys.argv[1:]]))

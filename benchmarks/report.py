@@ -42,9 +42,9 @@ class ReportError(SdedgeError):
 
 
 # -- schema --------------------------------------------------------------------------------------------------
-def _obj(props: dict, required=None, extra=False) -> dict:
-    return {"type": "object", "properties": props, "required": list(props if required is None else required),
-            "additionalProperties": extra}
+def _obj(props: dict, required=None, extra=False, optional=()) -> dict:
+    required = [k for k in (props if required is None else required) if k not in optional]
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": extra}
 
 
 NUM = {"type": "number"}
@@ -93,7 +93,10 @@ ENGINE = _obj({
         "ssim": STATS_N}), "type": ["object", "null"]},
     "clip_score": {**_obj({"per_image": {"type": "array", "items": NUM}, "mean": NUM}), "type": ["object", "null"]},
     "samples": {"type": "array", "items": STR},
-})
+    # optional (added within schema 1): the shapes classifier's figures, on the trained tiny base's prompts
+    "prompt_match": {**_obj({"rate": NUM, "per_image": {"type": "array", "items": NUM}}), "type": ["object", "null"]},
+    "kid": NUM_N,
+}, optional=("prompt_match", "kid"))
 
 SCHEMA: dict[str, Any] = _obj({
     "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
@@ -122,9 +125,10 @@ SCHEMA: dict[str, Any] = _obj({
         "statement": STR}), "type": ["object", "null"]},
     "engines": {"type": "array", "items": ENGINE},
     "clip": {**_obj({"model": STR_N, "skipped": STR_N}), "type": ["object", "null"]},
+    "shapes": {**_obj({"skipped": STR_N, "real_images_per_image": INT}), "type": ["object", "null"]},
     "notes": {"type": "array", "items": STR},
     "files": _obj({"report_json": STR, "report_md": STR, "report_png": STR, "samples_png": STR}),
-})
+}, optional=("shapes",))
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 
@@ -299,6 +303,17 @@ def markdown(report: dict) -> str:
                 prompt = st["prompts"][im["run"] % len(st["prompts"])]
                 lines.append(f"| {_md_escape(e['name'])} | {im['run']} | {im['image']} | {_md_escape(prompt)} | "
                              f"{st['seed'] + im['run']} | {im['psnr_db']:.1f} | {im['ssim']:.4f} |")
+    shapes = report.get("shapes")
+    if shapes and not shapes.get("skipped"):
+        lines += ["", "## Prompt match and KID (shapes classifier of the trained tiny base)", "",
+                  "| engine | prompt-match rate | images | KID vs rendered scenes |", "|---|---|---|---|"]
+        for e in report["engines"]:
+            pm = e.get("prompt_match") or {}
+            kid = "—" if e.get("kid") is None else f"{e['kid']:.4f}"
+            lines.append(f"| {_md_escape(e['name'])} | {pm.get('rate', 0):.2f} | {len(pm.get('per_image', []))} | "
+                         f"{kid} |")
+        lines += ["", f"KID: unbiased MMD² (cubic kernel) on the classifier's 128 features against "
+                      f"{shapes['real_images_per_image']} rendered scenes per image; lower is closer."]
     clip = report.get("clip")
     if clip and clip.get("skipped"):
         lines += ["", f"CLIP score: skipped ({clip['skipped']})."]

@@ -33,6 +33,7 @@ from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.strict import ConfigError, from_dict
 
 __all__ = [
+    "BenchError",
     "DEFAULT_PROMPTS",
     "EngineSpec",
     "PrepareStep",
@@ -59,6 +60,10 @@ MEMORY_MODES = ("normal", "low")
 STATISTICS = ("min", "median", "p95", "max")
 ISOLATIONS = ("process", "inline")
 VERIFY = ("required", "if-signed", "off")
+
+
+class BenchError(SdedgeError):
+    """A benchmark that cannot run or whose worker failed; the message names the engine and the cause."""
 
 
 class SuiteError(SdedgeError):

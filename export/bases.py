@@ -1,9 +1,11 @@
 """Base models: the built-in ones (built from configs, seeded) and loading a user's base, offline.
 
-- `write_builtin_base("tiny" | "sd15-arch", out_dir, seed=0)` writes a diffusers folder
-  (`StableDiffusionPipeline.save_pretrained`, safetensors) with the real SD1.5 CLIP tokenizer and SD1.5's
-  PNDM scheduler config. "tiny" is a few-MB SD1.5-shaped pipeline (64x64 images) for tests and the quickstart;
-  "sd15-arch" is the real SD1.5 architecture (860 M-parameter UNet) with seeded random weights.
+- `write_builtin_base("tiny" | "tiny-random" | "sd15-arch", out_dir, seed=0)` writes a diffusers folder
+  (`StableDiffusionPipeline.save_pretrained`, safetensors) with SD1.5's PNDM scheduler config.
+  "tiny" is the *trained* tiny base (export/tiny_base.py: a ~6 M-parameter SD1.5-architecture pipeline for
+  64x64 images of coloured shapes, with a small CLIP tokenizer; its weights ship with sdedge);
+  "tiny-random" is the same architecture with seeded random weights; "sd15-arch" is the real SD1.5
+  architecture (860 M-parameter UNet) with seeded random weights and the real SD1.5 CLIP tokenizer.
 - `load_base(source, allow_pickle=False, config=None)`: a local diffusers folder, or a single-file
   original-layout checkpoint (`.safetensors`; a pickle only when allowed) with `config` a local diffusers
   folder of the same architecture. Everything is checked before loading, so a problem is reported as an
@@ -27,6 +29,7 @@ from typing import Any
 
 from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import replace_dir
 
 __all__ = [
     "BUILTIN_BASES",
@@ -43,7 +46,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_BASES = ("tiny", "sd15-arch")
+BUILTIN_BASES = ("tiny", "tiny-random", "sd15-arch")
+TINY_BASES = ("tiny", "tiny-random")  # the trained tiny base, and its architecture with seeded random weights
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 MARKER_FILE = "sdedge_base.json"  # written into built-in bases: which one, which seed
@@ -63,45 +67,6 @@ SD15_SCHEDULER = dict(
 )
 
 _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "unet": dict(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        "vae": dict(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(32, 32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            latent_channels=4,
-            sample_size=64,
-            norm_num_groups=32,
-            scaling_factor=0.18215,
-        ),
-        "text_encoder": dict(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-        ),
-    },
     "sd15-arch": {
         "unet": dict(
             sample_size=64,
@@ -189,13 +154,34 @@ def _check_builtin(name: str) -> None:
 def builtin_configs(name: str) -> dict[str, dict[str, Any]]:
     """The unet / vae / text_encoder constructor arguments of a built-in base (copies)."""
     _check_builtin(name)
+    if name in TINY_BASES:
+        from .tiny_base import tiny_meta
+
+        return {k: dict(v) for k, v in tiny_meta()["configs"].items()}
     return {k: dict(v) for k, v in _CONFIGS[name].items()}
+
+
+def _tokenizer_words(name: str) -> tuple[str, ...] | None:
+    """The words of a built-in base's small tokenizer; None: the full SD1.5 CLIP tokenizer."""
+    if name in TINY_BASES:
+        from .tiny_base import tiny_meta
+
+        return tuple(tiny_meta()["words"])
+    return None
+
+
+def _check_seed(name: str, seed: object) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SdedgeError(f"seed must be a non-negative integer, got {seed!r}")
+    if name == "tiny" and seed != 0:
+        raise SdedgeError("the built-in tiny base is trained: its weights are fixed, so --seed does not apply "
+                          "(use tiny-random for seeded random weights of the same architecture)")
 
 
 def _build_models(name: str, seed: int | None):
     """UNet, VAE and text encoder of a built-in base, each initialised from its own seed (seed, seed+1,
-    seed+2) with diffusers' and transformers' default initialisation, without touching the caller's RNG.
-    seed=None builds without seeding (for meta-device construction)."""
+    seed+2) with diffusers' and transformers' default initialisation, without touching the caller's RNG;
+    "tiny" then gets its trained weights. seed=None builds without seeding (for meta-device construction)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -211,6 +197,10 @@ def _build_models(name: str, seed: int | None):
         if seed is not None:
             torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    if name == "tiny" and seed is not None:
+        from .tiny_base import load_trained_weights
+
+        load_trained_weights(unet, vae, text_encoder)
     return unet.eval(), vae.eval(), text_encoder.eval()
 
 
@@ -246,11 +236,11 @@ def build_builtin_pipeline(name: str, seed: int = 0, *, tokenizer_dir: str | os.
     from .tokenizer_files import write_clip_tokenizer
 
     _check_builtin(name)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise SdedgeError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_seed(name, seed)
     unet, vae, text_encoder = _build_models(name, seed)
     with tempfile.TemporaryDirectory(prefix="sdedge-tok-") as tmp:
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else write_clip_tokenizer(Path(tmp) / "tokenizer")
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else \
+            write_clip_tokenizer(Path(tmp) / "tokenizer", words=_tokenizer_words(name))
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     return StableDiffusionPipeline(
         vae=vae,
@@ -277,19 +267,7 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.rmdir(old)
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if old is not None:  # put the previous folder back
-                os.replace(old, out_dir)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -305,15 +283,21 @@ def write_builtin_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, 
     from .tokenizer_files import write_clip_tokenizer
 
     _check_builtin(name)
+    _check_seed(name, seed)
     out_dir = Path(out_dir)
     with _atomic_dir(out_dir, overwrite) as tmp, _quiet():
-        tok_dir = write_clip_tokenizer(tmp / ".tokenizer")
+        tok_dir = write_clip_tokenizer(tmp / ".tokenizer", words=_tokenizer_words(name))
         pipe = build_builtin_pipeline(name, seed, tokenizer_dir=tok_dir)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         # Our tokenizer files are canonical (vocab.json/merges.txt plus the config SD1.5 pipelines expect).
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
         os.replace(tok_dir, tmp / "tokenizer")
-        marker = {"builtin": name, "seed": seed, "writer": "sdedge.export.bases", "parameters": _param_counts(pipe)}
+        marker = {"builtin": name, "seed": seed, "writer": "sdedge.export.bases", "parameters": _param_counts(pipe),
+                  "trained": name == "tiny"}
+        if name == "tiny":
+            from .tiny_base import tiny_meta
+
+            marker["default_guidance"] = tiny_meta()["default_guidance"]
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote built-in base %s (seed %d) to %s", name, seed, out_dir)
     return out_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 import logging
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from sdedge.runtime.manifest import (
 )
 from sdedge.runtime.stages import Stages
 
-from .bases import describe_base, load_base
+from .bases import MARKER_FILE, describe_base, load_base
 from .bundle_writer import hash_files, staging_dir, write_manifest
 from .onnx_export import ExportError, export_component
 from .specs import SPECS
@@ -48,7 +49,7 @@ class ExportOptions:
     vae_encoder: bool = True
     default_scheduler: str = "dpm++2m"
     default_steps: int = 20
-    default_guidance: float = 7.5
+    default_guidance: float | None = None  # None: the base's hint (sdedge_base.json), else 7.5
     parity_prompt: str = "a red circle on a blue background"
     parity_seed: int = 0
     parity_steps: int = 10
@@ -77,9 +78,12 @@ def toolchain_versions() -> dict[str, str]:
 def check_options(opts: ExportOptions) -> None:
     if opts.target != "onnx":
         if opts.target == "trt":
+            from sdedge.runtime.backends.tensorrt_probe import require_tensorrt
+
+            require_tensorrt("--target trt")
             raise MissingDependency(
-                "--target trt needs TensorRT and a CUDA GPU, which this sdedge build cannot use yet; "
-                "export with --target onnx (runs on ONNX Runtime, CPU or CUDA)"
+                "--target trt: TensorRT is usable here, but this sdedge version does not build TensorRT engines yet; "
+                "export with --target onnx and run it with --backend onnxruntime --device cuda"
             )
         raise BadInput(f"--target {opts.target!r}: choose onnx or trt")
     if opts.int8_method not in ("nncf", "ort"):
@@ -110,6 +114,19 @@ def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
                       width_min=lo, width_max=hi, pixel_multiple=multiple, default_height=native, default_width=native)
 
 
+def guidance_hint(base: str | Path) -> float:
+    """The default guidance a base asks for: the trained tiny base records the one it was tuned at; 7.5 else."""
+    marker = Path(base) / MARKER_FILE
+    if marker.is_file():
+        try:
+            value = json.loads(marker.read_text(encoding="utf-8")).get("default_guidance")
+        except (OSError, ValueError):
+            value = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return 7.5
+
+
 def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = ExportOptions(),
                   stages: Stages | None = None) -> Manifest:
     """Export `base` to a bundle at `out`; returns the manifest written.
@@ -125,6 +142,8 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
     with stages("load base"):
         base_desc = describe_base(base)
         pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)
+    if opts.default_guidance is None:
+        opts = replace(opts, default_guidance=guidance_hint(base))
     adapters: tuple[AdapterInfo, ...] = ()
     if opts.loras:
         from .lora import fuse_loras

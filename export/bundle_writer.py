@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import replace_dir
 from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 
 
@@ -29,13 +30,7 @@ def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     normalise_permissions(tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def normalise_permissions(root: Path) -> None:

@@ -9,6 +9,9 @@
 
 `write_clip_tokenizer(out_dir)` writes a complete tokenizer folder that transformers'
 `CLIPTokenizer.from_pretrained` loads and whose `tokenizer.json` the `tokenizers` library (the runtime) loads.
+`write_clip_tokenizer(out_dir, words=[...])` writes a *small* CLIP tokenizer: the byte tokens plus only the merges
+CLIP applies to those words, in CLIP's order, so the words tokenize into the same pieces as with the full
+tokenizer (other words fall back to smaller pieces); the trained tiny base uses one (a few hundred tokens).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "VOCAB_SIZE",
     "bpe_file",
     "clip_merges",
+    "merges_for_words",
     "clip_vocab",
     "write_clip_tokenizer",
     "write_vocab_and_merges",
@@ -98,57 +102,94 @@ def clip_merges() -> tuple[tuple[str, str], ...]:
     return tuple(merges)
 
 
-@lru_cache(maxsize=1)
-def _clip_vocab_items() -> tuple[str, ...]:
+def merges_for_words(words) -> tuple[tuple[str, str], ...]:
+    """The CLIP merges that BPE applies to these (lower-case, single) words, in CLIP's rank order.
+
+    BPE merges the lowest-ranked pair present at each step; keeping the applied merges and their order keeps
+    every step's choice the same, so the words tokenize exactly as with the full vocabulary.
+    """
+    byte_map = bytes_to_unicode()
+    ranks = {m: i for i, m in enumerate(clip_merges())}
+    used: set[tuple[str, str]] = set()
+    for word in words:
+        chars = [byte_map[b] for b in word.lower().encode("utf-8")]
+        if not chars:
+            continue
+        parts = chars[:-1] + [chars[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+            best = min(pairs, key=lambda p: ranks.get(p, len(ranks)))
+            if best not in ranks:
+                break
+            used.add(best)
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+    return tuple(sorted(used, key=ranks.__getitem__))
+
+
+@lru_cache(maxsize=4)
+def _clip_vocab_items(merges: tuple[tuple[str, str], ...] | None = None) -> tuple[str, ...]:
+    merges = clip_merges() if merges is None else merges
     byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    tokens += ["".join(m) for m in clip_merges()]
+    tokens += ["".join(m) for m in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
-    if len(tokens) != VOCAB_SIZE or len(set(tokens)) != VOCAB_SIZE:
-        raise SdedgeError(f"derived CLIP vocabulary has {len(set(tokens))} distinct tokens, expected {VOCAB_SIZE}")
+    expected = 512 + len(merges) + 2
+    if len(tokens) != expected or len(set(tokens)) != expected:
+        raise SdedgeError(f"derived CLIP vocabulary has {len(set(tokens))} distinct tokens, expected {expected}")
     return tuple(tokens)
 
 
-def clip_vocab() -> dict[str, int]:
-    """token -> id, 49,408 entries (a fresh dict each call)."""
-    return {tok: i for i, tok in enumerate(_clip_vocab_items())}
+def clip_vocab(merges: tuple[tuple[str, str], ...] | None = None) -> dict[str, int]:
+    """token -> id: 49,408 entries, or those of a small vocabulary made of `merges` (a fresh dict each call)."""
+    return {tok: i for i, tok in enumerate(_clip_vocab_items(merges))}
 
 
-def write_vocab_and_merges(out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `vocab.json` and `merges.txt` into `out_dir` (created if needed)."""
+def write_vocab_and_merges(out_dir: str | os.PathLike,
+                           merges: tuple[tuple[str, str], ...] | None = None) -> tuple[Path, Path]:
+    """Write `vocab.json` and `merges.txt` into `out_dir` (created if needed); all of CLIP's merges, or `merges`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab_path = out / "vocab.json"
     merges_path = out / "merges.txt"
-    vocab_path.write_text(json.dumps(clip_vocab(), ensure_ascii=False), encoding="utf-8")
+    vocab_path.write_text(json.dumps(clip_vocab(merges), ensure_ascii=False), encoding="utf-8")
     merges_path.write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in clip_merges()), encoding="utf-8"
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in (clip_merges() if merges is None else merges)),
+        encoding="utf-8",
     )
     return vocab_path, merges_path
 
 
-def write_clip_tokenizer(out_dir: str | os.PathLike) -> Path:
+def write_clip_tokenizer(out_dir: str | os.PathLike, words=None) -> Path:
     """Write a complete SD1.5 CLIP tokenizer folder into `out_dir` and return its path.
 
     Files: vocab.json, merges.txt, tokenizer.json (the `tokenizers` serialisation the runtime reads),
     tokenizer_config.json (model_max_length 77, pad token "<|endoftext|>") and whatever else transformers
     writes (special_tokens_map.json in older versions). Needs transformers (the export extra); never touches
-    the network. Built once per process, then copied.
+    the network. Built once per process, then copied. With `words`, the small tokenizer of those words.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in _tokenizer_files().items():
+    merges = None if words is None else merges_for_words(tuple(words))
+    for name, data in _tokenizer_files(merges).items():
         (out / name).write_bytes(data)
     return out
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_files() -> dict[str, bytes]:
+@lru_cache(maxsize=4)
+def _tokenizer_files(merges: tuple[tuple[str, str], ...] | None = None) -> dict[str, bytes]:
     from transformers import CLIPTokenizerFast  # the tokenizers-backed CLIPTokenizer in transformers 5
 
     with tempfile.TemporaryDirectory(prefix="sdedge-tok-") as tmp:
         src = Path(tmp) / "src"
-        write_vocab_and_merges(src)
+        write_vocab_and_merges(src, merges)
         # Only vocab.json and merges.txt are in src: transformers builds the fast tokenizer from them.
         tok = CLIPTokenizerFast.from_pretrained(
             str(src),
@@ -162,9 +203,9 @@ def _tokenizer_files() -> dict[str, bytes]:
         out = Path(tmp) / "out"
         tok.save_pretrained(str(out))
         # Our own derivation of vocab.json and merges.txt is canonical (transformers may not write them).
-        write_vocab_and_merges(out)
+        write_vocab_and_merges(out, merges)
         _fix_tokenizer_config(out / "tokenizer_config.json")
-        _check_tokenizer_json(out / "tokenizer.json")
+        _check_tokenizer_json(out / "tokenizer.json", len(_clip_vocab_items(merges)))
         return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
 
 
@@ -185,11 +226,11 @@ def _fix_tokenizer_config(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _check_tokenizer_json(path: Path) -> None:
+def _check_tokenizer_json(path: Path, vocab_size: int = VOCAB_SIZE) -> None:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
-    if tok.get_vocab_size(with_added_tokens=True) != VOCAB_SIZE:
-        raise SdedgeError(f"{path}: {tok.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
-    if tok.token_to_id(BOS_TOKEN) != VOCAB_SIZE - 2 or tok.token_to_id(EOS_TOKEN) != VOCAB_SIZE - 1:
-        raise SdedgeError(f"{path}: special tokens are not at ids 49406/49407")
+    if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
+        raise SdedgeError(f"{path}: {tok.get_vocab_size()} tokens, expected {vocab_size}")
+    if tok.token_to_id(BOS_TOKEN) != vocab_size - 2 or tok.token_to_id(EOS_TOKEN) != vocab_size - 1:
+        raise SdedgeError(f"{path}: special tokens are not at ids {vocab_size - 2}/{vocab_size - 1}")

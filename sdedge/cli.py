@@ -42,6 +42,17 @@ def cmd_base(args) -> int:
     return 0
 
 
+def cmd_build_engines(args) -> int:
+    from sdedge.runtime.backends.tensorrt_probe import require_tensorrt
+    from sdedge.runtime.errors import MissingDependency
+
+    if not (Path(args.bundle) / "sdedge.json").is_file():
+        raise SdedgeError(f"{args.bundle}: no sdedge.json; is it an sdedge bundle (made by `sdedge export`)?")
+    require_tensorrt("build-engines")
+    raise MissingDependency("build-engines: TensorRT is usable here, but this sdedge version does not build "
+                            "TensorRT engines yet; run the bundle with --backend onnxruntime --device cuda")
+
+
 def export_options(args):
     from sdedge.export.build import ExportOptions
     from sdedge.runtime.manifest import Precision
@@ -192,11 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("base", help="write a built-in base model (diffusers layout)")
-    b.add_argument("name", choices=["tiny", "sd15-arch"])
+    b.add_argument("name", choices=["tiny", "tiny-random", "sd15-arch"],
+                   help="tiny: the trained tiny base (64×64 coloured shapes); tiny-random: its architecture with "
+                        "seeded random weights; sd15-arch: SD1.5's architecture with seeded random weights")
     b.add_argument("--out", required=True)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="weights seed (tiny-random, sd15-arch)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=cmd_base)
+
+    be = sub.add_parser("build-engines", help="build TensorRT engines for this GPU from a bundle's ONNX (GPU only)")
+    be.add_argument("bundle")
+    be.add_argument("--shapes", default="512x512", help="sizes to build profiles for, e.g. 512x512,768x768")
+    be.add_argument("--batch", default="1", help="batch size or range, e.g. 1-4")
+    be.set_defaults(func=cmd_build_engines)
 
     e = sub.add_parser("export", help="export a base to a bundle (ONNX + manifest)")
     e.add_argument("--base", required=True, help="a diffusers folder, a single-file .safetensors, or a .ckpt")
@@ -245,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="images per call")
     g.add_argument("--out", default="out.png")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"],
+    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "trt"],
                    help="inference engine (auto: the documented rule, logged with its reason; see docs/cpu-engines.md)")
     g.add_argument("--memory", default="normal", choices=["normal", "low"])
     g.add_argument("--threads", type=int)

@@ -1,30 +1,83 @@
-"""`sdedge quickstart`: the main job end to end on the built-in tiny model.
+"""`sdedge quickstart`: the whole flow on the built-in trained tiny base, in a few minutes on a laptop CPU.
 
-    base tiny ─► export (ONNX bundle, parity vs diffusers) ─► generate (PyTorch-free runtime) ─► info
+    base tiny ─► export (fp32, parity vs diffusers)                       ─► "before" images of a new concept
+    concept images ("a purple …", a colour the base never saw) ─► prepare ─► train a LoRA
+    ─► export with the LoRA fused (fp32, then int8) ─► sign with a fresh key ─► verify
+    ─► generate (signature required) ─► prompt-match rates before/after, int8 vs fp32 PSNR ─► bench ─► summary.json
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from sdedge.runtime.stages import Stages
 
-PROMPTS = ("a red circle on a blue background", "a green square on a yellow background")
+SEEDS = (11, 12)
+CONCEPT_IMAGES = 96
+LORA_STEPS = 300
+
+
+def concept_prompts() -> list[str]:
+    """Every shape on every base background, in the colour the base never saw."""
+    from sdedge.trainer.shapes import BASE_COLOURS, NEW_COLOUR, SHAPES, caption
+
+    return [caption(s, NEW_COLOUR, b) for s in SHAPES for b in BASE_COLOURS]
+
+
+def base_prompts() -> list[str]:
+    return ["a red circle on a blue background", "a yellow triangle on a black background",
+            "a green square on a white background", "a blue circle on a yellow background"]
+
+
+def _generate(pipe, prompts: list[str], seeds=SEEDS) -> np.ndarray:
+    """uint8 (len(prompts) · len(seeds), H, W, 3), prompt-major; 4 prompts a call (the bundle's batch limit of 8
+    counts the unconditional half)."""
+    from sdedge.runtime.pipeline import to_uint8
+
+    out = []
+    for prompt in prompts:
+        for seed in seeds:
+            out.append(to_uint8(pipe.generate(prompt, seed=seed).images)[0])
+    return np.stack(out)
+
+
+def _grid_png(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2) -> None:
+    """Images side by side per row (one row per label), upscaled, with a 2-px gap."""
+    from PIL import Image
+
+    h, w = rows[0][1].shape[1:3]
+    n = max(len(r[1]) for r in rows)
+    canvas = Image.new("RGB", (n * (w + 2) * scale, len(rows) * (h + 2) * scale), (255, 255, 255))
+    for i, (_, imgs) in enumerate(rows):
+        for j, img in enumerate(imgs):
+            tile = Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+            canvas.paste(tile, (j * (w + 2) * scale, i * (h + 2) * scale))
+    canvas.save(path)
 
 
 def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict:
+    from sdedge.benchmarks.bench import psnr
+    from sdedge.benchmarks.shape_score import load_classifier, match_rate
     from sdedge.export.bases import write_builtin_base
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.export.bundle_writer import atomic_write_text
     from sdedge.export.signing import keygen, sign
-    from sdedge.runtime.signing import verify_bundle
     from sdedge.runtime.errors import SdedgeError
+    from sdedge.runtime.manifest import Precision
     from sdedge.runtime.pipeline import Pipeline
+    from sdedge.runtime.signing import verify_bundle
+    from sdedge.trainer.config import TrainConfig
+    from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
+    from sdedge.trainer.shapes import NEW_COLOUR, write_dataset
+    from sdedge.trainer.train import train
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -32,78 +85,127 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     stages = Stages(console)
-    base_dir, bundle_dir, images_dir, keys_dir = out / "tiny-base", out / "bundle", out / "images", out / "keys"
-
-    with stages("1/6 write the built-in tiny base"):
-        write_builtin_base("tiny", base_dir, seed=0, overwrite=True)
-    with stages("2/6 export to an ONNX bundle (parity checked against diffusers)"):
-        manifest = export_bundle(base_dir, bundle_dir, ExportOptions(overwrite=True))
-    with stages("3/6 sign with a fresh key and verify"):
-        if keys_dir.exists():
-            import shutil
-
-            shutil.rmtree(keys_dir)
-        keys = keygen(keys_dir)
-        sign(bundle_dir, key=keys.private)
-        signer = verify_bundle(bundle_dir, public_key=keys.public)
+    base_dir, keys_dir = out / "tiny-base", out / "keys"
+    bundle_base, bundle, bundle_int8 = out / "bundle-base", out / "bundle", out / "bundle-int8"
+    images_dir = out / "images"
     images_dir.mkdir(exist_ok=True)
-    with stages("4/6 generate with the PyTorch-free runtime (signature required)"):
-        pipe = Pipeline.load(bundle_dir, device="cpu", verify="required", public_key=keys.public)
-        results = []
-        for i, prompt in enumerate(PROMPTS):
-            r = pipe.generate(prompt, steps=20, seed=7 + i, scheduler="dpm++2m")
-            path = images_dir / f"{i}.png"
-            r.to_pil()[0].save(path)
-            results.append((prompt, path, r))
-        pipe.close()
-    with stages("5/6 bench the bundle against diffusers on the same weights and latents"):
-        import warnings
+    classifier = load_classifier()
+    prompts = concept_prompts()
+    tag = lambda p: [p_ for p_ in p for _ in SEEDS]  # noqa: E731 - one prompt per generated image
 
+    with stages("1/9 write the built-in trained tiny base (64×64 coloured shapes)"):
+        write_builtin_base("tiny", base_dir, overwrite=True)
+    with stages("2/9 export the base to an ONNX bundle (parity checked against diffusers)"):
+        manifest_base = export_bundle(base_dir, bundle_base, ExportOptions(overwrite=True))
+    with stages(f"3/9 before: the base draws '{NEW_COLOUR}', a colour it never saw"):
+        pipe = Pipeline.load(bundle_base, verify="off")
+        before = _generate(pipe, prompts)
+        base_imgs = _generate(pipe, base_prompts(), seeds=SEEDS[:1])
+        pipe.close()
+        match_base = match_rate(classifier, before, tag(prompts))
+        match_base_known = match_rate(classifier, base_imgs, base_prompts())
+    with stages(f"4/9 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and prepare them"):
+        raw = write_dataset(out / "concept-images", CONCEPT_IMAGES, colours=(NEW_COLOUR,), seed=5)
+        prepare_dataset(raw, out / "concept-data", PrepareOptions(resolution=64, dedup=None, overwrite=True))
+    with stages(f"5/9 train a LoRA on the new colour ({LORA_STEPS} steps)"):
+        cfg = TrainConfig(base=str(base_dir), data=str(out / "concept-data"), out=str(out / "lora"),
+                          rank=8, learning_rate=1e-3, batch_size=8, max_steps=LORA_STEPS,
+                          train_text_encoder=True, lr_warmup_steps=10, seed=0, tensorboard=False,
+                          progress=False, log_steps=25, overwrite=True)
+        trained = train(cfg, console=console)
+    with stages("6/9 export with the LoRA fused: fp32, then int8 (parity and speed gates)"):
+        manifest = export_bundle(base_dir, bundle, ExportOptions(loras=((str(trained.adapter), 1.0),),
+                                                                 overwrite=True))
+        manifest_int8 = export_bundle(bundle, bundle_int8, ExportOptions(precision=Precision.INT8, overwrite=True))
+    with stages("7/9 sign both bundles with a fresh key and verify"):
+        shutil.rmtree(keys_dir, ignore_errors=True)
+        keys = keygen(keys_dir)
+        for b in (bundle, bundle_int8):
+            sign(b, key=keys.private)
+        signer = verify_bundle(bundle, public_key=keys.public)
+        verify_bundle(bundle_int8, public_key=keys.public)
+    with stages("8/9 after: generate with the LoRA bundles (signature required)"):
+        imgs = {}
+        for name, b in (("fp32", bundle), ("int8", bundle_int8)):
+            pipe = Pipeline.load(b, verify="required", public_key=keys.public)
+            imgs[name] = _generate(pipe, prompts)
+            pipe.close()
+        match_lora = match_rate(classifier, imgs["fp32"], tag(prompts))
+        match_int8 = match_rate(classifier, imgs["int8"], tag(prompts))
+        int8_psnr = float(np.mean([psnr(a / 255.0, b / 255.0) for a, b in zip(imgs["int8"], imgs["fp32"])]))
+        first = slice(0, None, len(SEEDS))  # one image per prompt in the grid
+        _grid_png([("base", before[first]), ("lora fp32", imgs["fp32"][first]), ("lora int8", imgs["int8"][first])],
+                  images_dir / "before-after.png")
+        _grid_png([("base", base_imgs)], images_dir / "base.png", scale=3)
+    with stages("9/9 bench the base bundle against diffusers on the same weights and latents"):
         from sdedge.benchmarks.bench import quick_bench
 
-        with warnings.catch_warnings():  # "signed but no key given": step 3 verified it with the key
+        with warnings.catch_warnings():  # "not signed": bundle-base is the unsigned "before" bundle
             warnings.simplefilter("ignore")
-            report = quick_bench(bundle_dir, base_dir, out / "bench", runs=2, steps=4)
-    with stages("6/6 summary"):
-        summary = {
-            "base": str(base_dir),
-            "bundle": str(bundle_dir),
-            "signature": str(bundle_dir / "model.sig"),
-            "signer": signer.describe(),
-            "public_key": str(keys.public),
-            "images": [str(p) for _, p, _ in results],
-            "parity_image_psnr_db": manifest.parity.image.psnr_db if manifest.parity.image else None,
-            "parity_max_abs_err": {k: v.max_abs_err for k, v in manifest.parity.components.items()},
-            "seconds_per_image": [round(r.timings["unet"] + r.timings["text_encoder"] + r.timings["vae_decoder"], 4)
-                                  for _, _, r in results],
-            "bench": str(out / "bench" / "report.md"),
-            "bench_speedup_vs_diffusers": engine_of(report)["speedup_vs_reference"]["median"],
-            "bench_psnr_db": engine_of(report)["parity"]["psnr_db"]["median"],
-            "stage_seconds": {k: round(v, 2) for k, v in stages.seconds.items()},
-        }
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            report = quick_bench(bundle_base, base_dir, out / "bench", runs=4, steps=20,
+                                 prompts=tuple(base_prompts()))
 
-    table = Table("what", "where")
+    e = engine_of(report)
+    summary = {
+        "base": str(base_dir),
+        "bundle": str(bundle),
+        "bundle_int8": str(bundle_int8),
+        "bundle_base": str(bundle_base),
+        "signature": str(bundle / "model.sig"),
+        "signer": signer.describe(),
+        "public_key": str(keys.public),
+        "new_concept": NEW_COLOUR,
+        "concept_prompts": len(prompts),
+        "images_per_rate": len(prompts) * len(SEEDS),
+        "match_rate_base": round(match_base, 3),
+        "match_rate_lora": round(match_lora, 3),
+        "match_rate_lora_int8": round(match_int8, 3),
+        "match_rate_base_known_colours": round(match_base_known, 3),
+        "int8_psnr": round(int8_psnr, 2),
+        "int8_size_ratio": _size_ratio(manifest_int8),
+        "parity_image_psnr_db": manifest_base.parity.image.psnr_db if manifest_base.parity.image else None,
+        "parity_lora_image_psnr_db": manifest.parity.image.psnr_db if manifest.parity.image else None,
+        "parity_max_abs_err": {k: v.max_abs_err for k, v in manifest_base.parity.components.items()},
+        "lora_steps": trained.steps,
+        "lora_final_loss": round(trained.final_loss, 4),
+        "images": {"before_after": str(images_dir / "before-after.png"), "base": str(images_dir / "base.png")},
+        "bench": str(out / "bench" / "report.md"),
+        "bench_speedup_vs_diffusers": e["speedup_vs_reference"]["median"],
+        "bench_psnr_db": e["parity"]["psnr_db"]["median"],
+        "bench_prompt_match": (e.get("prompt_match") or {}).get("rate"),
+        "stage_seconds": {k: round(v, 2) for k, v in stages.seconds.items()},
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    table = Table("what", "where / figure")
     table.add_row("base model (diffusers layout)", str(base_dir))
-    table.add_row("bundle (ONNX + sdedge.json)", str(bundle_dir))
-    table.add_row(f"signature ({signer.describe()})", str(bundle_dir / "model.sig"))
-    table.add_row("signing keys", str(keys_dir))
-    for prompt, path, r in results:
-        table.add_row(f"image: {prompt!r}", str(path))
+    table.add_row("LoRA bundle, fp32 / int8 (ONNX + sdedge.json)", f"{bundle} / {bundle_int8}")
+    table.add_row(f"signatures ({signer.describe()})", str(bundle / "model.sig"))
+    table.add_row("before / after grid (base, LoRA fp32, LoRA int8)", str(images_dir / "before-after.png"))
+    table.add_row(f"prompt match on '{NEW_COLOUR}' prompts: base → LoRA",
+                  f"{match_base:.0%} → {match_lora:.0%} (int8 {match_int8:.0%}; {summary['images_per_rate']} images)")
+    table.add_row("prompt match of the base on colours it knows", f"{match_base_known:.0%}")
+    table.add_row("int8 vs fp32 (same latents)", f"{int8_psnr:.1f} dB PSNR")
     table.add_row("bench report (vs diffusers)", str(out / "bench" / "report.md"))
     table.add_row("summary", str(out / "summary.json"))
     console.print(table)
-    if manifest.parity.image:
-        console.print(f"runtime vs diffusers on the same weights and latents: {manifest.parity.image.psnr_db:.1f} dB PSNR")
-    e = engine_of(report)
+    if manifest_base.parity.image:
+        console.print(f"runtime vs diffusers on the same weights and latents: "
+                      f"{manifest_base.parity.image.psnr_db:.1f} dB PSNR")
     console.print(f"bench on this machine: the runtime is {e['speedup_vs_reference']['median']:.2f}× diffusers' speed "
-                  f"per image, {e['parity']['psnr_db']['median']:.1f} dB PSNR against it (tiny model, 4 steps)")
-    console.print(f"quickstart done in {time.perf_counter() - t_start:.1f} s. Next: "
-                  f"sdedge verify {bundle_dir} --public-key {keys.public} · "
-                  f"sdedge generate {bundle_dir} \"a red circle\" --out out.png")
-    console.print("[dim]The built-in tiny model has random weights: its images are noise-like until the trained "
-                  "tiny base lands.[/dim]")
+                  f"per image, {e['parity']['psnr_db']['median']:.1f} dB PSNR against it (tiny model, 20 steps)")
+    console.print(f"quickstart done in {summary['seconds_total']:.0f} s. Next: "
+                  f"sdedge generate {bundle} \"a {NEW_COLOUR} circle on a white background\" --out out.png "
+                  f"--public-key {keys.public}")
     return summary
+
+
+def _size_ratio(derived) -> float | None:
+    """Bytes of a derived bundle's components over those of the fp32 bundle it came from (its manifest's record)."""
+    if derived.sizes is None:
+        return None
+    return round(sum(derived.sizes.after.values()) / sum(derived.sizes.before.values()), 3)
 
 
 def engine_of(report: dict) -> dict:

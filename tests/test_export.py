@@ -130,3 +130,40 @@ def test_bundle_is_readable_by_others(tiny_bundle):
         pytest.skip(f"umask {umask:o} hides files from others anyway")
     for p in [tiny_bundle, *tiny_bundle.rglob("*")]:
         assert p.stat().st_mode & stat.S_IROTH, p
+
+
+def test_tensorrt_probe_names_what_is_missing(tmp_path, monkeypatch):
+    """No GPU here: the probe finds no nvidia-smi; with a stand-in nvidia-smi that lists a GPU (a real program
+    run by the probe) only the missing packages remain."""
+    from sdedge.runtime.backends import tensorrt_probe as probe
+    from sdedge.runtime.errors import MissingDependency
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    missing = probe.missing_for_tensorrt()
+    assert any("nvidia-smi not found" in m for m in missing) and probe.cuda_gpus() == []
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    assert probe.cuda_gpus() == ["GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"]
+    with pytest.raises(MissingDependency) as exc:
+        probe.require_tensorrt("--target trt")
+    msg = str(exc.value)
+    assert "a CUDA GPU" not in msg  # the stand-in driver lists one
+    assert "pip install 'sdedge[trt]'" in msg and "import tensorrt failed" in msg
+
+
+def test_trt_target_backend_and_build_engines_exit_2_and_write_nothing(tiny_bundle, tmp_path):
+    out = tmp_path / "bundle-trt"
+    cases = [
+        ["export", "--base", str(tiny_bundle), "--target", "trt", "--precision", "fp16", "--out", str(out)],
+        ["generate", str(tiny_bundle), "a red circle on a blue background", "--backend", "trt",
+         "--out", str(tmp_path / "x.png")],
+        ["build-engines", str(tiny_bundle), "--shapes", "64x64"],
+    ]
+    for args in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "TensorRT" in r.stderr and "missing:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and not (tmp_path / "x.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert not (tiny_bundle / "engines").exists()

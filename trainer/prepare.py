@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdedge.runtime.errors import BadInput, SdedgeError
+from sdedge.runtime.files import replace_dir
 
 from .captions import METADATA_FILES, read_captions, txt_caption
 from .dedup import clip_embeddings, find_duplicates, phash, pixel_sha256
@@ -243,20 +244,9 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
         }
         meta["options"].pop("overwrite", None)
         (stage / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _replace_dir(stage, out)
+        replace_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return PrepareReport(out=out, kept=kept, augmented=len(entries) - kept, skipped=skipped,
                          dataset_sha256=dataset_sha)
-
-
-def _replace_dir(stage: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(stage, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-

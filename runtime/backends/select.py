@@ -13,6 +13,7 @@ The `auto` rule, in order (the first that applies decides; the reason is logged)
    call rather than in its kernels, and runs static int8 slower than OpenVINO); fp16 → OpenVINO (ONNX
    Runtime's CPU provider has few fp16 kernels and casts around the rest).
 An explicit `onnxruntime` or `openvino` is obeyed, or refused with the reason (never a silent fallback).
+`trt` is refused with exit code 2 naming what is missing (tensorrt_probe.py); TensorRT engines are not built yet.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..manifest import ComponentInfo, Manifest, Precision
 
 log = logging.getLogger("sdedge.runtime")
 
-BACKENDS = ("auto", "onnxruntime", "openvino")
+BACKENDS = ("auto", "onnxruntime", "openvino", "trt")
 OPENVINO_PRECISIONS = (Precision.BF16, Precision.INT8_WEIGHTS, Precision.INT8, Precision.FP16)
 
 
@@ -72,6 +73,12 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
     if device not in ("auto", "cpu", "cuda"):
         raise BadInput(f"device {device!r}: choose one of auto, cpu, cuda")
     precision = manifest.precision
+    if backend == "trt":
+        from .tensorrt_probe import require_tensorrt
+
+        require_tensorrt("--backend trt")
+        raise MissingDependency("--backend trt: this sdedge version has no TensorRT engine runner yet, and this bundle "
+                                "has no engines/ folder; use --backend onnxruntime --device cuda on this GPU")
     if backend == "openvino":
         if device == "cuda":
             raise BadInput("backend 'openvino' runs on the CPU here; use --backend onnxruntime for --device cuda")

@@ -85,3 +85,18 @@ def draw_noise(noise, rng: np.random.Generator | None, shape) -> tuple[np.ndarra
     if rng is None:
         rng = np.random.default_rng()
     return rng.standard_normal(shape, dtype=np.float32), rng
+
+
+class AlphaBarScheduler:
+    """What DDIM, PNDM and LCM share: the noise schedule (betas, alpha-bar), alpha-bar of the step "before" t=0
+    (`final_alpha_cumprod`: 1 with set_alpha_to_one, else alpha-bar_0), and the full training timestep grid
+    until `set_timesteps` picks the inference one."""
+
+    def _init_schedule(self, config) -> None:
+        from .config import noise_schedule
+
+        self.config = config
+        self.betas, self.alphas_cumprod = noise_schedule(config)
+        self.final_alpha_cumprod = np.float32(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
+        self.num_inference_steps: int | None = None
+        self.timesteps = np.arange(config.num_train_timesteps, dtype=np.int64)[::-1].copy()

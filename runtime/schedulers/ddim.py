@@ -25,23 +25,19 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BadInput
-from .common import as_f32, draw_noise
-from .config import SchedulerConfig, noise_schedule
+from .common import AlphaBarScheduler, as_f32, draw_noise
+from .config import SchedulerConfig
 
 
-class DDIMScheduler:
+class DDIMScheduler(AlphaBarScheduler):
     order = 1
     init_noise_sigma = 1.0
 
     def __init__(self, config: SchedulerConfig, eta: float = 0.0):
         if eta < 0:
             raise BadInput(f"DDIM eta must be >= 0, got {eta}")
-        self.config = config
         self.eta = float(eta)
-        self.betas, self.alphas_cumprod = noise_schedule(config)
-        self.final_alpha_cumprod = np.float32(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
-        self.num_inference_steps: int | None = None
-        self.timesteps = np.arange(config.num_train_timesteps, dtype=np.int64)[::-1].copy()
+        self._init_schedule(config)
         self.rng: np.random.Generator | None = None
 
     def set_timesteps(self, num_inference_steps: int, rng: np.random.Generator | None = None) -> None:

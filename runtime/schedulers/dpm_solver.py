@@ -31,7 +31,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BadInput
-from .common import as_f32, exp32, index_for_timestep, karras_sigmas, log32, sigma_to_t, vp_sigmas
+from .common import (
+    as_f32,
+    exp32,
+    index_for_timestep,
+    karras_sigmas,
+    log32,
+    sigma_to_t,
+    vp_sigmas,
+)
 from .config import SchedulerConfig, noise_schedule
 
 

@@ -32,20 +32,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BadInput
-from .common import as_f32
-from .config import SchedulerConfig, noise_schedule
+from .common import AlphaBarScheduler, as_f32
+from .config import SchedulerConfig
 
 
-class PNDMScheduler:
+class PNDMScheduler(AlphaBarScheduler):
     order = 1
     init_noise_sigma = 1.0
 
     def __init__(self, config: SchedulerConfig):
-        self.config = config
-        self.betas, self.alphas_cumprod = noise_schedule(config)
-        self.final_alpha_cumprod = np.float32(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
-        self.num_inference_steps: int | None = None
-        self.timesteps = np.arange(config.num_train_timesteps, dtype=np.int64)[::-1].copy()
+        self._init_schedule(config)
         self._reset()
 
     def _reset(self) -> None:

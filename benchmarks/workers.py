@@ -1,0 +1,291 @@
+"""The bench's engine workers: the sdedge runtime on a bundle, or diffusers' eager pipeline on a base.
+
+A worker runs in a child process (`python -m sdedge.benchmarks.workers --worker`: JSON requests on stdin, one
+prefixed JSON reply line each on stdout) or inline in the bench's process; `handle` serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+from sdedge.runtime.errors import SdedgeError
+
+from .suite import BenchError
+
+REPLY_PREFIX = "@@sdedge-bench "
+from .report import STAGES
+
+
+# == workers (run in the child process, or inline) ===========================================================
+def _peak_rss() -> int:
+    """This process's peak RSS. On Linux, VmHWM of /proc/self/status: the high-water mark of this program's
+    own address space. (getrusage's ru_maxrss survives fork + exec, so a child started by a large parent
+    would report at least the parent's size.) Elsewhere, sdedge.runtime.memory.peak_rss_bytes."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    from sdedge.runtime.memory import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+class _SdedgeWorker:
+    """The PyTorch-free runtime on a bundle."""
+
+    def __init__(self, spec: dict, settings: dict):
+        self.spec, self.settings = spec, settings
+        self.pipe = None
+
+    def load(self) -> dict:
+        t0 = time.perf_counter()
+        from sdedge.runtime.pipeline import Pipeline
+
+        t1 = time.perf_counter()
+        s = self.settings
+        kw = {"device": self.spec["device"], "memory": self.spec["memory"], "threads": self.spec["threads"],
+              "verify": self.spec["verify"]}
+        if self.spec.get("backend", "auto") != "auto":
+            kw["backend"] = self.spec["backend"]
+        self.pipe = Pipeline.load(self.spec["bundle"], **kw)
+        t2 = time.perf_counter()
+        m = self.pipe.manifest
+        prov = m.provenance
+        return {
+            "import_seconds": t1 - t0,
+            "load_seconds": t2 - t1,
+            "component_load_seconds": dict(self.pipe.load_seconds),
+            "backend": self.pipe.backend,
+            "backend_reason": getattr(self.pipe, "backend_reason", ""),
+            "precision": m.precision.value,
+            "signed": bool(getattr(self.pipe, "signer", None)),
+            "provenance": {"base_id": prov.base.id, "base_sha256": prov.base.sha256, "quantisation": prov.quantisation,
+                           "prune_ratio": prov.prune_ratio, "adapters": len(prov.adapters)},
+            "scheduler": s["scheduler"],
+            "peak_rss_bytes": _peak_rss(),
+        }
+
+    def run(self, req: dict) -> dict:
+        s = self.settings
+        latents = np.load(req["latents"])
+        t0 = time.perf_counter()
+        r = self.pipe.generate(s["prompt_list"][req["prompt_index"]], s["negative"], steps=s["steps"],
+                               guidance=s["guidance"], scheduler=s["scheduler"], width=s["size"], height=s["size"],
+                               num_images=s["batch"], latents=latents)
+        wall = time.perf_counter() - t0
+        stages = {k: float(r.timings.get(k, 0.0)) for k in STAGES if k != "other"}
+        stages["other"] = max(0.0, wall - sum(stages.values()))
+        if req.get("image"):
+            np.save(req["image"], r.images.astype(np.float32))
+        return {"seconds": wall, "stages": stages, "step_seconds": [float(x) for x in r.step_times],
+                "peak_rss_bytes": _peak_rss()}
+
+    def final(self) -> dict:
+        return {"peak_rss_bytes": _peak_rss(), "peak_gpu_allocated_bytes": None}
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+
+
+class _DiffusersWorker:
+    """diffusers' eager StableDiffusionPipeline, with hooks timing each stage."""
+
+    def __init__(self, spec: dict, settings: dict):
+        self.spec, self.settings = spec, settings
+        self.pipe = None
+        self.rec: dict[str, Any] = {}
+
+    def load(self) -> dict:
+        t0 = time.perf_counter()
+        import torch
+        from sdedge.export.bases import load_base
+        from sdedge.export.reference import diffusers_scheduler
+
+        t1 = time.perf_counter()
+        self.torch = torch
+        self.make_scheduler = diffusers_scheduler
+        self.threads_before = torch.get_num_threads()  # restored at close (inline mode shares the process)
+        torch.set_num_threads(self.spec["threads"])
+        device = self.spec["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BenchError("reference: device cuda asked for, but this torch build sees no CUDA GPU")
+        self.device = device
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec["dtype"]]
+        pipe = load_base(self.spec["base"])
+        if self.dtype != torch.float32 or device != "cpu":
+            pipe = pipe.to(device=device, dtype=self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t2 = time.perf_counter()
+        self.pipe = pipe
+        self._instrument()
+        return {
+            "import_seconds": t1 - t0,
+            "load_seconds": t2 - t1,
+            "component_load_seconds": {},
+            "backend": f"torch-eager:{device}",
+            "backend_reason": "the PyTorch reference",
+            "precision": self.spec["dtype"],
+            "signed": False,
+            "provenance": None,
+            "scheduler": self.settings["scheduler"],
+            "peak_rss_bytes": _peak_rss(),
+        }
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _instrument(self) -> None:
+        rec, pipe, clock = self.rec, self.pipe, time.perf_counter
+
+        def pre(name):
+            def hook(module, args):
+                self._sync()
+                rec[f"{name}_t0"] = clock()
+                if name == "unet":
+                    rec["step_starts"].append(rec["unet_t0"])
+            return hook
+
+        def post(name):
+            def hook(module, args, output):
+                self._sync()
+                rec[name] += clock() - rec[f"{name}_t0"]
+            return hook
+
+        for name in ("text_encoder", "unet"):
+            module = getattr(pipe, name)
+            module.register_forward_pre_hook(pre(name))
+            module.register_forward_hook(post(name))
+        decode = pipe.vae.decode
+
+        def timed_decode(*args, **kwargs):
+            self._sync()
+            t = clock()
+            rec["vae_start"] = t
+            try:
+                return decode(*args, **kwargs)
+            finally:
+                self._sync()
+                rec["vae_decoder"] += clock() - t
+
+        pipe.vae.decode = timed_decode
+        tok = pipe.tokenizer
+        try:
+            base_cls = type(tok)
+
+            def call(this, *args, **kwargs):
+                t = clock()
+                try:
+                    return base_cls.__call__(this, *args, **kwargs)
+                finally:
+                    rec["tokenize"] += clock() - t
+
+            tok.__class__ = type(base_cls.__name__, (base_cls,), {"__call__": call})
+            self.tokenizer_timed = True
+        except TypeError:  # pragma: no cover - a tokenizer class that refuses it: its time lands in "other"
+            self.tokenizer_timed = False
+
+    def run(self, req: dict) -> dict:
+        torch, s = self.torch, self.settings
+        lat = torch.from_numpy(np.load(req["latents"])).to(device=self.device, dtype=self.dtype)
+        prompt = s["prompt_list"][req["prompt_index"]]
+        b = lat.shape[0]
+        self.pipe.scheduler = self.make_scheduler(s["scheduler"], s["scheduler_config"])
+        self.rec.clear()
+        self.rec.update(tokenize=0.0, text_encoder=0.0, unet=0.0, vae_decoder=0.0, step_starts=[], vae_start=None)
+        self._sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.pipe([prompt] * b, negative_prompt=[s["negative"]] * b, num_inference_steps=s["steps"],
+                            guidance_scale=s["guidance"], latents=lat, height=s["size"], width=s["size"],
+                            output_type="np")
+        self._sync()
+        t_end = time.perf_counter()
+        wall = t_end - t0
+        images = np.asarray(out.images, dtype=np.float32)
+        starts = self.rec["step_starts"]
+        ends = starts[1:] + [self.rec["vae_start"] or t_end]
+        steps = [e - a for a, e in zip(starts, ends)]
+        stages = {"tokenize": self.rec["tokenize"], "text_encoder": self.rec["text_encoder"], "unet": float(sum(steps)),
+                  "vae_decoder": self.rec["vae_decoder"]}
+        stages["other"] = max(0.0, wall - sum(stages.values()))
+        if req.get("image"):
+            np.save(req["image"], images)
+        return {"seconds": wall, "stages": stages, "step_seconds": steps, "peak_rss_bytes": _peak_rss()}
+
+    def final(self) -> dict:
+        gpu = None
+        if self.device == "cuda":
+            gpu = int(self.torch.cuda.max_memory_allocated())
+        return {"peak_rss_bytes": _peak_rss(), "peak_gpu_allocated_bytes": gpu}
+
+    def close(self) -> None:
+        self.pipe = None
+        if hasattr(self, "threads_before"):
+            self.torch.set_num_threads(self.threads_before)
+
+
+def _make_worker(role: str, spec: dict, settings: dict):
+    return _DiffusersWorker(spec, settings) if role == "reference" else _SdedgeWorker(spec, settings)
+
+
+def handle(worker_box: list, msg: dict) -> dict:
+    """One protocol message → its reply (shared by the child process and inline mode)."""
+    op = msg.get("op")
+    try:
+        if op == "init":
+            worker_box[:] = [_make_worker(msg["role"], msg["spec"], msg["settings"])]
+            return {"ok": True, **worker_box[0].load()}
+        if op == "run":
+            return {"ok": True, **worker_box[0].run(msg)}
+        if op == "final":
+            return {"ok": True, **worker_box[0].final()}
+        if op == "close":
+            if worker_box:
+                worker_box[0].close()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown op {op!r}", "user_error": False}
+    except SdedgeError as exc:
+        return {"ok": False, "error": str(exc), "user_error": True}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent with its traceback
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                "user_error": False}
+
+
+def worker_main() -> int:
+    """The child process: JSON requests on stdin, one prefixed JSON reply line each on the original stdout.
+    Everything else anything prints goes to stderr (the parent's log file for this engine)."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    box: list = []
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        if msg.get("op") == "exit":
+            break
+        reply = handle(box, msg)
+        proto.write(REPLY_PREFIX + json.dumps(reply) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main())
