@@ -70,7 +70,7 @@ def _outputs(pipe) -> dict[str, torch.Tensor]:
                        truncation=True, return_tensors="np").input_ids
     )
     hidden = pipe.text_encoder(ids)[0]
-    latents = torch.randn(1, 4, 8, 8, generator=g)
+    latents = torch.randn(1, 4, 16, 16, generator=g)  # (1, 4, 64/4, 64/4)
     image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     return {
         "text_encoder": hidden,
@@ -190,9 +190,9 @@ def test_sd15_arch_parameter_count_on_meta():
 def test_single_file_layout(single_file):
     keys = read_safetensors_header(single_file)
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
-    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in keys  # tiny's first up block upsampler
+    assert "model.diffusion_model.output_blocks.1.2.conv.weight" in keys  # tiny's first up block upsampler
     assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
-    assert keys["first_stage_model.encoder.mid.attn_1.q.weight"] == (32, 32, 1, 1)
+    assert keys["first_stage_model.encoder.mid.attn_1.q.weight"] == (64, 64, 1, 1)
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
     assert not list(single_file.parent.glob(f".{single_file.name}.*"))
 
@@ -344,7 +344,7 @@ def test_mismatched_checkpoint_names_key_and_shapes(single_file, tiny_dir, work)
     assert str([good_shape[0] * 2, *good_shape[1:]]) in msg and str(good_shape) in msg
 
     state = load_file(str(single_file))
-    gone = "first_stage_model.decoder.up.3.block.0.conv2.bias"
+    gone = "first_stage_model.decoder.up.2.block.0.conv2.bias"
     del state[gone]
     missing = work / "missing-key.safetensors"
     save_file(state, str(missing))
@@ -355,9 +355,9 @@ def test_mismatched_checkpoint_names_key_and_shapes(single_file, tiny_dir, work)
     folder = work / "tiny-wrong"
     shutil.copytree(tiny_dir, folder)
     cfg = json.loads((folder / "unet/config.json").read_text())
-    cfg["cross_attention_dim"] = 64
+    cfg["cross_attention_dim"] = 96
     (folder / "unet/config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SdedgeError, match=r"attn2\.to_k\.weight.*\[64, 32\]|attn2\.to_k\.weight.*\[32, 64\]"):
+    with pytest.raises(SdedgeError, match=r"attn2\.to_k\.weight.*\[32, (64|96)\].*\[32, (64|96)\]"):
         load_base(folder)
 
 

@@ -166,13 +166,13 @@ def test_reference_of_another_architecture(tiny_bundle, tiny_base, tmp_path, cap
     shutil.copytree(tiny_base, other)
     cfg_path = other / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["cross_attention_dim"] = 64
+    cfg["cross_attention_dim"] = 96
     cfg_path.write_text(json.dumps(cfg))
     code = bench_main([str(tiny_bundle), "--reference", str(other), "--runs", "1", "--out", str(tmp_path / "o"),
                        "--inline", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "not the architecture" in err and "cross-attention dim 64" in err and "32 in the bundle" in err
+    assert "not the architecture" in err and "cross-attention dim 96" in err and "64 in the bundle" in err
     assert not (tmp_path / "o" / "report.json").exists()
 
 

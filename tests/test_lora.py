@@ -82,7 +82,7 @@ def loras(shapes_pipe, tmp_path_factory):
     }
 
 
-LATENTS = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+LATENTS = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)  # 64 px / 4
 
 
 def image(pipe):
@@ -112,9 +112,9 @@ def test_fused_image_equals_diffusers_unfused(tiny_base, loras):
     a, b = report.loras
     assert a.keys == a.matched_keys == 2 * len(loras["a_layers"])
     assert b.keys == b.matched_keys == 3 * len(loras["b_layers"])
-    assert a.layers == {"unet": 32, "text_encoder": 8} and b.layers == {"unet": 32, "text_encoder": 0}
+    assert a.layers == {"unet": 80, "text_encoder": 8} and b.layers == {"unet": 80, "text_encoder": 0}
     assert (a.format, b.format, a.scale) == ("peft", "kohya", 0.8)
-    assert len(a.sha256) == 64 and report.modules == {"unet": 32, "text_encoder": 8}
+    assert len(a.sha256) == 64 and report.modules == {"unet": 80, "text_encoder": 8}
 
 
 def test_weights_recomputed_from_base_never_accumulated(tiny_base, loras):
@@ -205,7 +205,7 @@ def test_shape_mismatch_names_first_key_and_both_shapes(tiny_pipe, loras, tmp_pa
     with pytest.raises(LoraError) as e:
         fuse_loras(pipe, [(loras["b"], 1.0), (bad, 1.0)])
     msg = str(e.value)
-    assert key in msg and "[4, 2048]" in msg and "[32, 32]" in msg and "xl.safetensors" in msg
+    assert key in msg and "[4, 2048]" in msg and "[32, 64]" in msg and "xl.safetensors" in msg
     # nothing was fused: the good LoRA listed first did not touch the weights either
     assert torch.equal(pipe.unet.state_dict()["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
                        before)

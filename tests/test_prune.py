@@ -27,9 +27,9 @@ def test_prune_unet_removes_channels(tiny_base):
     narrower = [n for n in before if after[n].numel() < before[n].numel()]
     assert any("down_blocks.1.resnets" in n for n in narrower)
     assert after["conv_in.weight"][1] == 4 and after["conv_out.weight"][0] == 4  # latent channels untouched
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 16, 16)
     with torch.no_grad():
-        out = pipe.unet(x, torch.tensor([10.0, 900.0]), torch.randn(2, 77, 32)).sample
+        out = pipe.unet(x, torch.tensor([10.0, 900.0]), torch.randn(2, 77, 64)).sample
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
