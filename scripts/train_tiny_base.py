@@ -57,6 +57,22 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+def vae_roundtrip(vae, x: np.ndarray) -> np.ndarray:
+    """uint8 images through the VAE (posterior mean) and back, 64 at a time."""
+    with torch.no_grad():
+        return np.concatenate([to_uint8(vae.decode(vae.encode(to_unit(x[i:i + 64])).latent_dist.mean).sample)
+                               for i in range(0, len(x), 64)])
+
+
+def stage_seconds(work: Path, name: str, record: dict, seconds: float | None = None) -> None:
+    """Keep a stage's training time beside its weights, so a resumed run still reports it."""
+    path = work / f"{name}_record.json"
+    if seconds is not None:
+        path.write_text(json.dumps({"seconds": round(seconds, 1)}))
+    if path.exists():
+        record.update(json.loads(path.read_text()))
+
+
 # --- stage 1: data ------------------------------------------------------------------------------------------
 
 
@@ -202,17 +218,13 @@ def stage_vae(work: Path, steps: int, x_train: np.ndarray, x_val: np.ndarray, c_
             opt.step()
             if step % 200 == 0 or step == steps - 1:
                 log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t:.0f} s)")
-        record["seconds"] = round(time.perf_counter() - t, 1)
         save_file(vae.state_dict(), str(path))
-        (work / "vae_record.json").write_text(json.dumps({"seconds": record["seconds"]}))
-    if (work / "vae_record.json").exists():
-        record.update(json.loads((work / "vae_record.json").read_text()))
+        stage_seconds(work, "vae", record, time.perf_counter() - t)
+    stage_seconds(work, "vae", record)
     vae.load_state_dict(load_file(str(path)))
     deterministic_posterior(vae)
     vae.eval()
-    with torch.no_grad():
-        rec = np.concatenate([to_uint8(vae.decode(vae.encode(to_unit(x_val[i:i + 64])).latent_dist.mean).sample)
-                              for i in range(0, len(x_val), 64)])
+    rec = vae_roundtrip(vae, x_val)
     record["val_psnr_db"] = round(psnr(rec / 255.0, x_val / 255.0), 2)
     record["classifier_on_reconstructions"] = classify_match(classifier, rec, c_val)
     log(f"vae: val PSNR {record['val_psnr_db']} dB, classifier on reconstructions "
@@ -270,21 +282,15 @@ def stage_vae_widen(work: Path, vae, steps: int, x_train: np.ndarray, x_val: np.
             deterministic_posterior(vae)
             if step % 100 == 0 or step == steps - 1:
                 log(f"vae widen step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t:.0f} s)")
-        record["seconds"] = round(time.perf_counter() - t, 1)
         save_file(vae.state_dict(), str(path))
-        (work / "vae_widen_record.json").write_text(json.dumps({"seconds": record["seconds"]}))
-    if (work / "vae_widen_record.json").exists():
-        record.update(json.loads((work / "vae_widen_record.json").read_text()))
+        stage_seconds(work, "vae_widen", record, time.perf_counter() - t)
+    stage_seconds(work, "vae_widen", record)
     vae.load_state_dict(load_file(str(path)))
     vae.eval()
     rng = np.random.default_rng(14)
     new = sample_scenes(rng, 128, (NEW_COLOUR,))
     x_new = render_batch(new, rng)
-    with torch.no_grad():
-        def roundtrip(x):
-            return np.concatenate([to_uint8(vae.decode(vae.encode(to_unit(x[i:i + 64])).latent_dist.mean).sample)
-                                   for i in range(0, len(x), 64)])
-        rec_val, rec_new = roundtrip(x_val), roundtrip(x_new)
+    rec_val, rec_new = vae_roundtrip(vae, x_val), vae_roundtrip(vae, x_new)
     record["val_psnr_db"] = round(psnr(rec_val / 255.0, x_val / 255.0), 2)
     record["new_colour_psnr_db"] = round(psnr(rec_new / 255.0, x_new / 255.0), 2)
     record["classifier_on_reconstructions"] = classify_match(classifier, rec_val, c_val)
