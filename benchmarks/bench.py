@@ -591,6 +591,7 @@ def _add_shape_scores(report: dict, engines: list[_Engine], s: Settings) -> None
     prompts = [s.prompts[i % len(s.prompts)] for i in range(s.runs)]
     from sdedge.trainer.shapes import parse_caption
 
+    # checked here, not only in score_engines: shape_score imports torch, which a bench of bundles alone needs not
     if any(parse_caption(p) is None for p in prompts):
         report["shapes"] = {"skipped": "the prompts are not all shapes-world captions ('a red circle on a blue "
                                        "background'), so the tiny base's classifier does not apply",
