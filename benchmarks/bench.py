@@ -172,7 +172,8 @@ class _Engine:
         if self.isolation == "process":
             env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
             self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-            self.proc = subprocess.Popen([sys.executable, "-m", "sdedge.benchmarks.workers", "--worker"],
+            python = self.spec.get("python") or sys.executable  # a peer: its own venv's interpreter
+            self.proc = subprocess.Popen([python, "-m", "sdedge.benchmarks.workers", "--worker"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                          env=env, bufsize=1)
             self.pid = self.proc.pid
@@ -347,6 +348,9 @@ def _prepare_engines(suite: Suite) -> tuple[list[tuple[str, str, dict]], dict, i
         out.append((e.name, "engine", {"bundle": e.bundle, "backend": e.backend, "memory": e.memory,
                                        "device": e.device or s.device, "threads": _threads(e.threads, s),
                                        "verify": e.verify}))
+    for p in suite.peers:
+        out.append((p.name, "peer", {"kind": p.kind, "model": p.model, "python": p.python, "device": "cpu",
+                                     "threads": _threads(p.threads, s), "static_shapes": p.static_shapes}))
     return out, first, size, notes
 
 
@@ -474,8 +478,8 @@ def _build_report(suite: Suite, engines: list[_Engine], s: Settings, size: int, 
         entry = {
             "name": e.name,
             "role": e.role,
-            "kind": "diffusers" if e.role == "reference" else "sdedge",
-            "path": e.spec.get("base") or e.spec.get("bundle"),
+            "kind": {"reference": "diffusers", "peer": e.spec.get("kind")}.get(e.role, "sdedge"),
+            "path": e.spec.get("base") or e.spec.get("bundle") or e.spec.get("model"),
             "backend": e.info.get("backend"),
             "backend_reason": e.info.get("backend_reason") or "",
             "precision": e.info.get("precision"),
@@ -525,7 +529,7 @@ def _build_report(suite: Suite, engines: list[_Engine], s: Settings, size: int, 
     if s.target_seconds is not None:
         per, verdict_ok = {}, True
         for row in rows:
-            if row["role"] == "reference":
+            if row["role"] != "engine":  # the reference and the peers are what sdedge is held against
                 continue
             value = row["seconds_per_image"][s.target_statistic]
             ok = value <= s.target_seconds

@@ -16,6 +16,8 @@ from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
 
+from .suite import PEER_KINDS
+
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
@@ -61,8 +63,8 @@ NUM_MAP = {"type": "object", "additionalProperties": NUM}
 
 ENGINE = _obj({
     "name": STR,
-    "role": {"type": "string", "enum": ["reference", "engine"]},
-    "kind": {"type": "string", "enum": ["diffusers", "sdedge"]},
+    "role": {"type": "string", "enum": ["reference", "engine", "peer"]},
+    "kind": {"type": "string", "enum": ["diffusers", "sdedge", *PEER_KINDS]},
     "path": STR,
     "backend": STR,
     "backend_reason": STR,
@@ -266,7 +268,8 @@ def markdown(report: dict) -> str:
             per_run = ", ".join(f"{p['ratio']:.2f}" for p in su["pairs"])
             ratio = f"{su['median']:.2f}× ({per_run})"
         ipm = f"{e['images_per_minute']:.1f}" if e.get("images_per_minute") else "—"
-        lines.append(f"| {_md_escape(e['name'])} | {_md_escape(e['backend'])} | {e['precision']} | {_s(sp['median'])} | "
+        label = e["name"] + (" (peer)" if e["role"] == "peer" else "")
+        lines.append(f"| {_md_escape(label)} | {_md_escape(e['backend'])} | {e['precision']} | {_s(sp['median'])} | "
                      f"{_s(sp['min'])} | {_s(sp['p95'])} | {_s(sp['max'])} | {ipm} | {ratio} |")
     lines += ["", "## Stages (median seconds per call) and cold start", "",
               ("| engine | tokenize | text encoder | UNet loop | per UNet step (median) | VAE decode | other | "

@@ -12,6 +12,8 @@
     reference: {name: diffusers, base: "{work}/tiny-base"}
     engines:
       - {name: sdedge-fp32, bundle: "{work}/bundle-fp32"}
+    peers:                                    # other tools' pipelines, each in its own virtual environment
+      - {name: optimum-ort, kind: optimum-onnxruntime, model: "{work}/optimum-onnx", python: "{work}/venv/bin/python"}
 
 Every key is checked (`sdedge.runtime.strict.from_dict` on frozen dataclasses): a typo is an error naming the
 file and the key, never a silently ignored setting. Paths: `{work}` is the work folder (`--work DIR`,
@@ -36,6 +38,8 @@ __all__ = [
     "BenchError",
     "DEFAULT_PROMPTS",
     "EngineSpec",
+    "PEER_KINDS",
+    "PeerSpec",
     "PrepareStep",
     "ReferenceSpec",
     "Settings",
@@ -60,6 +64,8 @@ MEMORY_MODES = ("normal", "low")
 STATISTICS = ("min", "median", "p95", "max")
 ISOLATIONS = ("process", "inline")
 VERIFY = ("required", "if-signed", "off")
+# Peers: the pipelines users would pick instead of sdedge, run by benchmarks/peers.py in their own venvs.
+PEER_KINDS = ("optimum-onnxruntime", "optimum-openvino")
 
 
 class BenchError(SdedgeError):
@@ -118,6 +124,21 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class PeerSpec:
+    """Another tool's pipeline on the same weights (optimum's ONNX Runtime or OpenVINO Stable Diffusion
+    pipeline), run by `python -m sdedge.benchmarks.workers` under that tool's own interpreter: its pins
+    conflict with sdedge's, so it lives in a virtual environment of its own (benchmarks/peers/README.md)."""
+
+    name: str
+    kind: str  # one of PEER_KINDS
+    model: str  # the peer's own exported folder (optimum-cli export onnx|openvino --model BASE ...)
+    python: str  # the interpreter of the peer's virtual environment (sdedge installed there with --no-deps)
+    threads: int | None = None  # default: settings.threads
+    static_shapes: bool = True  # openvino: reshape to the bench's size and batch before compiling (its docs' advice)
+    build_hint: str | None = None  # how to make the model or the venv when missing (shown in the error)
+
+
+@dataclass(frozen=True)
 class PrepareStep:
     """One step that makes an input of the suite: a built-in base, or a bundle exported from a base."""
 
@@ -135,6 +156,7 @@ class Suite:
     settings: Settings = field(default_factory=Settings)
     reference: ReferenceSpec | None = None
     engines: tuple[EngineSpec, ...] = ()
+    peers: tuple[PeerSpec, ...] = ()
     prepare: tuple[PrepareStep, ...] = ()
     clip_model: str | None = None  # a local CLIP model folder; skipped with a note when absent
     file: str | None = field(default=None, compare=False)  # where it was read from (not a YAML key)
@@ -194,7 +216,8 @@ def validate_suite(suite: Suite) -> None:
             (r.dtype in DTYPES, f"reference.dtype {r.dtype!r}: choose one of {', '.join(DTYPES)}"),
             (r.device is None or r.device in DEVICES, f"reference.device {r.device!r}: choose one of {', '.join(DEVICES)}"),
         ]
-    names = [e.name for e in suite.engines] + ([suite.reference.name] if suite.reference else [])
+    names = ([e.name for e in suite.engines] + [p.name for p in suite.peers]
+             + ([suite.reference.name] if suite.reference else []))
     for i, e in enumerate(suite.engines):
         entry = f"engines[{i}] {e.name!r}"
         checks += [
@@ -203,6 +226,16 @@ def validate_suite(suite: Suite) -> None:
             (e.device is None or e.device in DEVICES, f"{entry}: device {e.device!r}: choose one of {', '.join(DEVICES)}"),
             (e.verify in VERIFY, f"{entry}: verify {e.verify!r}: choose one of {', '.join(VERIFY)}"),
             (names.count(e.name) == 1, f"{entry}: the name is used twice (engine and reference names must differ)"),
+        ]
+    for i, p in enumerate(suite.peers):
+        entry = f"peers[{i}] {p.name!r}"
+        checks += [
+            (bool(p.name.strip()), f"peers[{i}]: name must not be empty"),
+            (p.kind in PEER_KINDS, f"{entry}: kind {p.kind!r}: choose one of {', '.join(PEER_KINDS)}"),
+            (p.threads is None or p.threads >= 1, f"{entry}: threads must be at least 1"),
+            (names.count(p.name) == 1, f"{entry}: the name is used twice (engine, peer and reference names must differ)"),
+            (s.isolation == "process" and s.device == "cpu",
+             f"{entry}: peers run on the CPU in a process of their own venv (settings.isolation: process, device: cpu)"),
         ]
     for i, p in enumerate(suite.prepare):
         checks.append(((p.builtin is None) != (p.export is None),
@@ -223,7 +256,8 @@ def _resolve(value: str | None, suite_dir: Path, work: Path) -> str | None:
         return None
     text = value.replace("{work}", str(work)).replace("{suite}", str(suite_dir))
     p = Path(os.path.expanduser(text))
-    return os.path.abspath(p if p.is_absolute() else suite_dir / p)  # normalised, symlinks kept as named
+    # normalised, symlinks kept as named (a venv's python is a symlink: only its own path finds the venv)
+    return os.path.abspath(p if p.is_absolute() else suite_dir / p)
 
 
 def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
@@ -232,7 +266,7 @@ def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
     suite_dir = Path(os.path.abspath(suite.file)).parent if suite.file else Path.cwd()
     work_dir = Path(os.path.abspath(work)) if work else default_work_dir(suite.name)
     overrides = dict(overrides or {})
-    known = {e.name for e in suite.engines} | ({suite.reference.name, "reference"} if suite.reference else set())
+    known = {e.name for e in suite.engines} | {p.name for p in suite.peers} | ({suite.reference.name, "reference"} if suite.reference else set())
     for name in overrides:
         if name not in known:
             raise SuiteError(f"{suite.file or suite.name}: --path {name}=…: no engine or reference called {name!r} "
@@ -247,6 +281,8 @@ def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
 
     engines = tuple(dataclasses.replace(e, bundle=path_of(e.name, e.bundle), build_hint=hint(e.build_hint))
                     for e in suite.engines)
+    peers = tuple(dataclasses.replace(p, model=path_of(p.name, p.model), python=_resolve(p.python, suite_dir, work_dir),
+                                      build_hint=hint(p.build_hint)) for p in suite.peers)
     reference = suite.reference
     if reference is not None:
         base = overrides.get("reference") or overrides.get(reference.name)
@@ -255,7 +291,8 @@ def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
     prepare = tuple(dataclasses.replace(p, out=_resolve(p.out, suite_dir, work_dir),
                                         export=_resolve(p.export, suite_dir, work_dir)) for p in suite.prepare)
     clip = _resolve(suite.clip_model, suite_dir, work_dir)
-    return dataclasses.replace(suite, engines=engines, reference=reference, prepare=prepare, clip_model=clip)
+    return dataclasses.replace(suite, engines=engines, peers=peers, reference=reference, prepare=prepare,
+                               clip_model=clip)
 
 
 def check_inputs(suite: Suite, positions: dict[str, int] | None = None) -> None:
@@ -276,6 +313,17 @@ def check_inputs(suite: Suite, positions: dict[str, int] | None = None) -> None:
                 hint = f"; to make it: {e.build_hint}"
             raise SuiteError(f"{where}: engines[{i}] {e.name!r}: bundle {path}: {what}{hint}. "
                              f"Pass --path {e.name}=DIR to use another folder, or --only to leave it out.")
+    for k, p in enumerate(suite.peers):
+        i = positions.get(p.name, k)
+        hint = f"; to make it: {p.build_hint}" if p.build_hint else ""
+        if not os.access(p.python, os.X_OK) or Path(p.python).is_dir():
+            raise SuiteError(f"{where}: peers[{i}] {p.name!r}: python {p.python}: no such program (the peer's "
+                             f"virtual environment is missing){hint}. Pass --only to leave it out.")
+        model = Path(p.model)
+        if not (model / "model_index.json").is_file():
+            what = "no such folder" if not model.exists() else "no model_index.json (not an exported pipeline folder)"
+            raise SuiteError(f"{where}: peers[{i}] {p.name!r}: model {model}: {what}{hint}. "
+                             f"Pass --path {p.name}=DIR to use another folder, or --only to leave it out.")
     if suite.reference is not None:
         path = Path(suite.reference.base)
         if not (path / "model_index.json").is_file():
@@ -285,14 +333,20 @@ def check_inputs(suite: Suite, positions: dict[str, int] | None = None) -> None:
 
 
 def select_engines(suite: Suite, only: list[str] | None) -> Suite:
-    """Keep only the engines named (`--only a,b`); the reference stays."""
+    """Keep only the engines and peers named (`--only a,b`); the reference stays. At least one sdedge engine
+    must remain: its bundle gives the size, latents and scheduler every pipeline shares."""
     if not only:
         return suite
-    names = [e.name for e in suite.engines]
+    names = [e.name for e in suite.engines] + [p.name for p in suite.peers]
     unknown = [n for n in only if n not in names]
     if unknown:
-        raise SuiteError(f"{suite.file or suite.name}: --only {unknown[0]!r}: no such engine (have: {', '.join(names)})")
-    return dataclasses.replace(suite, engines=tuple(e for e in suite.engines if e.name in only))
+        raise SuiteError(f"{suite.file or suite.name}: --only {unknown[0]!r}: no such engine or peer "
+                         f"(have: {', '.join(names)})")
+    engines = tuple(e for e in suite.engines if e.name in only)
+    if not engines:
+        raise SuiteError(f"{suite.file or suite.name}: --only must keep at least one sdedge engine (have: "
+                         f"{', '.join(e.name for e in suite.engines)}): its bundle sets the size, latents and scheduler")
+    return dataclasses.replace(suite, engines=engines, peers=tuple(p for p in suite.peers if p.name in only))
 
 
 # -- preparing -----------------------------------------------------------------------------------------------

@@ -109,7 +109,6 @@ class _DiffusersWorker:
     def load(self) -> dict:
         t0 = time.perf_counter()
         import torch
-        from sdedge.export.bases import load_base
         from sdedge.export.reference import diffusers_scheduler
 
         t1 = time.perf_counter()
@@ -123,55 +122,64 @@ class _DiffusersWorker:
         if device == "cuda" and not torch.cuda.is_available():
             raise BenchError("reference: device cuda asked for, but this torch build sees no CUDA GPU")
         self.device = device
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec["dtype"]]
-        pipe = load_base(self.spec["base"])
-        if self.dtype != torch.float32 or device != "cpu":
-            pipe = pipe.to(device=device, dtype=self.dtype)
-        pipe.set_progress_bar_config(disable=True)
+        self.pipe, info = self._open()
+        self.pipe.set_progress_bar_config(disable=True)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t2 = time.perf_counter()
-        self.pipe = pipe
         self._instrument()
         return {
             "import_seconds": t1 - t0,
             "load_seconds": t2 - t1,
             "component_load_seconds": {},
-            "backend": f"torch-eager:{device}",
-            "backend_reason": "the PyTorch reference",
-            "precision": self.spec["dtype"],
             "signed": False,
             "provenance": None,
             "scheduler": self.settings["scheduler"],
             "peak_rss_bytes": _peak_rss(),
+            **info,
         }
+
+    def _open(self):
+        """The pipeline on self.device, and what the report says of it (backend, reason, precision)."""
+        torch = self.torch
+        from sdedge.export.bases import load_base
+
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec["dtype"]]
+        pipe = load_base(self.spec["base"])
+        if self.dtype != torch.float32 or self.device != "cpu":
+            pipe = pipe.to(device=self.device, dtype=self.dtype)
+        return pipe, {"backend": f"torch-eager:{self.device}", "backend_reason": "the PyTorch reference",
+                      "precision": self.spec["dtype"]}
 
     def _sync(self) -> None:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
 
     def _instrument(self) -> None:
+        """Time the text encoder and UNet calls, the VAE decode and the tokenizer. Each component's class is
+        swapped for a subclass whose __call__ is timed: the same for torch modules and for the non-torch
+        component wrappers of the peers' pipelines (benchmarks/peers.py)."""
         rec, pipe, clock = self.rec, self.pipe, time.perf_counter
 
-        def pre(name):
-            def hook(module, args):
-                self._sync()
+        def timed(name, component, sync=True):
+            def start():
+                if sync:
+                    self._sync()
                 rec[f"{name}_t0"] = clock()
                 if name == "unet":
                     rec["step_starts"].append(rec["unet_t0"])
-            return hook
 
-        def post(name):
-            def hook(module, args, output):
-                self._sync()
+            def end():
+                if sync:
+                    self._sync()
                 rec[name] += clock() - rec[f"{name}_t0"]
-            return hook
+
+            return _time_calls(component, start, end)
 
         for name in ("text_encoder", "unet"):
-            module = getattr(pipe, name)
-            module.register_forward_pre_hook(pre(name))
-            module.register_forward_hook(post(name))
+            timed(name, getattr(pipe, name))
+        self.tokenizer_timed = timed("tokenize", pipe.tokenizer, sync=False)
         decode = pipe.vae.decode
 
         def timed_decode(*args, **kwargs):
@@ -185,21 +193,6 @@ class _DiffusersWorker:
                 rec["vae_decoder"] += clock() - t
 
         pipe.vae.decode = timed_decode
-        tok = pipe.tokenizer
-        try:
-            base_cls = type(tok)
-
-            def call(this, *args, **kwargs):
-                t = clock()
-                try:
-                    return base_cls.__call__(this, *args, **kwargs)
-                finally:
-                    rec["tokenize"] += clock() - t
-
-            tok.__class__ = type(base_cls.__name__, (base_cls,), {"__call__": call})
-            self.tokenizer_timed = True
-        except TypeError:  # pragma: no cover - a tokenizer class that refuses it: its time lands in "other"
-            self.tokenizer_timed = False
 
     def run(self, req: dict) -> dict:
         torch, s = self.torch, self.settings
@@ -241,8 +234,33 @@ class _DiffusersWorker:
             self.torch.set_num_threads(self.threads_before)
 
 
+def _time_calls(obj, start, end) -> bool:
+    """Make `obj(...)` call start() before and end() after (also on error), by giving obj a subclass of its
+    own class with a timed __call__. False when the class refuses it (its time then lands in "other")."""
+    base_cls = type(obj)
+
+    def call(this, *args, **kwargs):
+        start()
+        try:
+            return base_cls.__call__(this, *args, **kwargs)
+        finally:
+            end()
+
+    try:
+        obj.__class__ = type(base_cls.__name__, (base_cls,), {"__call__": call})
+    except TypeError:  # pragma: no cover - e.g. a class with __slots__ or a C type
+        return False
+    return True
+
+
 def _make_worker(role: str, spec: dict, settings: dict):
-    return _DiffusersWorker(spec, settings) if role == "reference" else _SdedgeWorker(spec, settings)
+    if role == "reference":
+        return _DiffusersWorker(spec, settings)
+    if role == "peer":
+        from .peers import PeerWorker
+
+        return PeerWorker(spec, settings)
+    return _SdedgeWorker(spec, settings)
 
 
 def handle(worker_box: list, msg: dict) -> dict:

@@ -289,6 +289,7 @@ def write_builtin_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, 
         tok_dir = write_clip_tokenizer(tmp / ".tokenizer", words=_tokenizer_words(name))
         pipe = build_builtin_pipeline(name, seed, tokenizer_dir=tok_dir)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        hub_layout_text_encoder(tmp / "text_encoder")
         # Our tokenizer files are canonical (vocab.json/merges.txt plus the config SD1.5 pipelines expect).
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
         os.replace(tok_dir, tmp / "tokenizer")
@@ -301,6 +302,33 @@ def write_builtin_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, 
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote built-in base %s (seed %d) to %s", name, seed, out_dir)
     return out_dir
+
+
+def hub_layout_text_encoder(folder: Path) -> int:
+    """Give the text encoder's weights the Hub layout's `text_model.` key prefix; return the keys renamed.
+
+    transformers 5 saves CLIPTextModel without the prefix, and transformers 4 (what optimum, A1111 and many
+    diffusers installs still run) loads such a file without an error but with every weight left random
+    (only a warning). SD1.5 on the Hub has the prefix, and both versions read it.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(str(path))
+    missing = [k for k in tensors if not k.startswith("text_model.")]
+    if not missing:
+        return 0
+    renamed = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(renamed, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return len(missing)
 
 
 def _param_counts(pipe) -> dict[str, int]:

@@ -113,6 +113,28 @@ def test_tiny_is_written_small_and_complete(tiny_dir, record_property):
     assert not list(tiny_dir.parent.glob(".tiny.*")), "temporary folders left behind"
 
 
+def test_text_encoder_written_in_hub_layout(tiny_dir, tmp_path):
+    """transformers 5 saves CLIPTextModel without `text_model.`; transformers 4 (optimum, A1111) then loads
+    every weight as random with a mere warning. The written base keeps the Hub's prefix, which both read."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    from sdedge.export.bases import hub_layout_text_encoder
+
+    with safe_open(str(tiny_dir / "text_encoder/model.safetensors"), "np") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)
+    # a transformers-5 layout file is rewritten once, values kept; a second pass changes nothing
+    folder = tmp_path / "te"
+    folder.mkdir()
+    original = load_file(str(tiny_dir / "text_encoder/model.safetensors"))
+    save_file({k.removeprefix("text_model."): v for k, v in original.items()}, str(folder / "model.safetensors"))
+    assert hub_layout_text_encoder(folder) == len(original)
+    assert hub_layout_text_encoder(folder) == 0
+    again = load_file(str(folder / "model.safetensors"))
+    assert again.keys() == original.keys() and all((again[k] == original[k]).all() for k in original)
+    assert not list(folder.glob("*.tmp"))
+
+
 def test_tiny_loads_and_runs(tiny_pipe):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 

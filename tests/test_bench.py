@@ -24,6 +24,8 @@ from sdedge.benchmarks.suite import (
 )
 
 from sdedge.cli import main as sdedge_main
+from sdedge.export.build import ExportOptions
+from sdedge.runtime.strict import from_dict
 
 
 def bench_main(argv: list[str]) -> int:
@@ -291,6 +293,12 @@ def test_shipped_suites_parse():
         suite = resolve_suite(load_suite(REPO / "benchmarks" / f"{name}.yaml"), work="/tmp/sdedge-w")
         assert suite.name == name and suite.reference is not None and suite.engines
         assert all(e.bundle.startswith("/tmp/sdedge-w/") for e in suite.engines)
+        assert all(p.model.startswith("/tmp/sdedge-w/") and p.python.startswith("/tmp/sdedge-w/") for p in suite.peers)
+        for step in suite.prepare:  # export options are ExportOptions fields
+            if step.export:
+                from_dict(ExportOptions, step.options, f"{name}: prepare")
+    peers = resolve_suite(load_suite(REPO / "benchmarks" / "cpu-sd15-256.yaml"), work="/w").peers
+    assert {p.kind for p in peers} == {"optimum-onnxruntime", "optimum-openvino"}
 
 
 def test_clip_score(tiny_bundle, tiny_base, tmp_path):

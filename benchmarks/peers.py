@@ -1,0 +1,87 @@
+"""Peers: the Stable Diffusion pipelines a CPU user would pick instead of sdedge, measured in the same bench run.
+
+    optimum-onnxruntime   optimum's ORTStableDiffusionPipeline (package optimum-onnx), CPUExecutionProvider
+    optimum-openvino      optimum-intel's OVStableDiffusionPipeline, reshaped to static shapes and compiled
+
+Each runs in a child process started with its own virtual environment's interpreter (their pins conflict with
+sdedge's and with each other's: benchmarks/peers/README.md makes them). sdedge is installed there with
+--no-deps, so the child speaks the bench's worker protocol (sdedge.benchmarks.workers) and this module only
+opens the pipeline: the run, the stage timing and the initial latents are the reference worker's, since both
+peers subclass diffusers' StableDiffusionPipeline (same `latents=`, `output_type="np"`, same scheduler object).
+"""
+
+from __future__ import annotations
+
+from .suite import BenchError
+from .workers import _DiffusersWorker
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+class PeerWorker(_DiffusersWorker):
+    """A peer's pipeline from its own exported folder (spec: kind, model, threads, static_shapes)."""
+
+    def _open(self):
+        kind, model, threads = self.spec["kind"], self.spec["model"], self.spec["threads"]
+        self.dtype = self.torch.float32  # the latents handed to the pipeline; the peer casts them itself
+        try:
+            if kind == "optimum-onnxruntime":
+                return self._open_onnxruntime(model, threads)
+            if kind == "optimum-openvino":
+                return self._open_openvino(model, threads)
+        except ImportError as exc:
+            raise BenchError(f"peer {kind}: {exc}. Its interpreter must be the peer's own venv "
+                             "(benchmarks/peers/README.md)") from None
+        raise BenchError(f"unknown peer kind {kind!r}")
+
+    def _open_onnxruntime(self, model: str, threads: int):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        pipe = ORTStableDiffusionPipeline.from_pretrained(model, provider="CPUExecutionProvider", session_options=so)
+        return pipe, {"backend": f"optimum-onnx {_version('optimum-onnx')} / onnxruntime {ort.__version__}",
+                      "backend_reason": "peer: optimum's ORTStableDiffusionPipeline, CPUExecutionProvider",
+                      "precision": "fp32"}
+
+    def _open_openvino(self, model: str, threads: int):
+        import openvino as ov
+        from optimum.intel import OVStableDiffusionPipeline
+
+        config = {"INFERENCE_NUM_THREADS": str(threads)}
+        pipe = OVStableDiffusionPipeline.from_pretrained(model, compile=False, ov_config=config)
+        s = self.settings
+        if self.spec.get("static_shapes", True):
+            # (batch, images per prompt): the doubled batch of guidance is the pipeline's own business
+            pipe.reshape(batch_size=s["batch"], height=s["size"], width=s["size"], num_images_per_prompt=1)
+        pipe.compile()
+        precision = _ov_precision(model)
+        ov_version = ov.__version__.split("-")[0]  # "2026.4.1-22982-e213a14...-releases/..." → "2026.4.1"
+        return pipe, {"backend": f"optimum-intel {_version('optimum-intel')} / openvino {ov_version}",
+                      "backend_reason": (f"peer: optimum-intel's OVStableDiffusionPipeline, "
+                                         f"{'static' if self.spec.get('static_shapes', True) else 'dynamic'} shapes, "
+                                         f"{precision} as exported"),
+                      "precision": precision}
+
+
+def _ov_precision(model: str) -> str:
+    """What the exported OpenVINO IR holds, from optimum-intel's own record in the UNet's openvino_config.json."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(model) / "unet" / "openvino_config.json"
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return "fp32"
+    bits = q.get("bits")
+    return f"int{bits}-weights" if bits else "fp32"
