@@ -4,7 +4,7 @@
     optimum-openvino      optimum-intel's OVStableDiffusionPipeline, reshaped to static shapes and compiled
 
 Each runs in a child process started with its own virtual environment's interpreter (their pins conflict with
-sdedge's and with each other's: benchmarks/peers/README.md makes them). sdedge is installed there with
+sdedge's and with each other's: benchmarks/peer-envs/README.md makes them). sdedge is installed there with
 --no-deps, so the child speaks the bench's worker protocol (sdedge.benchmarks.workers) and this module only
 opens the pipeline: the run, the stage timing and the initial latents are the reference worker's, since both
 peers subclass diffusers' StableDiffusionPipeline (same `latents=`, `output_type="np"`, same scheduler object).
@@ -38,7 +38,7 @@ class PeerWorker(_DiffusersWorker):
                 return self._open_openvino(model, threads)
         except ImportError as exc:
             raise BenchError(f"peer {kind}: {exc}. Its interpreter must be the peer's own venv "
-                             "(benchmarks/peers/README.md)") from None
+                             "(benchmarks/peer-envs/README.md)") from None
         raise BenchError(f"unknown peer kind {kind!r}")
 
     def _open_onnxruntime(self, model: str, threads: int):

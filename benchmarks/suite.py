@@ -127,7 +127,7 @@ class EngineSpec:
 class PeerSpec:
     """Another tool's pipeline on the same weights (optimum's ONNX Runtime or OpenVINO Stable Diffusion
     pipeline), run by `python -m sdedge.benchmarks.workers` under that tool's own interpreter: its pins
-    conflict with sdedge's, so it lives in a virtual environment of its own (benchmarks/peers/README.md)."""
+    conflict with sdedge's, so it lives in a virtual environment of its own (benchmarks/peer-envs/README.md)."""
 
     name: str
     kind: str  # one of PEER_KINDS

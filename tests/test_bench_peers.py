@@ -2,7 +2,7 @@
 
 The suite checks run everywhere. The run itself needs the peers' virtual environments, which CI does not build
 (two more torch installs and their exports): set SDEDGE_PEERS to a folder holding `optimum-onnx/` and
-`optimum-intel/` made by benchmarks/peers/make-venv.sh, and the test exports the tiny base with each peer's own
+`optimum-intel/` made by benchmarks/peer-envs/make-venv.sh, and the test exports the tiny base with each peer's own
 optimum-cli and benches them against diffusers on the same latents.
 """
 
@@ -57,7 +57,7 @@ def test_missing_peer_venv_or_model_is_named(tiny_bundle, tiny_base, tmp_path, c
             kind: optimum-openvino
             model: "{{work}}/ov"
             python: venvs/intel/bin/python
-            build_hint: "bash benchmarks/peers/make-venv.sh optimum-openvino venvs/intel"
+            build_hint: "bash benchmarks/peer-envs/make-venv.sh optimum-openvino venvs/intel"
     """)
     suite = resolve_suite(load_suite(path), work=tmp_path / "w")
     assert suite.peers[0].python == str(tmp_path / "venvs/intel/bin/python")  # relative to the suite file
@@ -82,7 +82,7 @@ PEERS = os.environ.get("SDEDGE_PEERS")
 
 
 @pytest.mark.skipif(not PEERS, reason="set SDEDGE_PEERS to a folder with the optimum-onnx/ and optimum-intel/ venvs "
-                                      "of benchmarks/peers/make-venv.sh (CI does not build them)")
+                                      "of benchmarks/peer-envs/make-venv.sh (CI does not build them)")
 def test_peers_run_beside_diffusers(tiny_bundle, tiny_base, tmp_path):
     venvs = Path(PEERS)
     models = {}

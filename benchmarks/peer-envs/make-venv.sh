@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Make a peer's virtual environment for `sdedge bench` (benchmarks/peers/README.md):
+# Make a peer's virtual environment for `sdedge bench` (benchmarks/peer-envs/README.md):
 #
-#   bash benchmarks/peers/make-venv.sh optimum-onnxruntime /work/peers/optimum-onnx
-#   bash benchmarks/peers/make-venv.sh optimum-openvino    /work/peers/optimum-intel
+#   bash benchmarks/peer-envs/make-venv.sh optimum-onnxruntime /work/peers/optimum-onnx
+#   bash benchmarks/peer-envs/make-venv.sh optimum-openvino    /work/peers/optimum-intel
 #
-# Installs the peer's pinned requirements (benchmarks/peers/<kind>.txt; torch is the CPU build) and sdedge
+# Installs the peer's pinned requirements (benchmarks/peer-envs/<kind>.txt; torch is the CPU build) and sdedge
 # itself with --no-deps, so the bench can start its worker there (python -m sdedge.benchmarks.workers).
 set -euo pipefail
 kind=${1:?usage: make-venv.sh KIND DIR (KIND: optimum-onnxruntime or optimum-openvino)}
