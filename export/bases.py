@@ -29,7 +29,7 @@ from typing import Any
 
 from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import replace_dir
+from sdedge.runtime.files import replace_dir, scratch_dir
 
 __all__ = [
     "BUILTIN_BASES",
@@ -264,7 +264,7 @@ def _atomic_dir(out_dir: Path, overwrite: bool):
         if any(out_dir.iterdir()) and not overwrite:
             raise SdedgeError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = scratch_dir(out_dir.parent, out_dir.name)
     try:
         yield tmp
         replace_dir(tmp, out_dir)

@@ -12,7 +12,6 @@ import gc
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency
+from sdedge.runtime.files import scratch_dir
 from sdedge.runtime.manifest import (
     FORMAT_VERSION, AdapterInfo, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision, Provenance,
     ShapeRange, TokenizerInfo,
@@ -160,7 +160,7 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
     if optimise:  # the fp32 truth, recorded before anything changes the model (cpu-engines stages)
         from .gates import record_reference
 
-        ref_dir = Path(tempfile.mkdtemp(prefix=".sdedge-ref-", dir=Path(out).parent))
+        ref_dir = scratch_dir(Path(out).parent, "reference")
         with stages("fp32 reference run (diffusers)"):
             sched = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
             sched.setdefault("timestep_spacing", "leading")

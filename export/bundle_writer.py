@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import replace_dir
+from sdedge.runtime.files import replace_dir, scratch_dir
 from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 
 
@@ -23,7 +23,7 @@ def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise SdedgeError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = scratch_dir(out.parent, out.name)
     try:
         yield tmp
     except BaseException:

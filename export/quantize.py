@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from sdedge.runtime.bundle import Bundle
+from sdedge.runtime.files import scratch_dir
 from sdedge.runtime.manifest import BackendHint, Manifest, Precision, PrecisionParity
 from sdedge.runtime.memory import peak_rss_bytes
 
@@ -212,7 +213,7 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
     stages = stages or _NoStages()
     fp32_manifest = manifest
     plan = component_plan(precision)
-    work = Path(tempfile.mkdtemp(prefix=".sdedge-quant-", dir=stage_dir.parent))
+    work = scratch_dir(stage_dir.parent, "quant")
     try:
         calibration = None
         if precision is Precision.INT8:
@@ -428,7 +429,7 @@ def derive_bundle(src: str | Path, out: str | Path, opts, stages=None) -> Manife
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / rel, tmp / rel)
             write_manifest(tmp, fp32)
-        ref_dir = Path(tempfile.mkdtemp(prefix=".sdedge-ref-", dir=Path(out).parent))
+        ref_dir = scratch_dir(Path(out).parent, "reference")
         try:
             with stages("fp32 reference run (the fp32 bundle)"):
                 reference = record_reference_bundle(src, ref_dir, prompt=opts.parity_prompt, latents=latents,

@@ -1,13 +1,64 @@
-"""Replace a folder in one step: the one shared way sdedge puts a finished bundle, base or dataset in place."""
+"""Folders being written: scratch folders that a killed process does not leave behind for good, and the one
+shared way sdedge puts a finished bundle, base or dataset in place."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["replace_dir"]
+__all__ = ["replace_dir", "scratch_dir", "sweep_stale"]
+
+log = logging.getLogger("sdedge")
+# .<name>.sdedge-<host>-<pid>-<random><suffix>: the owner is in the name, so a later writer can tell a
+# leftover of a killed process (SIGKILL, out of memory, power loss) from the folder of one still running.
+_OWNED = re.compile(r"^\..*\.sdedge-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[^/]*$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale(parent: str | os.PathLike) -> list[Path]:
+    """Remove the scratch folders in `parent` whose owner (a process on this host) has died; return them."""
+    removed = []
+    parent = Path(parent)
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    host = _host()
+    for p in entries:
+        m = _OWNED.match(p.name)
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            log.warning("removed %s, left by process %s that ended without cleaning up", p, m["pid"])
+            removed.append(p)
+    return removed
+
+
+def scratch_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path:
+    """A new empty folder `.<name>.sdedge-<host>-<pid>-<random><suffix>` in `parent` (created if needed),
+    after sweeping the leftovers of dead owners there. The caller removes it (or renames it into place);
+    `sdedge.cli` turns SIGTERM/SIGHUP into an exit that runs those clean-ups."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(parent)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.sdedge-{_host()}-{os.getpid()}-", suffix=suffix, dir=parent))
 
 
 def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -19,7 +70,7 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
     new, out = Path(new), Path(out)
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        old = scratch_dir(out.parent, out.name, ".old")
         os.rmdir(old)  # a unique name that os.replace may take
         os.replace(out, old)
     try:

@@ -4,10 +4,13 @@ and `sdedge info` work on a runtime-only install (no torch)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -290,6 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _signals_exit():
+    """SIGTERM and SIGHUP (a `kill`, a closed terminal, a stopped container) become SystemExit(128 + n), so
+    every `finally` and context manager runs: an export or training stopped that way removes its scratch
+    folders and leaves the previous output as it was. (SIGKILL cannot be caught: the next write into the same
+    folder sweeps what it left, sdedge.runtime.files.sweep_stale.) Only in the main thread; restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on(signum, frame):
+        raise SystemExit(128 + signum)
+
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), exit_on) for n in names}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers prints advice about optional image-processor backends at import; sdedge never uses them.
@@ -297,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with _signals_exit():
+            return args.func(args)
     except SdedgeError as exc:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return exc.exit_code

@@ -16,11 +16,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import scratch_dir
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints",
            "optimizer_to_flat", "optimizer_from_flat"]
@@ -63,7 +63,7 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, Any], optimizer_
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = scratch_dir(root, final.name)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_rest = optimizer_to_flat(optimizer_state)

@@ -18,12 +18,11 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdedge.runtime.errors import BadInput, SdedgeError
-from sdedge.runtime.files import replace_dir
+from sdedge.runtime.files import replace_dir, scratch_dir
 
 from .captions import METADATA_FILES, read_captions, txt_caption
 from .dedup import clip_embeddings, find_duplicates, phash, pixel_sha256
@@ -137,7 +136,7 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
         skipped.append((rel, "listed in metadata but not found"))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    stage = scratch_dir(out.parent, out.name)
     try:
         (stage / "images").mkdir()
         (stage / "captions").mkdir()
