@@ -387,66 +387,66 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
     machine = describe_machine()
     settings_for_worker = _engine_settings(s, size, dict(manifest.scheduler))
     work = Path(tempfile.mkdtemp(prefix="sdedge-bench-"))
-    engines = [_Engine(name, role, spec, settings_for_worker, s.isolation, work) for name, role, spec in specs]
-    devices = {spec.get("device") for _, _, spec in specs}
-    poller = _GpuPoller() if devices & {"cuda", "auto"} and _GpuPoller.available() else None
-    lat_shape = (s.batch, manifest.latent.channels, size // manifest.latent.vae_scale_factor,
-                 size // manifest.latent.vae_scale_factor)
-    latents = []
-    for r in range(s.runs):
-        path = work / f"latents-{r}.npy"
-        np.save(path, np.random.default_rng(s.seed + r).standard_normal(lat_shape, dtype=np.float32))
-        latents.append(path)
+    try:  # the scratch folder goes however the run ends (a worker that fails to start included)
+        engines = [_Engine(name, role, spec, settings_for_worker, s.isolation, work) for name, role, spec in specs]
+        devices = {spec.get("device") for _, _, spec in specs}
+        poller = _GpuPoller() if devices & {"cuda", "auto"} and _GpuPoller.available() else None
+        lat_shape = (s.batch, manifest.latent.channels, size // manifest.latent.vae_scale_factor,
+                     size // manifest.latent.vae_scale_factor)
+        latents = []
+        for r in range(s.runs):
+            path = work / f"latents-{r}.npy"
+            np.save(path, np.random.default_rng(s.seed + r).standard_normal(lat_shape, dtype=np.float32))
+            latents.append(path)
 
-    def request(e: _Engine, r: int, warmup: bool) -> dict:
-        if poller is not None:
-            poller.current = e.pid
-        req = {"op": "run", "prompt_index": r % len(s.prompts), "latents": str(latents[r]),
-               "image": None if warmup else str(work / f"{len(engines)}-{engines.index(e)}-{r}.npy")}
-        reply = e.call(req)
-        (e.warmups if warmup else e.runs).append(reply)
-        if not warmup:
-            e.images.append(np.load(req["image"]))
-        return reply
+        def request(e: _Engine, r: int, warmup: bool) -> dict:
+            if poller is not None:
+                poller.current = e.pid
+            req = {"op": "run", "prompt_index": r % len(s.prompts), "latents": str(latents[r]),
+                   "image": None if warmup else str(work / f"{len(engines)}-{engines.index(e)}-{r}.npy")}
+            reply = e.call(req)
+            (e.warmups if warmup else e.runs).append(reply)
+            if not warmup:
+                e.images.append(np.load(req["image"]))
+            return reply
 
-    total = len(engines) * (s.warmup + s.runs)
-    try:
-        if poller is not None:
-            poller.start()
-        with _progress(console, progress) as bar:
-            task = bar.add_task("starting", total=total)
-            order_groups = [engines] if s.interleave else [[e] for e in engines]
-            for group in order_groups:
-                for e in group:
-                    bar.update(task, description=f"loading {e.name}")
-                    if poller is not None:
-                        poller.current = e.pid
-                    e.start()
-                for w in range(s.warmup):
+        total = len(engines) * (s.warmup + s.runs)
+        try:
+            if poller is not None:
+                poller.start()
+            with _progress(console, progress) as bar:
+                task = bar.add_task("starting", total=total)
+                order_groups = [engines] if s.interleave else [[e] for e in engines]
+                for group in order_groups:
                     for e in group:
-                        bar.update(task, description=f"warm-up {w + 1}/{s.warmup} {e.name}")
-                        request(e, 0, warmup=True)
-                        bar.advance(task)
-                for r in range(s.runs):
-                    for e in group if r % 2 == 0 else list(reversed(group)):
-                        bar.update(task, description=f"run {r + 1}/{s.runs} {e.name}")
-                        request(e, r, warmup=False)
-                        bar.advance(task)
-                for e in group:
-                    e.final = e.call({"op": "final"})
-                    if not s.interleave:
-                        e.stop()
-            bar.update(task, description="done")
-    finally:
-        if poller is not None:
-            poller.stop()
-        for e in engines:
-            try:
-                e.stop()
-            except Exception:  # noqa: BLE001, S110 - best effort on the way out; the first error is raised
-                pass
+                        bar.update(task, description=f"loading {e.name}")
+                        if poller is not None:
+                            poller.current = e.pid
+                        e.start()
+                    for w in range(s.warmup):
+                        for e in group:
+                            bar.update(task, description=f"warm-up {w + 1}/{s.warmup} {e.name}")
+                            request(e, 0, warmup=True)
+                            bar.advance(task)
+                    for r in range(s.runs):
+                        for e in group if r % 2 == 0 else list(reversed(group)):
+                            bar.update(task, description=f"run {r + 1}/{s.runs} {e.name}")
+                            request(e, r, warmup=False)
+                            bar.advance(task)
+                    for e in group:
+                        e.final = e.call({"op": "final"})
+                        if not s.interleave:
+                            e.stop()
+                bar.update(task, description="done")
+        finally:
+            if poller is not None:
+                poller.stop()
+            for e in engines:
+                try:
+                    e.stop()
+                except Exception:  # noqa: BLE001, S110 - best effort on the way out; the first error is raised
+                    pass
 
-    try:
         report = _build_report(suite, engines, s, size, machine, created, notes, poller)
         if clip_model:
             _add_clip(report, engines, s, clip_model, console)
@@ -455,9 +455,9 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
         _add_shape_scores(report, engines, s)
         samples = _save_samples(report, engines, out)
         report_mod.write_report(report, out, samples)
+        return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return report
 
 
 def _build_report(suite: Suite, engines: list[_Engine], s: Settings, size: int, machine: dict, created: str,

@@ -115,3 +115,23 @@ def test_peers_run_beside_diffusers(tiny_bundle, tiny_base, tmp_path):
         assert rows[name]["stages_median_seconds"]["unet"] > 0  # the stage timers reached the peer's UNet
         assert len(rows[name]["runs"][0]["step_seconds"]) == 4
     assert "ort" in (out / "report.md").read_text()
+
+
+def test_peer_without_its_packages_is_a_clear_error(tiny_bundle, tiny_base, tmp_path, monkeypatch, capsys):
+    """A peer pointed at an interpreter without optimum (here: this one) fails at load with the reason, and the
+    bench's scratch folder goes with it."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = write_suite(tmp_path / "s.yaml", f"""
+        name: s
+        settings: {{runs: 1, warmup: 0, steps: 2, size: 64, prompts: [a red circle]}}
+        engines: [{{name: fp32, bundle: {tiny_bundle}}}]
+        peers: [{{name: ov, kind: optimum-openvino, model: {tiny_base}, python: {sys.executable}}}]
+    """)
+    assert sdedge_main(["bench", "--suite", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "engine 'ov'" in err and "optimum" in err and "peer's own venv" in err
+    assert list(scratch.iterdir()) == []
