@@ -74,14 +74,16 @@ class PeerWorker(_DiffusersWorker):
 
 
 def _ov_precision(model: str) -> str:
-    """What the exported OpenVINO IR holds, from optimum-intel's own record in the UNet's openvino_config.json."""
-    import json
+    """What the exported UNet's IR stores its weights as, read from its constants' element types: u8/i8
+    constants are optimum-intel's int8 weight compression (`--weight-format int8`, with f16 scales)."""
+    import re
     from pathlib import Path
 
-    cfg = Path(model) / "unet" / "openvino_config.json"
     try:
-        q = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
+        xml = (Path(model) / "unet" / "openvino_model.xml").read_text(encoding="utf-8", errors="replace")
+    except OSError:
         return "fp32"
-    bits = q.get("bits")
-    return f"int{bits}-weights" if bits else "fp32"
+    types = set(re.findall(r'element_type="([a-z0-9]+)"', xml))
+    if types & {"u8", "i8", "u4", "i4"}:
+        return "int8-weights" if types & {"u8", "i8"} else "int4-weights"
+    return "fp16" if "f16" in types and "f32" not in types else "fp32"
