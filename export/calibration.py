@@ -128,7 +128,7 @@ def collect(bundle_dir: str | Path, prompts: tuple[str, ...], out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.open(bundle_dir)
     choice = choose_backend(bundle.manifest, "onnxruntime", "cpu")
-    inner = engine_factory(choice, bundle.manifest)
+    inner = engine_factory(choice, bundle.manifest, cache_dir=None)  # a scratch bundle: nothing to cache
     keep = None
     if timesteps_per_prompt is not None and timesteps_per_prompt < steps:
         keep = set(np.linspace(0, steps - 1, timesteps_per_prompt).round().astype(int).tolist())

@@ -234,7 +234,8 @@ def record_reference_bundle(bundle_dir: Path, out_dir: Path, *, prompt: str, lat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.open(bundle_dir)
-    inner = engine_factory(choose_backend(bundle.manifest, "onnxruntime", "cpu"), bundle.manifest)
+    inner = engine_factory(choose_backend(bundle.manifest, "onnxruntime", "cpu"), bundle.manifest,
+                           cache_dir=None)  # a scratch bundle: nothing for the user's cache
     files: list[Path] = []
 
     class Recorder:

@@ -340,7 +340,7 @@ def _engine(backend: str, bundle: Bundle, name: str = "unet"):
                         precision_hint=bundle.manifest.backend.openvino_inference_precision)
     from sdedge.runtime.backends.onnxruntime import OrtEngine
 
-    return OrtEngine(bundle, name, info, ["CPUExecutionProvider"])
+    return OrtEngine(bundle, name, info, ["CPUExecutionProvider"], cache_dir=None)
 
 
 def _sensitivity_sweep(stage_dir: Path, manifest: Manifest, reference: Reference, backend: str, min_cosine: float,

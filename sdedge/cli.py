@@ -298,7 +298,8 @@ def _signals_exit():
     """SIGTERM and SIGHUP (a `kill`, a closed terminal, a stopped container) become SystemExit(128 + n), so
     every `finally` and context manager runs: an export or training stopped that way removes its scratch
     folders and leaves the previous output as it was. (SIGKILL cannot be caught: the next write into the same
-    folder sweeps what it left, sdedge.runtime.files.sweep_stale.) Only in the main thread; restored after."""
+    folder sweeps what it left, sdedge.runtime.files.sweep_stale.) Only in the main thread; restored after.
+    Not for `serve`, whose server finishes the running requests on SIGTERM and re-raises the signal after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        with _signals_exit():
+        with contextlib.nullcontext() if getattr(args, "own_signals", False) else _signals_exit():
             return args.func(args)
     except SdedgeError as exc:
         console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)

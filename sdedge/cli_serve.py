@@ -105,4 +105,4 @@ def register(subparsers) -> None:
                    help="open connections before uvicorn answers 503 (default: max-queue + 64)")
     s.add_argument("--server-log-level", dest="log_level_server", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, own_signals=True)  # uvicorn's graceful shutdown handles SIGTERM

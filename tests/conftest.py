@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach for a model hub
+# the compiled-model and optimised-graph caches of the runtime go to a folder of this session, not ~/.cache
+_CACHE = tempfile.mkdtemp(prefix="sdedge-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("SDEDGE_CACHE_DIR", _CACHE)
 REPO = Path(__file__).resolve().parents[1]
 
 

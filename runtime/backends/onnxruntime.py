@@ -2,14 +2,18 @@
 
 One `OrtEngine` per component. `load()` reads the model's bytes through the bundle (hash-checked) and builds
 an `InferenceSession` from them; a model with external data (over 2 GB) has its data files hash-checked and
-is then opened by path, since ONNX Runtime resolves external data relative to the model file.
+is then opened by path, since ONNX Runtime resolves external data relative to the model file. On the CPU the
+optimised graph is cached per machine (ort_cache.py): the first load saves it, later loads open it with
+optimisation off (the bundle's files are still hash-checked).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BundleError, MissingDependency
 from ..manifest import ComponentInfo
+from . import ort_cache
 
 log = logging.getLogger("sdedge.runtime")
 
@@ -55,7 +60,9 @@ class OrtEngine:
     providers: list[str]
     threads: int | None = None
     low_memory: bool = False  # no weight pre-packing and no memory arena: smaller peak, somewhat slower
+    cache_dir: Path | None | bool = True  # optimised-graph cache (ort_cache.py); True: the default folder
     session: Any = field(default=None, repr=False)
+    cache_hit: bool = False  # the last load opened the cached optimised graph
 
     @property
     def loaded(self) -> bool:
@@ -66,6 +73,7 @@ class OrtEngine:
             return
         import onnxruntime as ort
 
+        self.cache_hit = False
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -75,23 +83,53 @@ class OrtEngine:
         if self.low_memory:
             opts.enable_cpu_mem_arena = False
             opts.add_session_config_entry("session.disable_prepacking", "1")
+        entry = self._cache_entry()
+        work = None
         try:
-            if self.info.external_data:
-                for rel in self.info.external_data:
-                    self.bundle.verify_hash(rel)
-                self.bundle.verify_hash(self.info.file)
-                model: Any = str(self.bundle.path(self.info.file))
+            if entry is not None and ort_cache.lookup(entry):
+                for rel in (self.info.file, *self.info.external_data):
+                    self.bundle.verify_hash(rel)  # the bundle is checked as on any load
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                self.session = ort.InferenceSession(str(entry.model), sess_options=opts, providers=self.providers)
+                self.cache_hit = True
             else:
-                model = self.bundle.read(self.info.file)
-            self.session = ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+                if entry is not None:
+                    work = ort_cache.saving_into(opts, entry)
+                if self.info.external_data:
+                    for rel in self.info.external_data:
+                        self.bundle.verify_hash(rel)
+                    self.bundle.verify_hash(self.info.file)
+                    model: Any = str(self.bundle.path(self.info.file))
+                else:
+                    model = self.bundle.read(self.info.file)
+                self.session = ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+                if work is not None:
+                    try:
+                        ort_cache.commit(work, entry)
+                    except OSError as exc:  # a cache that cannot be written is only a slower next load
+                        log.warning("onnxruntime %s: could not save the optimised graph (%s)", self.name, exc)
         except BundleError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types for a corrupt model
             raise BundleError(
                 f"{self.bundle.path(self.info.file)}: ONNX Runtime cannot load the {self.name} model: {exc}"
             ) from None
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
         self._check_io()
         log.debug("loaded %s with %s", self.name, self.session.get_providers())
+
+    def _cache_entry(self) -> ort_cache.GraphEntry | None:
+        """Where this component's optimised graph is cached; None when the cache is off or not for this provider."""
+        if self.cache_dir is False or self.cache_dir is None or self.providers != ["CPUExecutionProvider"]:
+            return None
+        root = ort_cache.cache_root("onnxruntime") if self.cache_dir is True else Path(self.cache_dir)
+        if root is None:
+            return None
+        files = self.bundle.manifest.files
+        shas = [files[rel].sha256 for rel in (self.info.file, *self.info.external_data)]
+        return ort_cache.GraphEntry.for_key(root, self.name, ort_cache.cache_key(shas, list(self.providers)))
 
     def _check_io(self) -> None:
         names = [i.name for i in self.session.get_inputs()]

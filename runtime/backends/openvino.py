@@ -96,11 +96,9 @@ def inference_precision(precision: Precision, hint: str | None = None) -> tuple[
 
 
 def default_cache_dir() -> Path | None:
-    root = os.environ.get("SDEDGE_CACHE_DIR")
-    if root == "":
-        return None  # SDEDGE_CACHE_DIR= (empty) turns the cache off
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdedge"
-    return base / "openvino"
+    from .ort_cache import cache_root
+
+    return cache_root("openvino")  # SDEDGE_CACHE_DIR= (empty) turns the cache off
 
 
 @dataclass

@@ -126,9 +126,6 @@ def engine_factory(choice: BackendChoice, manifest: Manifest, *, threads: int | 
     providers = list(choice.providers)
 
     def make_ort(bundle: Bundle, name: str, info: ComponentInfo):
-        try:
-            return OrtEngine(bundle, name, info, providers, threads, low_memory=low_memory)  # type: ignore[call-arg]
-        except TypeError:  # an OrtEngine without the low_memory field
-            return OrtEngine(bundle, name, info, providers, threads)
+        return OrtEngine(bundle, name, info, providers, threads, low_memory=low_memory, cache_dir=cache_dir)
 
     return make_ort
