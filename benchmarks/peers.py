@@ -12,17 +12,13 @@ peers subclass diffusers' StableDiffusionPipeline (same `latents=`, `output_type
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+from sdedge.runtime.environment import package_versions
+
 from .suite import BenchError
 from .workers import _DiffusersWorker
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
 
 
 class PeerWorker(_DiffusersWorker):
@@ -76,9 +72,6 @@ class PeerWorker(_DiffusersWorker):
 def _ov_precision(model: str) -> str:
     """What the exported UNet's IR stores its weights as, read from its constants' element types: u8/i8
     constants are optimum-intel's int8 weight compression (`--weight-format int8`, with f16 scales)."""
-    import re
-    from pathlib import Path
-
     try:
         xml = (Path(model) / "unet" / "openvino_model.xml").read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -87,3 +80,7 @@ def _ov_precision(model: str) -> str:
     if types & {"u8", "i8", "u4", "i4"}:
         return "int8-weights" if types & {"u8", "i8"} else "int4-weights"
     return "fp16" if "f16" in types and "f32" not in types else "fp32"
+
+
+def _version(dist: str) -> str:
+    return package_versions([dist]).get(dist, "?")

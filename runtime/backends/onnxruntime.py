@@ -87,8 +87,7 @@ class OrtEngine:
         work = None
         try:
             if entry is not None and ort_cache.lookup(entry):
-                for rel in (self.info.file, *self.info.external_data):
-                    self.bundle.verify_hash(rel)  # the bundle is checked as on any load
+                self._verify_files()  # the bundle is checked as on any load
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 self.session = ort.InferenceSession(str(entry.model), sess_options=opts, providers=self.providers)
                 self.cache_hit = True
@@ -96,9 +95,7 @@ class OrtEngine:
                 if entry is not None:
                     work = ort_cache.saving_into(opts, entry)
                 if self.info.external_data:
-                    for rel in self.info.external_data:
-                        self.bundle.verify_hash(rel)
-                    self.bundle.verify_hash(self.info.file)
+                    self._verify_files()
                     model: Any = str(self.bundle.path(self.info.file))
                 else:
                     model = self.bundle.read(self.info.file)
@@ -119,6 +116,12 @@ class OrtEngine:
                 shutil.rmtree(work, ignore_errors=True)
         self._check_io()
         log.debug("loaded %s with %s", self.name, self.session.get_providers())
+
+    def _verify_files(self) -> None:
+        """Hash-check the model and its external data files against the manifest (what `bundle.read` does for
+        a model read as bytes)."""
+        for rel in (self.info.file, *self.info.external_data):
+            self.bundle.verify_hash(rel)
 
     def _cache_entry(self) -> ort_cache.GraphEntry | None:
         """Where this component's optimised graph is cached; None when the cache is off or not for this provider."""

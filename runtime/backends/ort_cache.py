@@ -16,6 +16,7 @@ cached (a GPU provider's graph depends on the device and its own caches).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bundle import sha256_file
 from ..files import scratch_dir
 
 log = logging.getLogger("sdedge.runtime")
@@ -39,6 +41,7 @@ def cache_root(kind: str) -> Path | None:
     return base / kind
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_identity() -> str:
     """The CPU model and its instruction-set flags: what the ORT_ENABLE_ALL layout transforms depend on."""
     from ..environment import cpu_model
@@ -77,22 +80,14 @@ def cache_key(file_sha256s: list[str], providers: list[str]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def lookup(entry: GraphEntry) -> bool:
     """True when the entry is complete and its files match their recorded SHA-256."""
     if not (entry.model.is_file() and entry.sidecar.is_file()):
         return False
     try:
         recorded = json.loads(entry.sidecar.read_text())
-        ok = _sha256(entry.model) == recorded["model"] and (
-            recorded.get("data") is None or (entry.data.is_file() and _sha256(entry.data) == recorded["data"]))
+        ok = sha256_file(entry.model) == recorded["model"] and (
+            recorded.get("data") is None or (entry.data.is_file() and sha256_file(entry.data) == recorded["data"]))
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
@@ -103,8 +98,7 @@ def lookup(entry: GraphEntry) -> bool:
 def saving_into(opts, entry: GraphEntry) -> Path:
     """Make `opts` save the optimised graph under the entry's file names in a fresh scratch folder beside it
     (the graph names its data file, so the names are final from the start); return the folder."""
-    entry.model.parent.mkdir(parents=True, exist_ok=True)
-    work = scratch_dir(entry.model.parent, entry.model.stem)
+    work = scratch_dir(entry.model.parent, entry.model.stem)  # creates the cache folder too
     opts.optimized_model_filepath = str(work / entry.model.name)
     opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", entry.data.name)
     opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
@@ -116,7 +110,7 @@ def commit(work: Path, entry: GraphEntry) -> None:
     model, data = work / entry.model.name, work / entry.data.name
     if not model.is_file():
         raise OSError(f"ONNX Runtime saved no optimised graph in {work}")
-    record = {"model": _sha256(model), "data": _sha256(data) if data.is_file() else None}
+    record = {"model": sha256_file(model), "data": sha256_file(data) if data.is_file() else None}
     if data.is_file():
         os.replace(data, entry.data)
     os.replace(model, entry.model)
