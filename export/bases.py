@@ -485,8 +485,8 @@ def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
         )
 
 
-def _check_folder_weights(folder: Path, allow_pickle: bool) -> dict[str, Any]:
-    """Check each component's weight files against its config before diffusers loads them.
+def _check_folder_weights(folder: Path, allow_pickle: bool, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check each component's weight files against its config before diffusers loads them (but those in `skip`).
 
     Returns the keyword arguments for `from_pretrained`: `variant` when every component ships only
     variant weights (e.g. *.fp16.safetensors), and `use_safetensors=True` unless pickled .bin weights
@@ -496,6 +496,8 @@ def _check_folder_weights(folder: Path, allow_pickle: bool) -> dict[str, Any]:
     variants: set[str | None] = set()
     needs_bin = False
     for part, model, strip in (("unet", unet, ""), ("vae", vae, ""), ("text_encoder", text_encoder, "text_model.")):
+        if part in skip:
+            continue
         all_st = sorted((folder / part).glob("*.safetensors"))
         plain = [f for f in all_st if f.name.count(".") == 1]
         files = plain or all_st
@@ -572,7 +574,12 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
         _check_diffusers_folder(source, "base")
         if config is not None:
             logger.info("config %s ignored: the base %s is a diffusers folder", config, source)
-        load_kwargs = _check_folder_weights(source, allow_pickle)
+        from .pruned_base import load_pruned_unet, read_pruned_marker
+
+        pruned = read_pruned_marker(source) is not None  # its UNet is narrower than its config says
+        load_kwargs = _check_folder_weights(source, allow_pickle, skip=("unet",) if pruned else ())
+        if pruned:
+            load_kwargs["unet"] = load_pruned_unet(source / "unet")
         from diffusers import StableDiffusionPipeline
 
         try:

@@ -63,6 +63,7 @@ class ExportOptions:
     int8_samples: int = 16  # UNet calls the quantiser calibrates on, spread over prompts and timesteps
     prune: float = 0.0  # structural pruning ratio of the UNet's channels (torch-pruning)
     prune_criterion: str = "magnitude"
+    reference_base: str | None = None  # a pruned base's unpruned parent, where it is not at the path its note records
     speed_calls: int = 3  # UNet calls per engine in the speed gate
     speed_backends: tuple[str, ...] | None = None  # backends the speed gate times (None: every installed one)
     loras: tuple[tuple[str, float], ...] = ()  # (adapter .safetensors, scale), fused into the weights in order
@@ -116,8 +117,11 @@ def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
 
 def guidance_hint(base: str | Path) -> float:
     """The default guidance a base asks for: the trained tiny base records the one it was tuned at; 7.5 else."""
-    marker = Path(base) / MARKER_FILE
-    if marker.is_file():
+    from .pruned_base import PRUNED_MARKER
+
+    for marker in (Path(base) / MARKER_FILE, Path(base) / PRUNED_MARKER):
+        if not marker.is_file():
+            continue
         try:
             value = json.loads(marker.read_text(encoding="utf-8")).get("default_guidance")
         except (OSError, ValueError):
@@ -139,6 +143,15 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
 
         return derive_bundle(base, out, opts, stages)
     stages = stages or Stages(quiet=True)
+    from .pruned_base import read_pruned_marker, resolve_parent
+
+    pruned = read_pruned_marker(base) if Path(base).is_dir() else None
+    if pruned is not None and opts.prune > 0:
+        raise BadInput(f"{base} is a pruned base already (sdedge_pruned.json): export it without --prune, or prune "
+                       "its parent by the ratio you want")
+    if pruned is None and opts.reference_base:
+        raise BadInput(f"--reference-base is for a pruned base (one written by `sdedge prune`); {base} is not one")
+    parent = resolve_parent(base, opts.reference_base)[0] if pruned is not None else None
     with stages("load base"):
         base_desc = describe_base(base)
         pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)
@@ -155,20 +168,25 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
     scale = pipe.vae_scale_factor
     parity_size = opts.parity_size or min(shapes.default_height, max(256, shapes.height_min))
     lat = parity_size // scale
-    optimise = opts.precision is not Precision.FP32 or opts.prune > 0
-    reference = prune_report = None
+    prune_report = pruned["prune"] if pruned is not None else None
+    optimise = opts.precision is not Precision.FP32 or opts.prune > 0 or pruned is not None
+    reference = None
     if optimise:  # the fp32 truth, recorded before anything changes the model (cpu-engines stages)
         from .gates import record_reference
 
         ref_dir = scratch_dir(Path(out).parent, "reference")
-        with stages("fp32 reference run (diffusers)"):
-            sched = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+        truth = f"the unpruned parent {parent}" if parent is not None else "diffusers"
+        with stages(f"fp32 reference run ({truth})"):
+            ref_pipe = load_base(parent) if parent is not None else pipe  # a pruned base: its parent, no LoRAs
+            sched = {k: v for k, v in dict(ref_pipe.scheduler.config).items() if not k.startswith("_")}
             sched.setdefault("timestep_spacing", "leading")
             ref_latents = np.random.default_rng(opts.parity_seed).standard_normal(
-                (1, pipe.unet.config.in_channels, lat, lat), dtype=np.float32)
-            reference = record_reference(pipe, ref_dir, prompt=opts.parity_prompt, latents=ref_latents,
+                (1, ref_pipe.unet.config.in_channels, lat, lat), dtype=np.float32)
+            reference = record_reference(ref_pipe, ref_dir, prompt=opts.parity_prompt, latents=ref_latents,
                                          steps=opts.parity_steps, guidance=opts.default_guidance,
                                          scheduler=opts.parity_scheduler, scheduler_config=sched)
+            ref_pipe = None
+            gc.collect()
     if opts.prune > 0:
         from .prune import prune_unet
 
@@ -208,8 +226,10 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                 created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 toolchain=toolchain_versions(),
                 adapters=adapters,
-                prune_ratio=opts.prune,
+                prune_ratio=prune_report.ratio if prune_report is not None else 0.0,
                 prune=prune_report,
+                pruned_from=(BaseInfo(id=pruned["parent"]["id"], sha256=pruned["parent"]["sha256"])
+                             if pruned is not None else None),
             ),
             parity=Parity(components=parity),
         )
@@ -237,7 +257,7 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                     tmp, manifest, reference, precision=opts.precision, calibration_prompts=prompts,
                     calibration_source=source, calibration_steps=opts.calibration_steps, calibration_size=parity_size,
                     int8_method=opts.int8_method, int8_samples=opts.int8_samples, min_cosine=opts.min_cosine,
-                    min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, pruned=opts.prune > 0, stages=stages,
+                    min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, pruned=prune_report is not None, stages=stages,
                     backends=list(opts.speed_backends) if opts.speed_backends else None)
             finally:
                 shutil.rmtree(ref_dir, ignore_errors=True)

@@ -49,7 +49,7 @@ def count_macs_params(unet, inputs) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def _fix_attributes(unet) -> None:
+def fix_attributes(unet) -> None:
     """diffusers modules cache channel counts in attributes that forward() asserts on: bring them in line."""
     from diffusers.models.attention_processor import Attention
     from diffusers.models.downsampling import Downsample2D
@@ -107,7 +107,7 @@ def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size:
             torch.nn.functional.mse_loss(out, noise).backward()
     pruner.step()
     unet.zero_grad(set_to_none=True)
-    _fix_attributes(unet)
+    fix_attributes(unet)
     with torch.no_grad():
         macs1, params1 = count_macs_params(unet, inputs)
         out = unet(**inputs).sample
@@ -117,17 +117,9 @@ def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size:
         unet.set_attn_processor(processors)
     except Exception:  # processors bound to the old shapes: the defaults work for any width
         unet.set_default_attn_processor()
-    _update_config(unet)
     log.info("pruned UNet %.0f%% (%s): %.1f M -> %.1f M parameters, %.2f -> %.2f GMACs", ratio * 100, criterion,
              params0 / 1e6, params1 / 1e6, macs0 / 1e9, macs1 / 1e9)
     shape = "x".join(str(d) for d in inputs["sample"].shape)
     return PruneReport(ratio=ratio, criterion=criterion, params_before=params0, params_after=params1,
                        macs_before=macs0, macs_after=macs1, macs_shape=shape)
 
-
-def _update_config(unet) -> None:
-    """Record the pruned widths in the config (a pruned UNet cannot be rebuilt from the original config)."""
-    try:
-        unet.register_to_config(sdedge_pruned=True)
-    except Exception:
-        pass

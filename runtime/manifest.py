@@ -139,6 +139,7 @@ class Provenance:
     calibration: str | None = None
     prune: PruneReport | None = None
     export_peak_rss_bytes: int | None = None
+    pruned_from: BaseInfo | None = None  # a pruned base's unpruned parent: the truth its parity gates measured against
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,22 @@ def cmd_base(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from sdedge.export.pruned_base import write_pruned_base
+    from sdedge.runtime.stages import Stages
+
+    stages = Stages(console)
+    doc = write_pruned_base(args.base, Path(args.out), args.ratio, args.criterion, overwrite=args.overwrite,
+                            allow_pickle=args.allow_pickle, config=args.config, stages=stages)
+    pr = doc["prune"]
+    console.print(f"pruned base written to [bold]{args.out}[/bold]: UNet parameters {pr.params_before / 1e6:.1f} M -> "
+                  f"{pr.params_after / 1e6:.1f} M, MACs {pr.macs_before / 1e9:.2f} G -> {pr.macs_after / 1e9:.2f} G "
+                  f"at {pr.macs_shape}")
+    console.print(f"recover it: sdedge train --base {args.out} --distill-from {args.base} --data DATA --out DIR; "
+                  f"then sdedge export --base {args.out} --lora DIR/adapter.safetensors ...")
+    return 0
+
+
 def cmd_build_engines(args) -> int:
     from sdedge.runtime.backends.tensorrt_probe import require_tensorrt
     from sdedge.runtime.errors import MissingDependency
@@ -71,7 +87,8 @@ def export_options(args):
               vae_encoder=not args.no_vae_encoder, allow_pickle=args.allow_pickle, base_config=args.config,
               overwrite=args.overwrite, min_psnr=args.min_psnr, parity_steps=args.parity_steps,
               default_scheduler=args.scheduler, min_cosine=args.min_cosine, calibration=args.calibration,
-              int8_method=args.int8_method, prune=args.prune, prune_criterion=args.prune_criterion)
+              int8_method=args.int8_method, prune=args.prune, prune_criterion=args.prune_criterion,
+              reference_base=args.reference_base)
     if args.size_range:
         kw["size_min"], kw["size_max"] = args.size_range
     return ExportOptions(**kw)
@@ -214,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=cmd_base)
 
+    pr = sub.add_parser("prune", help="prune a base's UNet channels into a new base folder (for a recovery "
+                        "fine-tune with `sdedge train --distill-from`, then `sdedge export`)")
+    pr.add_argument("base", help="a diffusers folder or a single-file .safetensors (with --config)")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--ratio", type=float, required=True, help="ratio of the UNet's channels to remove (0-0.9)")
+    pr.add_argument("--criterion", default="magnitude", choices=["magnitude", "taylor"], help="channel importance")
+    pr.add_argument("--config", help="local diffusers folder with the configs of a single-file base")
+    pr.add_argument("--allow-pickle", action="store_true", help="load a pickle .ckpt (it can run code: trust it first)")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_prune)
+
     be = sub.add_parser("build-engines", help="build TensorRT engines for this GPU from a bundle's ONNX (GPU only)")
     be.add_argument("bundle")
     be.add_argument("--shapes", default="512x512", help="sizes to build profiles for, e.g. 512x512,768x768")
@@ -244,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prune", type=float, default=0.0, help="prune this ratio of the UNet's channels (torch-pruning)")
     e.add_argument("--prune-criterion", default="magnitude", choices=["magnitude", "taylor"],
                    help="channel importance for --prune")
+    e.add_argument("--reference-base", help="a pruned base's unpruned parent, when it has moved from where "
+                   "sdedge_pruned.json says (the parity gates measure against it)")
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--sign-key", help="sign the bundle with this private key (PEM) as the last step")
     e.set_defaults(func=cmd_export)

@@ -44,12 +44,22 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _pruned_unet_loader():
+    """The reader of pruned bases (`sdedge prune`) when the export extra is installed: the CLI is where the trainer
+    and the exporter meet."""
+    try:
+        from sdedge.export.pruned_base import load_pruned_unet
+    except ImportError:  # a train-only install: a pruned base is then refused with the reason
+        return None
+    return load_pruned_unet
+
+
 def cmd_train(args) -> int:
     from sdedge.trainer.config import config_from_args
     from sdedge.trainer.train import train
 
     cfg = config_from_args(args, args.config)
-    result = train(cfg, console=console)
+    result = train(cfg, console=console, unet_loader=_pruned_unet_loader())
     if _is_main_process():
         console.print(f"adapter written to [bold]{result.adapter}[/bold]: {result.steps} steps, final loss "
                       f"{result.final_loss:.4f}, {result.seconds:.1f} s"

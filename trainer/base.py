@@ -2,6 +2,10 @@
 
 The trainer does not import `sdedge.export` (the two meet only through files), so it reads the folder with
 diffusers and transformers directly, refusing anything that is not a Stable Diffusion pipeline folder.
+
+A pruned base (`sdedge prune`, marked by `sdedge_pruned.json`) has a UNet narrower than its config says, which
+diffusers cannot load: its reader lives with the writer (`sdedge.export.pruned_base.load_pruned_unet`), and the
+caller hands it in as `unet_loader` (the `sdedge train` command does).
 """
 
 from __future__ import annotations
@@ -10,13 +14,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sdedge.runtime.errors import SdedgeError
 
 from .hashing import base_sha256
 
-__all__ = ["Base", "load_training_base"]
+__all__ = ["Base", "load_training_base", "PRUNED_MARKER"]
+
+PRUNED_MARKER = "sdedge_pruned.json"  # written by sdedge.export.pruned_base
 
 
 @dataclass
@@ -45,7 +51,8 @@ def _offline() -> None:
         constants.HF_HUB_OFFLINE = True
 
 
-def load_training_base(path: str | Path) -> Base:
+def load_training_base(path: str | Path, unet_loader: Callable[[Path], Any] | None = None) -> Base:
+    """The base at `path`, frozen, in fp32. `unet_loader(unet_dir)` reads a pruned base's UNet."""
     _offline()
     path = Path(path)
     if not path.is_dir():
@@ -83,11 +90,19 @@ def load_training_base(path: str | Path) -> Base:
     except Exception:  # pragma: no cover
         pass
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
+        if (path / PRUNED_MARKER).is_file():
+            if unet_loader is None:
+                raise SdedgeError(f"--base {path} is a pruned base: load it with "
+                                  "unet_loader=sdedge.export.pruned_base.load_pruned_unet (needs sdedge[export])")
+            unet = unet_loader(path / "unet")
+        else:
+            unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
         sched_cfg = DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True)
+    except SdedgeError:
+        raise
     except Exception as e:
         raise SdedgeError(f"cannot load the base {path}: {e}") from e
     if text_encoder.config.hidden_size != unet.config.cross_attention_dim:

@@ -21,6 +21,7 @@ from sdedge.runtime.strict import ConfigError, from_dict, to_dict
 __all__ = [
     "TrainConfig",
     "UNET_TARGETS",
+    "RECOVERY_TARGETS",
     "TEXT_ENCODER_TARGETS",
     "HELP",
     "load_config",
@@ -33,6 +34,10 @@ __all__ = [
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# A recovery fine-tune after pruning (--distill-from) reaches every layer pruning narrowed: resnet convolutions,
+# attention, its projections and feed-forwards. On the pruned tiny base, 200 steps: UNet cosine vs the unpruned
+# model 0.885 -> 0.970 with UNET_TARGETS, -> 0.986 with these.
+RECOVERY_TARGETS = UNET_TARGETS + ("conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class TrainConfig:
     # the adapter
     rank: int = 16
     alpha: float | None = None
-    target_modules: tuple[str, ...] = UNET_TARGETS
+    target_modules: tuple[str, ...] | None = None  # None: UNET_TARGETS, or RECOVERY_TARGETS with distill_from
     train_text_encoder: bool = False
     text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
     format: str = "peft"
@@ -67,6 +72,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     cache_latents: bool = True
     cache_text_embeddings: bool | None = None
+    distill_from: str | None = None
+    distill_weight: float = 1.0
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     seed: int = 0
@@ -92,7 +99,8 @@ HELP: dict[str, str] = {
     "out": "output folder: adapter.safetensors, adapter.json, config.yaml, metrics.jsonl, logs/, validation/, checkpoints/",
     "rank": "LoRA rank",
     "alpha": "LoRA alpha (default: the rank, i.e. scale 1)",
-    "target_modules": "UNet modules that get a LoRA",
+    "target_modules": "UNet modules that get a LoRA (default: the attention projections; with --distill-from, "
+                      "also the convolutions, attention projections in/out and feed-forwards, which pruning narrowed)",
     "train_text_encoder": "also train a LoRA on the text encoder's attention projections",
     "text_encoder_target_modules": "text-encoder modules that get a LoRA (with --train-text-encoder)",
     "format": "adapter key format: peft (diffusers' load_lora_weights) or kohya (A1111/kohya keys)",
@@ -114,6 +122,11 @@ HELP: dict[str, str] = {
     "gradient_checkpointing": "trade compute for memory in the UNet (and text encoder)",
     "cache_latents": "encode every image with the VAE once, before training",
     "cache_text_embeddings": "encode every caption once (default: on unless the text encoder trains)",
+    "distill_from": "a teacher base (diffusers folder): the UNet learns to reproduce the teacher UNet's prediction on "
+                    "the same noisy latents and captions (knowledge distillation; the recovery fine-tune after "
+                    "`sdedge prune`, with the unpruned parent as teacher)",
+    "distill_weight": "with --distill-from: weight of the teacher's prediction in the target (1: distillation only; "
+                      "0.5: half the denoising loss)",
     "min_snr_gamma": "min-SNR loss weighting gamma (5 is usual; default off)",
     "noise_offset": "noise offset (e.g. 0.05; default 0)",
     "seed": "seed of the LoRA init, data order, noise and timesteps",
@@ -234,7 +247,7 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
         _check(getattr(cfg, key) in choices, key, f"{getattr(cfg, key)!r} is not one of {', '.join(choices)}")
     _check(cfg.rank >= 1, "rank", "must be at least 1")
     _check(cfg.alpha is None or cfg.alpha > 0, "alpha", "must be positive")
-    _check(len(cfg.target_modules) > 0, "target_modules", "name at least one module")
+    _check(cfg.target_modules is None or len(cfg.target_modules) > 0, "target_modules", "name at least one module")
     _check(cfg.learning_rate > 0, "learning_rate", "must be positive")
     _check(cfg.text_encoder_lr is None or cfg.text_encoder_lr > 0, "text_encoder_lr", "must be positive")
     _check(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1", "betas must lie in [0, 1)")
@@ -246,6 +259,11 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
     _check(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1")
     _check(cfg.epochs is None or cfg.epochs >= 1, "epochs", "must be at least 1")
     _check(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+    _check(0.0 <= cfg.distill_weight <= 1.0, "distill_weight", "must lie in [0, 1]")
+    if cfg.distill_from is not None:
+        _check(bool(cfg.distill_from), "distill_from", "name a teacher base folder")
+        _check(not cfg.train_text_encoder, "distill_from",
+               "cannot be used with train_text_encoder (both UNets read the same, frozen, text embeddings)")
     _check(cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
     _check(cfg.noise_offset >= 0, "noise_offset", "must be >= 0")
     _check(cfg.seed >= 0, "seed", "must be >= 0")
@@ -260,6 +278,8 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
         _check(cfg.cache_text_embeddings is not True, "cache_text_embeddings",
                "cannot be on with train_text_encoder (the embeddings change as the text encoder trains)")
     changes: dict[str, Any] = {}
+    if cfg.target_modules is None:
+        changes["target_modules"] = RECOVERY_TARGETS if cfg.distill_from else UNET_TARGETS
     if cfg.alpha is None:
         changes["alpha"] = float(cfg.rank)
     if cfg.cache_text_embeddings is None:

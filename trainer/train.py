@@ -173,6 +173,34 @@ def _check_resume(cfg: TrainConfig, state: dict, checkpoint: Path, base_sha: str
         raise SdedgeError(f"--resume {checkpoint}: the dataset changed since the checkpoint (SHA-256 differs)")
 
 
+def _load_teacher(cfg: TrainConfig, base, unet_loader):
+    """The frozen teacher of a distillation run; it must read the same latents and text embeddings as the base."""
+    import torch
+
+    from .base import load_training_base
+
+    teacher = load_training_base(cfg.distill_from, unet_loader)
+    checks = {
+        "latent channels": (teacher.unet.config.in_channels, base.unet.config.in_channels),
+        "prediction type": (teacher.noise_scheduler.config.prediction_type,
+                            base.noise_scheduler.config.prediction_type),
+        "training timesteps": (teacher.noise_scheduler.config.num_train_timesteps,
+                               base.noise_scheduler.config.num_train_timesteps),
+        "cross-attention width": (teacher.unet.config.cross_attention_dim, base.unet.config.cross_attention_dim),
+    }
+    for what, (theirs, ours) in checks.items():
+        if theirs != ours:
+            raise SdedgeError(f"--distill-from {cfg.distill_from}: its {what} is {theirs}, the base's is {ours}")
+    mine, theirs = base.text_encoder.state_dict(), teacher.text_encoder.state_dict()
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+        raise SdedgeError(f"--distill-from {cfg.distill_from}: its text encoder differs from the one of --base "
+                          f"{cfg.base}; both UNets are fed the base's text embeddings, so distil from the base's "
+                          "parent (the folder `sdedge prune` was given)")
+    teacher.vae = teacher.text_encoder = None  # the base's own encode the latents and captions
+    teacher.unet.eval()
+    return teacher
+
+
 class _Batches:
     """The tensors of one micro-step on this process, from the plan and the per-slot generators."""
 
@@ -213,9 +241,9 @@ class _Batches:
                 captions)
 
 
-def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None) -> TrainResult:
     """Train a LoRA as `cfg` says; returns what was written. `stop_after` (tests) ends the run after that step's
-    checkpoint as if it were killed."""
+    checkpoint as if it were killed. `unet_loader` reads a pruned base's UNet (trainer/base.py)."""
     import torch
     from diffusers.training_utils import compute_snr
 
@@ -256,7 +284,8 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> T
     # -- models --------------------------------------------------------------------------------------------------
     from .base import load_training_base
 
-    base = load_training_base(cfg.base)
+    base = load_training_base(cfg.base, unet_loader)
+    teacher = _load_teacher(cfg, base, unet_loader) if cfg.distill_from else None
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     inject_lora(unet, cfg.target_modules, cfg.rank, cfg.alpha, cfg.seed, "unet")
     if cfg.train_text_encoder:
@@ -268,7 +297,7 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> T
                 text_encoder.gradient_checkpointing_enable
             enable()
     device = accelerator.device
-    for m in (unet, vae, text_encoder):
+    for m in (unet, vae, text_encoder) + ((teacher.unet,) if teacher is not None else ()):
         m.to(device)
     vae.eval()
     text_encoder.train(cfg.train_text_encoder)
@@ -278,6 +307,8 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> T
     if checkpoint is not None:
         trainable, opt_state, state = load_checkpoint(checkpoint)
         _check_resume(cfg, state, checkpoint, base.sha256, data.sha256)
+        if teacher is not None and state.get("teacher_sha256") != teacher.sha256:
+            raise SdedgeError(f"--resume {checkpoint}: the teacher changed since the checkpoint (SHA-256 differs)")
         resumed_from = int(state["step"])
         if resumed_from > cfg.max_steps:
             raise SdedgeError(f"--resume {checkpoint}: at step {resumed_from}, past max_steps {cfg.max_steps}")
@@ -349,6 +380,10 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> T
         target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
         with accelerator.autocast():
             pred = unet_p(noisy, t, hidden).sample
+            if teacher is not None:  # w·‖p − teacher‖² + (1 − w)·‖p − target‖² = ‖p − (w·teacher + (1 − w)·target)‖² + c
+                with torch.no_grad():
+                    taught = teacher.unet(noisy, t, hidden).sample.float()
+                target = cfg.distill_weight * taught + (1.0 - cfg.distill_weight) * target.float()
         loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             snr = compute_snr(noise_scheduler, t)
@@ -389,6 +424,7 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> T
                 trainable.update({f"text_encoder.{n}": p
                                   for n, p in lora_parameters(accelerator.unwrap_model(text_p))})
             doc = {"config": to_dict(cfg), "world_size": world, "base_sha256": base.sha256,
+                   "teacher_sha256": teacher.sha256 if teacher is not None else None,
                    "dataset_sha256": data.sha256, "loss": loss, "optimizer_kind": optimizer_kind,
                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
             save_checkpoint(out / "checkpoints", step, trainable, optimizer.state_dict(), doc)
@@ -453,6 +489,8 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None) -> T
             "sha256": sha256_file(adapter_path),
             "key_format": cfg.format,
             "base": {"id": base.id, "sha256": base.sha256, "path": str(Path(cfg.base).resolve())},
+            "distilled_from": ({"id": teacher.id, "sha256": teacher.sha256, "path": str(teacher.path.resolve()),
+                                "weight": cfg.distill_weight} if teacher is not None else None),
             "dataset": {"sha256": data.sha256, "images": len(data.items), "path": str(Path(cfg.data).resolve())},
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "unet_targets": list(cfg.target_modules),
                      "unet_layers": len(unet_layers),
