@@ -4,10 +4,17 @@ before and after and recorded in the manifest.
 
     report = prune_unet(pipe, ratio=0.3, criterion="magnitude", latent_size=32)
 
-torch-pruning's dependency graph keeps every coupled layer consistent (residual adds, the up blocks' skip
-concatenations, the time embedding projections, GroupNorm). Channel counts are rounded to the GroupNorm group
-count (32 in SD1.5) so every GroupNorm keeps its groups; conv_in and conv_out keep the latent channels; each
-attention keeps its head count and loses the same dimensions in every head (`prune_head_dims`).
+What `ratio` removes: the same fraction of every block's *inner* widths (`_plan`): each resnet's hidden
+channels, each attention's head dimensions (same dimensions in every head, heads kept) and each feed-forward's
+hidden width. torch-pruning's dependency graph finds the layers coupled to each (norm2, time_emb_proj, to_k,
+to_v, to_out, the GEGLU halves) and the importance criterion ranks the channels. The residual streams, skip
+concatenations, time embedding, conv_in and conv_out keep their widths. Widths are rounded to the GroupNorm
+group count (32 in SD1.5). At 0.3 on SD1.5 that is 30 % of each inner width, about 28 % fewer MACs.
+
+Why not torch-pruning's MetaPruner over the whole UNet (what sdedge did first): on SD1.5's UNet its coupled
+groups (the skip concatenations join the same residual stream several times) are cut several times over: at
+0.3, the 320- and 640-channel streams kept every channel while every 1280-wide layer lost 80 %, 78 % of the
+parameters went, and the ratio no longer said what it did.
 
 Criteria: "magnitude" (L2 norm of each channel's weights; no data needed) and "taylor" (first-order Taylor
 importance, |w · dL/dw|, from a few denoising-loss gradients on random latents and timesteps).
@@ -64,6 +71,56 @@ def fix_attributes(unet) -> None:
             m.channels, m.out_channels = conv.in_channels, conv.out_channels
 
 
+def _keep(n: int, ratio: float, multiple: int) -> int:
+    """Channels kept of `n` at `ratio`: the nearest multiple of `multiple`, at least one multiple, at most n."""
+    return min(n, max(multiple, int(round(n * (1.0 - ratio) / multiple)) * multiple))
+
+
+def _plan(unet, graph, importance, ratio: float, multiple: int):
+    """(layer, pruning function, channel indices) for each block's inner widths, least important first.
+
+    Each group is internal to one block, so the groups are disjoint and every width is cut exactly once:
+    - a resnet's hidden channels (conv1 out, norm2, time_emb_proj out, conv2 in), kept a multiple of `multiple`
+      and of norm2's groups;
+    - an attention's head dimensions (to_q, to_k, to_v out and to_out in, coupled by torch-pruning's graph), the
+      same dimensions in every head so the head count stays;
+    - a GEGLU feed-forward's hidden width (both halves of proj, ff.net.2 in).
+    The residual streams, skip connections and time embedding keep their widths."""
+    import math
+
+    import torch
+    import torch_pruning as tp
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    def scores(layer, fn, n):
+        return importance(graph.get_pruning_group(layer, fn, idxs=list(range(n)))).reshape(-1)[:n].float()
+
+    for m in list(unet.modules()):
+        if isinstance(m, ResnetBlock2D):
+            n = m.conv1.out_channels
+            keep = _keep(n, ratio, math.lcm(multiple, m.norm2.num_groups))
+            if keep < n:
+                order = torch.argsort(scores(m.conv1, tp.prune_conv_out_channels, n))
+                yield m.conv1, tp.prune_conv_out_channels, order[: n - keep].tolist()
+        elif isinstance(m, Attention):
+            n, heads = m.to_q.out_features, m.heads
+            d = n // heads
+            keep = min(d, max(1, int(round(d * (1.0 - ratio)))))
+            if keep < d:  # (heads * d,) -> (heads, d): one ranking of the dimensions over all heads
+                per_dim = scores(m.to_q, tp.prune_linear_out_channels, n).reshape(heads, d).sum(0)
+                drop = torch.argsort(per_dim)[: d - keep]
+                yield m.to_q, tp.prune_linear_out_channels, sorted(int(h * d + j) for h in range(heads) for j in drop)
+        elif isinstance(m, GEGLU):
+            n = m.proj.out_features // 2  # proj -> (hidden, gate) halves
+            keep = _keep(n, ratio, multiple)
+            if keep < n:
+                per_unit = scores(m.proj, tp.prune_linear_out_channels, 2 * n).reshape(2, n).sum(0)
+                drop = torch.argsort(per_unit)[: n - keep]
+                yield m.proj, tp.prune_linear_out_channels, sorted([int(j) for j in drop] + [int(j) + n for j in drop])
+
+
 def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size: int = 32,
                round_to: int | None = None) -> PruneReport:
     """Prune `pipe.unet` in place by `ratio` of its channels; returns the parameter and MAC counts."""
@@ -72,7 +129,7 @@ def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size:
         import torch_pruning as tp
     except ImportError:
         raise MissingDependency("--prune needs torch-pruning: pip install torch-pruning") from None
-    from diffusers.models.attention_processor import Attention, AttnProcessor
+    from diffusers.models.attention_processor import AttnProcessor
 
     if criterion not in CRITERIA:
         raise BadInput(f"prune criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
@@ -84,18 +141,8 @@ def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size:
     inputs = _example_inputs(unet, latent_size)
     with torch.no_grad():
         macs0, params0 = count_macs_params(unet, inputs)
-    num_heads = {}
-    for m in unet.modules():
-        if isinstance(m, Attention):
-            for lin in (m.to_q, m.to_k, m.to_v):
-                num_heads[lin] = m.heads
-    groups = unet.config.norm_num_groups or 32
     importance = (tp.importance.TaylorImportance() if criterion == "taylor"
                   else tp.importance.MagnitudeImportance(p=2))
-    pruner = tp.pruner.MetaPruner(
-        unet, inputs, importance=importance, pruning_ratio=ratio, ignored_layers=[unet.conv_in, unet.conv_out],
-        round_to=round_to or groups, num_heads=num_heads, prune_head_dims=True, prune_num_heads=False,
-    )
     if criterion == "taylor":
         unet.zero_grad()
         g = torch.Generator().manual_seed(1)
@@ -105,7 +152,9 @@ def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size:
             x["timestep"] = torch.randint(0, 1000, (2,), generator=g).float()
             out = unet(x["sample"] + noise, x["timestep"], x["encoder_hidden_states"]).sample
             torch.nn.functional.mse_loss(out, noise).backward()
-    pruner.step()
+    graph = tp.DependencyGraph().build_dependency(unet, example_inputs=inputs)
+    for layer, fn, idxs in _plan(unet, graph, importance, ratio, round_to or (unet.config.norm_num_groups or 32)):
+        graph.get_pruning_group(layer, fn, idxs=idxs).prune()
     unet.zero_grad(set_to_none=True)
     fix_attributes(unet)
     with torch.no_grad():
