@@ -9,6 +9,7 @@ shipped as `export/data/shape-classifier.safetensors`, reads an image's shape, s
 - `kid(features_a, features_b)`: kernel inception distance (unbiased MMD², cubic polynomial kernel) on the
   classifier's features, a FID/KID for this domain; `real_features(prompts)` renders the real side.
 - `score_engines(images, prompts)`: both figures per engine, for `sdedge bench` on the tiny base.
+- `bundle_prompt_match(bundle_dir)`: a bundle's match rate on 30 of the 90 base captions, for `sdedge export`.
 
 Images go in as uint8 arrays (N, H, W, 3) or PIL images.
 """
@@ -24,7 +25,7 @@ from torch import nn
 
 __all__ = [
     "ShapeClassifier", "load_classifier", "predict", "match_rate", "image_features", "kid", "to_tensor", "HEADS",
-    "real_features", "score_engines", "prompt_hits",
+    "real_features", "score_engines", "prompt_hits", "base_captions", "bundle_prompt_match",
 ]
 
 HEADS = {"shape": SHAPES, "colour": ALL_COLOURS, "background": ALL_COLOURS}
@@ -148,3 +149,24 @@ def score_engines(images: dict[str, list[np.ndarray]], prompts: Sequence[str]) -
         out["engines"][name] = {"prompt_match": {"rate": float(np.mean(hits)), "per_image": hits}, "kid": value}
     out["real_images_per_image"] = 4
     return out
+
+
+def base_captions() -> list[str]:
+    """The 90 captions of the tiny base's world: every shape, in every base colour, on every other base colour."""
+    from sdedge.trainer.shapes import BASE_COLOURS, caption
+
+    return [caption(s, c, b) for s in SHAPES for c in BASE_COLOURS for b in BASE_COLOURS if c != b]
+
+
+def bundle_prompt_match(bundle_dir, every: int = 3, seed: int = 0) -> tuple[float, int, int]:
+    """(match rate, prompts, seed) of a tiny-base bundle on every `every`-th base caption, one image each at the
+    bundle's defaults: the prompt-match gate `sdedge export` records for the trained tiny base."""
+    from sdedge.runtime.pipeline import Pipeline, to_uint8
+
+    prompts = base_captions()[::every]
+    pipe = Pipeline.load(bundle_dir, verify="off")  # a staging folder: not signed yet
+    try:
+        images = [to_uint8(pipe.generate(p, seed=seed + i).images)[0] for i, p in enumerate(prompts)]
+    finally:
+        pipe.close()
+    return match_rate(load_classifier(), images, prompts), len(prompts), seed

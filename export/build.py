@@ -21,8 +21,8 @@ from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency
 from sdedge.runtime.files import scratch_dir
 from sdedge.runtime.manifest import (
-    FORMAT_VERSION, AdapterInfo, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision, Provenance,
-    ShapeRange, TokenizerInfo,
+    FORMAT_VERSION, AdapterInfo, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision,
+    PromptMatch, Provenance, ShapeRange, TokenizerInfo,
 )
 from sdedge.runtime.stages import Stages
 
@@ -132,8 +132,12 @@ def guidance_hint(base: str | Path) -> float:
 
 
 def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = ExportOptions(),
-                  stages: Stages | None = None) -> Manifest:
+                  stages: Stages | None = None, prompt_match=None) -> Manifest:
     """Export `base` to a bundle at `out`; returns the manifest written.
+
+    `prompt_match(bundle_dir) -> (rate, prompts, seed)` scores how well a bundle's images match their prompts
+    (for the trained tiny base the CLI hands in `sdedge.benchmarks.shape_score.bundle_prompt_match`): recorded
+    for the fp32 bundle and, when optimised, for the final one, in `parity.prompt_match`.
 
     `base` may also be an fp32 sdedge bundle: then a reduced precision is derived from it without the PyTorch model
     (export/quantize.py: derive_bundle)."""
@@ -245,6 +249,13 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                 f"end-to-end parity: the bundle's image is {image.psnr_db:.1f} dB PSNR against diffusers, "
                 f"under the gate of {fp32_gate:g} dB"
             )
+        match_fp32 = None
+        if prompt_match is not None:
+            with stages("prompt match (fp32)"):
+                match_fp32 = prompt_match(tmp)
+            manifest = replace(manifest, parity=replace(manifest.parity, prompt_match=PromptMatch(
+                rate=match_fp32[0], rate_fp32=None, prompts=match_fp32[1], seed=match_fp32[2])))
+            write_manifest(tmp, manifest)
         if optimise:
             from .calibration import read_prompts
             from .quantize import apply_precision
@@ -261,6 +272,12 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                     backends=list(opts.speed_backends) if opts.speed_backends else None)
             finally:
                 shutil.rmtree(ref_dir, ignore_errors=True)
+            if match_fp32 is not None:
+                with stages(f"prompt match ({opts.precision.value})"):
+                    rate, n, seed = prompt_match(tmp)
+                manifest = replace(manifest, parity=replace(manifest.parity, prompt_match=PromptMatch(
+                    rate=rate, rate_fp32=match_fp32[0], prompts=n, seed=seed)))
+                write_manifest(tmp, manifest)
     pipe = None
     gc.collect()
     return manifest

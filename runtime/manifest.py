@@ -179,6 +179,18 @@ class Parity:
     components: dict[str, ComponentParity] = field(default_factory=dict)
     image: ImageParity | None = None
     precision: PrecisionParity | None = None
+    prompt_match: PromptMatch | None = None  # the trained tiny base only (sdedge export of it)
+
+
+@dataclass(frozen=True)
+class PromptMatch:
+    """On the trained tiny base: the share of the bundle's images whose shape, colour and background match their
+    prompt (the shape classifier of sdedge.benchmarks.shape_score), and the same for the fp32 bundle it came from."""
+
+    rate: float
+    rate_fp32: float | None  # None: the bundle is the fp32 one
+    prompts: int
+    seed: int
 
 
 @dataclass(frozen=True)

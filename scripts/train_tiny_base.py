@@ -433,7 +433,9 @@ def stage_evaluate(work: Path, unet, vae, text_encoder, tokenizer, classifier, r
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [caption(s, c, b) for s in SHAPES for c in BASE_COLOURS for b in BASE_COLOURS if c != b]
+    from sdedge.benchmarks.shape_score import base_captions
+
+    prompts = base_captions()
     new = [caption(s, NEW_COLOUR, b) for s in SHAPES for b in BASE_COLOURS]
     record: dict = {"prompts": len(prompts), "steps": 20, "scheduler": "dpm++2m", "by_guidance": {}}
     best = None

@@ -94,12 +94,37 @@ def export_options(args):
     return ExportOptions(**kw)
 
 
+def _prompt_match_for(base: str):
+    """The prompt-match scorer when `base` is the trained tiny base or pruned from it (its shape classifier only
+    knows that world); None otherwise."""
+    from sdedge.export.bases import MARKER_FILE
+    from sdedge.export.pruned_base import read_pruned_marker
+
+    folder = Path(base)
+    if not folder.is_dir() or (folder / "sdedge.json").is_file():
+        return None
+    pruned = read_pruned_marker(folder)
+    if pruned is not None:
+        tiny = pruned["parent"]["id"].startswith("builtin:tiny@")
+    else:
+        try:
+            tiny = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8")).get("builtin") == "tiny"
+        except (OSError, ValueError):
+            tiny = False
+    if not tiny:
+        return None
+    from sdedge.benchmarks.shape_score import bundle_prompt_match
+
+    return bundle_prompt_match
+
+
 def cmd_export(args) -> int:
     from sdedge.export.build import export_bundle
     from sdedge.runtime.stages import Stages
 
     stages = Stages(console)
-    manifest = export_bundle(args.base, Path(args.out), export_options(args), stages)
+    manifest = export_bundle(args.base, Path(args.out), export_options(args), stages,
+                             prompt_match=_prompt_match_for(args.base))
     console.print(f"bundle written to [bold]{args.out}[/bold]")
     print_parity(manifest)
     if args.sign_key:
@@ -118,6 +143,10 @@ def print_parity(manifest) -> None:
         im = manifest.parity.image
         console.print(f"  parity image         {im.psnr_db:.1f} dB PSNR vs diffusers ({im.scheduler}, {im.steps} steps, "
                       f"{im.width}x{im.height})")
+    pm = manifest.parity.prompt_match
+    if pm is not None:
+        fp32 = f" (fp32 bundle {pm.rate_fp32:.0%})" if pm.rate_fp32 is not None else ""
+        console.print(f"  prompt match         {pm.rate:.0%} of {pm.prompts} shapes-world prompts{fp32}")
     pp = manifest.parity.precision
     if pp is not None:
         console.print(f"  {manifest.precision.value} vs fp32 ({pp.backend}): UNet cosine {pp.unet_cosine:.5f}, after "

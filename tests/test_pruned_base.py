@@ -163,6 +163,7 @@ def test_recovery_fine_tune_wins_back_parity(tiny_base, pruned, shapes_data, tmp
     for m in (before, after):
         assert m.provenance.pruned_from.sha256 == adapter["distilled_from"]["sha256"]
         assert m.provenance.prune.ratio == 0.3 and m.parity.image.psnr_db >= 40  # export itself is exact
+        assert m.parity.prompt_match.rate_fp32 is not None  # pruned from the trained tiny base: scored
     b, a = before.parity.precision, after.parity.precision
     assert b.unet_cosine < 0.97, b  # pruning cost something to win back
     # 150 steps at least halve the distance to the unpruned model, before and after guidance (measured here:

@@ -148,6 +148,10 @@ def test_cli_export_int8_weights_prints_the_figures(tiny_base, tmp_path):
     import re
 
     assert re.search(r"size text_encoder [\d.]+ [kKM]i?B -> [\d.]+ [kKM]i?B, unet [\d.]+ [kKM]i?B -> ", r.stderr)
+    # the trained tiny base: the prompt-match rate of the fp32 and the int8-weights bundle, by its shape classifier
+    pm = Bundle.open(out).manifest.parity.prompt_match
+    assert pm is not None and pm.prompts == 30 and "prompt match" in r.stderr
+    assert pm.rate_fp32 >= 0.6 and pm.rate >= pm.rate_fp32 - 0.15, pm  # the base draws its prompts; int8-weights too
 
 
 def test_calibration_is_streamed_to_disk(tiny_bundle, tmp_path, prompts_file):
