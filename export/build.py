@@ -155,7 +155,7 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
                        "its parent by the ratio you want")
     if pruned is None and opts.reference_base:
         raise BadInput(f"--reference-base is for a pruned base (one written by `sdedge prune`); {base} is not one")
-    parent = resolve_parent(base, opts.reference_base)[0] if pruned is not None else None
+    parent = resolve_parent(base, pruned, opts.reference_base) if pruned is not None else None
     with stages("load base"):
         base_desc = describe_base(base)
         pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)

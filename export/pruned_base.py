@@ -54,22 +54,20 @@ def read_pruned_marker(folder: str | os.PathLike) -> dict[str, Any] | None:
     return doc
 
 
-def resolve_parent(folder: str | os.PathLike, override: str | os.PathLike | None = None) -> tuple[Path, dict]:
-    """The unpruned parent of a pruned base, found where the note says (or at `override`) and checked by SHA-256."""
+def resolve_parent(folder: str | os.PathLike, note: dict[str, Any], override: str | os.PathLike | None = None) -> Path:
+    """The unpruned parent of the pruned base at `folder` (its `note`), found where the note says (or at
+    `override`) and checked by SHA-256."""
     from .bases import describe_base
 
-    doc = read_pruned_marker(folder)
-    if doc is None:
-        raise BadInput(f"{folder} is not a pruned base (no {PRUNED_MARKER})")
-    parent = Path(override) if override else Path(doc["parent"]["path"])
+    parent = Path(override) if override else Path(note["parent"]["path"])
     if not parent.exists():
-        raise BadInput(f"{folder} was pruned from {doc['parent']['path']}, which is not there: pass the unpruned "
+        raise BadInput(f"{folder} was pruned from {note['parent']['path']}, which is not there: pass the unpruned "
                        "base with --reference-base DIR (the parity gates measure the pruned model against it)")
     desc = describe_base(parent)
-    if desc["sha256"] != doc["parent"]["sha256"]:
+    if desc["sha256"] != note["parent"]["sha256"]:
         raise BadInput(f"--reference-base {parent}: its weights (SHA-256 {desc['sha256'][:12]}…) are not the base "
-                       f"{folder} was pruned from ({doc['parent']['sha256'][:12]}…)")
-    return parent, doc
+                       f"{folder} was pruned from ({note['parent']['sha256'][:12]}…)")
+    return parent
 
 
 def write_pruned_base(base: str | os.PathLike, out: str | os.PathLike, ratio: float, criterion: str = "magnitude",
@@ -80,10 +78,9 @@ def write_pruned_base(base: str | os.PathLike, out: str | os.PathLike, ratio: fl
 
     from .bases import _atomic_dir, _quiet, describe_base, hub_layout_text_encoder, load_base
     from .build import guidance_hint
-    from .prune import prune_unet
+    from .prune import CRITERIA, prune_unet
 
-    from .prune import CRITERIA
-
+    # checked before the base is loaded (prune_unet checks again, after a load that takes a while on SD1.5)
     if not 0.0 < ratio <= 0.9:
         raise BadInput(f"--ratio {ratio:g}: a ratio above 0 and at most 0.9 of the UNet's channels")
     if criterion not in CRITERIA:
