@@ -80,8 +80,11 @@ class Pipeline:
         self.memory = memory
         choice = choose_backend(self.manifest, backend, device)
         log.info("backend %s (%s)", choice.label, choice.reason)
+        for why in choice.skipped:
+            log.info("not used: %s", why)
         self.backend = choice.label
         self.backend_reason = choice.reason
+        self.backend_skipped = choice.skipped  # what `auto` passed over, and why
         factory = engine_factory or make_engine_factory(choice, self.manifest, threads=threads,
                                                         low_memory=memory == "low")
         self.engines = {name: factory(bundle, name, info) for name, info in self.manifest.components.items()}

@@ -62,14 +62,19 @@ def cmd_prune(args) -> int:
 
 
 def cmd_build_engines(args) -> int:
+    from sdedge.runtime.backends.profiles import engine_profiles, parse_batch, parse_sizes, profile_table
     from sdedge.runtime.backends.tensorrt_probe import require_tensorrt
     from sdedge.runtime.errors import MissingDependency
+    from sdedge.runtime.manifest import read_manifest
 
-    if not (Path(args.bundle) / "sdedge.json").is_file():
-        raise SdedgeError(f"{args.bundle}: no sdedge.json; is it an sdedge bundle (made by `sdedge export`)?")
+    # the request is checked against the bundle first, so that a wrong size is reported on any machine
+    profiles = engine_profiles(read_manifest(Path(args.bundle)), parse_sizes(args.shapes), parse_batch(args.batch))
     require_tensorrt("build-engines")
+    rows = "\n".join(f"  {c:<13} {n:<22} min {lo:<14} opt {opt:<14} max {hi}"
+                     for c, n, lo, opt, hi in profile_table(profiles))
     raise MissingDependency("build-engines: TensorRT is usable here, but this sdedge version does not build "
-                            "TensorRT engines yet; run the bundle with --backend onnxruntime --device cuda")
+                            "TensorRT engines yet; run the bundle with --backend onnxruntime --device cuda. The "
+                            f"profiles it would build:\n{rows}")
 
 
 def export_options(args):
@@ -234,12 +239,15 @@ def cmd_generate(args) -> int:
     s = result.settings
     console.print(f"{', '.join(map(str, paths))}: {s['width']}x{s['height']}, {s['steps']} steps {s['scheduler']}, "
                   f"guidance {s['guidance']}, seed {s['seed']}")
+    console.print(f"  backend {pipe.backend} ({pipe.backend_reason})")
     if args.verbose:
+        for why in pipe.backend_skipped:
+            console.print(f"  not used: {why}")
         for stage, secs in {**{f"load {k}": v for k, v in pipe.load_seconds.items()}, **result.timings}.items():
             console.print(f"  {stage:<20} {secs:7.3f} s")
         if result.step_times:
             console.print(f"  {'per UNet step':<20} {sum(result.step_times) / len(result.step_times):7.3f} s")
-        console.print(f"  backend {pipe.backend} ({pipe.backend_reason}), memory mode {args.memory}, peak RSS {format_bytes(result.peak_rss_bytes)}")
+        console.print(f"  memory mode {args.memory}, peak RSS {format_bytes(result.peak_rss_bytes)}")
     return 0
 
 

@@ -90,14 +90,14 @@ def test_auto_rule(tiny_bundle):
 
     fp32 = _manifest(tiny_bundle)
     c = choose_backend(fp32, "auto", "cpu")
-    assert c.backend == "onnxruntime" and "rule 4" in c.reason
+    assert c.backend == "onnxruntime" and "rule 5" in c.reason
     for p in (Precision.BF16, Precision.INT8, Precision.INT8_WEIGHTS):
         c = choose_backend(_manifest(tiny_bundle, precision=p), "auto", "cpu")
         assert c.backend == "openvino" and p.value in c.reason
     hinted = _manifest(tiny_bundle, precision=Precision.INT8,
                        backend=BackendHint(preferred="onnxruntime", reason="ort 0.1 s"))
     c = choose_backend(hinted, "auto", "cpu")
-    assert c.backend == "onnxruntime" and "rule 3" in c.reason and "ort 0.1 s" in c.reason
+    assert c.backend == "onnxruntime" and "rule 4" in c.reason and "ort 0.1 s" in c.reason
     assert choose_backend(hinted, "openvino", "cpu").backend == "openvino"  # explicit wins
     with pytest.raises(BadInput, match="backend 'tensorrt'"):
         choose_backend(fp32, "tensorrt", "cpu")

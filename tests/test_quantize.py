@@ -104,7 +104,7 @@ def test_quantised_bundles_run_on_both_backends(int8_bundle):
         assert np.isfinite(images[backend]).all()
     auto = Pipeline.load(int8_bundle, verify="off")
     assert auto.backend.split(":")[0] == Bundle.open(int8_bundle).manifest.backend.preferred
-    assert "rule 3" in auto.backend_reason
+    assert "rule 4" in auto.backend_reason
 
 
 def test_min_cosine_gate_fails_export_with_a_clear_message(tiny_base, tmp_path):

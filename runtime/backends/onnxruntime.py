@@ -35,21 +35,43 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def choose_providers(device: str) -> tuple[list[str], str]:
-    """ONNX Runtime execution providers for `device` ("auto" | "cpu" | "cuda"), and why."""
-    have = available_providers()
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # in order of preference
+
+
+def choose_providers(device: str, have: list[str] | None = None) -> tuple[list[str], str]:
+    """ONNX Runtime execution providers for `device` ("auto" | "cpu" | "cuda"), and why. On a GPU: TensorRT's
+    provider first when the build has it, then CUDA, then the CPU for nodes neither takes.
+    `have`: the providers this onnxruntime build offers (default: ask it)."""
+    have = available_providers() if have is None else have
     if device == "cpu":
         return ["CPUExecutionProvider"], "asked for the CPU"
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in have:
+    if "CUDAExecutionProvider" not in have:
+        if device == "cuda":
             raise MissingDependency(
                 "device 'cuda' needs onnxruntime-gpu with a CUDA GPU; have providers "
                 f"{', '.join(have)}. Install with: pip install 'sdedge[gpu]'"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "asked for CUDA"
-    if "CUDAExecutionProvider" in have:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "onnxruntime-gpu found a CUDA provider"
-    return ["CPUExecutionProvider"], "no CUDA provider in this onnxruntime build"
+        return ["CPUExecutionProvider"], "no CUDA provider in this onnxruntime build"
+    gpu = [p for p in GPU_PROVIDERS if p in have]
+    why = "asked for CUDA" if device == "cuda" else "onnxruntime-gpu found a CUDA provider"
+    if "TensorrtExecutionProvider" in gpu:
+        why += "; its TensorRT provider goes first (it builds engines on the first run and caches them)"
+    return [*gpu, "CPUExecutionProvider"], why
+
+
+def provider_entries(providers: list[str], key: str) -> list[Any]:
+    """Providers as InferenceSession takes them: TensorRT's with its engine and timing caches under
+    `$SDEDGE_CACHE_DIR/onnxruntime-trt/<key>` (key: component and model hash; no cache when SDEDGE_CACHE_DIR
+    is set empty), so that a second load does not rebuild engines for minutes; the others by name."""
+    root = ort_cache.cache_root("onnxruntime-trt")
+    entries: list[Any] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider" and root is not None:
+            entries.append((p, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(root / key),
+                                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(root)}))
+        else:
+            entries.append(p)
+    return entries
 
 
 @dataclass
@@ -84,12 +106,14 @@ class OrtEngine:
             opts.enable_cpu_mem_arena = False
             opts.add_session_config_entry("session.disable_prepacking", "1")
         entry = self._cache_entry()
+        model_sha = self.bundle.manifest.files[self.info.file].sha256
+        providers = provider_entries(self.providers, f"{self.name}-{model_sha[:16]}")
         work = None
         try:
             if entry is not None and ort_cache.lookup(entry):
                 self._verify_files()  # the bundle is checked as on any load
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                self.session = ort.InferenceSession(str(entry.model), sess_options=opts, providers=self.providers)
+                self.session = ort.InferenceSession(str(entry.model), sess_options=opts, providers=providers)
                 self.cache_hit = True
             else:
                 if entry is not None:
@@ -99,7 +123,7 @@ class OrtEngine:
                     model: Any = str(self.bundle.path(self.info.file))
                 else:
                     model = self.bundle.read(self.info.file)
-                self.session = ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+                self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
                 if work is not None:
                     try:
                         ort_cache.commit(work, entry)

@@ -1,23 +1,31 @@
-"""Which backend runs a bundle: `--backend auto | onnxruntime | openvino`, and the engines for it.
+"""Which backend runs a bundle: `--backend auto | onnxruntime | openvino | trt`, and the engines for it.
 
-Both backends give one engine per component with the same lifecycle (`load()`, `infer(feeds) -> [arrays]`,
+Every backend gives one engine per component with the same lifecycle (`load()`, `infer(feeds) -> [arrays]`,
 `unload()`, `loaded`), so the pipeline does not know which it holds.
 
-The `auto` rule, in order (the first that applies decides; the reason is logged):
-1. device "cuda", or device "auto" with a CUDA provider in onnxruntime: ONNX Runtime on CUDA (the GPU path).
-2. OpenVINO not installed: ONNX Runtime, with a hint to install `sdedge[openvino]` for reduced-precision bundles.
-3. The bundle records a backend measured fastest at export (`backend.preferred`, from the speed gate on the
+The `auto` rule tries the GPU first, then the CPU; the first rule that applies decides, and the choice keeps
+the reason for it and for every candidate passed over (`BackendChoice.skipped`; the pipeline logs both and
+`sdedge generate` prints them):
+1. TensorRT, when it is usable here (tensorrt_probe.py) and the bundle has engines for this GPU. This version
+   builds none (issue #5: the engine builder waits for a GPU session), so today this rule only says why not.
+2. A CUDA provider in onnxruntime (onnxruntime-gpu on a CUDA machine), or device "cuda": ONNX Runtime on the
+   GPU, through its TensorRT provider first when the build has it (it builds and caches engines itself), then
+   CUDA, then the CPU for any node neither takes.
+3. OpenVINO not installed: ONNX Runtime on the CPU, with a hint to install `sdedge[openvino]` for
+   reduced-precision bundles.
+4. The bundle records a backend measured fastest at export (`backend.preferred`, from the speed gate on the
    exporting machine): that one.
-4. By precision: fp32 → ONNX Runtime (as fast as OpenVINO in fp32 and a smaller peak RSS); bf16, weight-only
+5. By precision: fp32 → ONNX Runtime (as fast as OpenVINO in fp32 and a smaller peak RSS); bf16, weight-only
    int8 and static int8 → OpenVINO (ONNX Runtime has no bf16 CPU kernels, decompresses int8 weights per
    call rather than in its kernels, and runs static int8 slower than OpenVINO); fp16 → OpenVINO (ONNX
    Runtime's CPU provider has few fp16 kernels and casts around the rest).
-An explicit `onnxruntime` or `openvino` is obeyed, or refused with the reason (never a silent fallback).
-`trt` is refused with exit code 2 naming what is missing (tensorrt_probe.py); TensorRT engines are not built yet.
+With device "cpu" rules 1 and 2 are passed over. An explicit `onnxruntime` or `openvino` is obeyed, or refused
+with the reason (never a silent fallback); `trt` is refused with exit code 2 naming what is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +65,7 @@ class BackendChoice:
     device: str  # "cpu" | "cuda"
     reason: str
     providers: tuple[str, ...] = ()  # onnxruntime's execution providers
+    skipped: tuple[str, ...] = ()  # the candidates `auto` passed over, each with why
 
     @property
     def label(self) -> str:
@@ -72,7 +81,6 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
         raise BadInput(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if device not in ("auto", "cpu", "cuda"):
         raise BadInput(f"device {device!r}: choose one of auto, cpu, cuda")
-    precision = manifest.precision
     if backend == "trt":
         from .tensorrt_probe import require_tensorrt
 
@@ -87,24 +95,51 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
         return BackendChoice("openvino", "cpu", "asked for openvino")
     if backend == "onnxruntime":
         providers, why = choose_providers(device)
-        return BackendChoice("onnxruntime", "cuda" if "CUDA" in providers[0] else "cpu", f"asked for onnxruntime; {why}",
+        on_gpu = providers[0] != "CPUExecutionProvider"
+        return BackendChoice("onnxruntime", "cuda" if on_gpu else "cpu", f"asked for onnxruntime; {why}",
                              tuple(providers))
     # auto
+    skipped = list(_gpu_passed_over(device))
     if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available_providers()):
-        providers, why = choose_providers(device)
-        return BackendChoice("onnxruntime", "cuda", f"rule 1: a CUDA device ({why})", tuple(providers))
+        providers, why = choose_providers("cuda")
+        return BackendChoice("onnxruntime", "cuda", f"rule 2: a CUDA device ({why})", tuple(providers),
+                             tuple(skipped))
+    if device == "auto":
+        skipped.append(f"ONNX Runtime on CUDA: this onnxruntime build has no CUDA provider "
+                       f"({', '.join(available_providers())}); on a CUDA machine: pip install 'sdedge[gpu]'")
+    choice = _cpu_choice(manifest)
+    return dataclasses.replace(choice, skipped=tuple(skipped))
+
+
+def _gpu_passed_over(device: str) -> list[str]:
+    """Rule 1: why TensorRT does not run this bundle here (one line), or why the GPU was not tried at all."""
+    from .tensorrt_probe import missing_for_tensorrt
+
+    if device == "cpu":
+        return ["TensorRT and ONNX Runtime on CUDA: asked for the CPU"]
+    missing = missing_for_tensorrt()
+    if missing:
+        return [f"TensorRT: missing {'; '.join(missing)}"]
+    return ["TensorRT: usable here, but this sdedge version builds no TensorRT engines, so the bundle has none"]
+
+
+def _cpu_choice(manifest: Manifest) -> BackendChoice:
+    """Rules 3 to 5: the CPU backend for this bundle."""
+    from .openvino import openvino_available
+
+    precision = manifest.precision
     cpu = ("CPUExecutionProvider",)
     if not openvino_available():
         hint = "" if precision is Precision.FP32 else (
             f"; a {precision.value} bundle runs faster on OpenVINO: pip install 'sdedge[openvino]'")
-        return BackendChoice("onnxruntime", "cpu", f"rule 2: OpenVINO is not installed{hint}", cpu)
+        return BackendChoice("onnxruntime", "cpu", f"rule 3: OpenVINO is not installed{hint}", cpu)
     hint = manifest.backend
     if hint.preferred in ("onnxruntime", "openvino"):
-        why = f"rule 3: measured fastest at export ({hint.reason})" if hint.reason else "rule 3: the bundle's preference"
+        why = f"rule 4: measured fastest at export ({hint.reason})" if hint.reason else "rule 4: the bundle's preference"
         return BackendChoice(hint.preferred, "cpu", why, cpu if hint.preferred == "onnxruntime" else ())
     if precision in OPENVINO_PRECISIONS:
-        return BackendChoice("openvino", "cpu", f"rule 4: a {precision.value} bundle runs fastest on OpenVINO")
-    return BackendChoice("onnxruntime", "cpu", "rule 4: an fp32 bundle; ONNX Runtime is as fast as OpenVINO in fp32 "
+        return BackendChoice("openvino", "cpu", f"rule 5: a {precision.value} bundle runs fastest on OpenVINO")
+    return BackendChoice("onnxruntime", "cpu", "rule 5: an fp32 bundle; ONNX Runtime is as fast as OpenVINO in fp32 "
                          "with a smaller peak memory", cpu)
 
 
