@@ -4,7 +4,7 @@
 #   docker run -p 7860:7860 -v $PWD/bundle:/bundle:ro -v $PWD/keys/public.pem:/keys/public.pem:ro \
 #       sdedge serve /bundle --public-key /keys/public.pem
 #
-# GPU (CUDA + cuDNN runtime, onnxruntime-gpu; add tensorrt-cu12-libs with ORT_EXTRA="sdedge[trt]"):
+# GPU (CUDA + cuDNN runtime, onnxruntime-gpu; add TensorRT (tensorrt-cu12) with ORT_EXTRA="sdedge[trt]"):
 #   docker build -t sdedge:gpu \
 #       --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 --build-arg ORT=gpu .
 #   docker run --gpus all -p 7860:7860 -v $PWD/bundle:/bundle:ro sdedge:gpu serve /bundle --device cuda ...

@@ -754,12 +754,27 @@ def describe_base(source: str | os.PathLike) -> dict[str, Any]:
         "size_bytes": sum(p.stat().st_size for p in weight_files),
         "files": files,
     }
-    marker = source / MARKER_FILE
-    if marker.is_file():
+    info = read_base_marker(source)
+    if info is not None:
         try:
-            info = json.loads(marker.read_text(encoding="utf-8"))
             desc["builtin"], desc["seed"] = info["builtin"], info["seed"]
             desc["id"] = f"builtin:{info['builtin']}@seed{info['seed']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            logger.warning("%s is unreadable; describing %s as a plain folder", marker, source)
+        except KeyError:
+            logger.warning("%s lacks builtin/seed; describing %s as a plain folder", source / MARKER_FILE, source)
     return desc
+
+
+def read_base_marker(folder: str | Path) -> dict[str, Any] | None:
+    """A built-in base's `sdedge_base.json` (which base, seed, default guidance), or None when the folder has
+    none or it is unreadable (logged): the folder is then a plain diffusers folder."""
+    marker = Path(folder) / MARKER_FILE
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        logger.warning("%s is unreadable; treating %s as a plain diffusers folder", marker, folder)
+        return None
+    return info

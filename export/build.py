@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import json
 import logging
 import shutil
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ from sdedge.runtime.manifest import (
 )
 from sdedge.runtime.stages import Stages
 
-from .bases import MARKER_FILE, describe_base, load_base
+from .bases import describe_base, load_base, read_base_marker
 from .bundle_writer import hash_files, staging_dir, write_manifest
 from .onnx_export import ExportError, export_component
 from .specs import SPECS
@@ -89,8 +88,10 @@ def check_options(opts: ExportOptions) -> None:
         raise BadInput(f"--target {opts.target!r}: choose onnx or trt")
     if opts.int8_method not in ("nncf", "ort"):
         raise BadInput(f"--int8-method {opts.int8_method!r}: choose nncf or ort")
-    if not 0.0 <= opts.prune <= 0.9:
-        raise BadInput(f"--prune {opts.prune:g}: a ratio from 0 to 0.9 of the UNet's channels")
+    if opts.prune != 0.0:  # 0: no pruning
+        from .prune import check_ratio
+
+        check_ratio(opts.prune, "--prune")
     if opts.min_cosine is not None and not -1.0 <= opts.min_cosine <= 1.0:
         raise BadInput(f"--min-cosine {opts.min_cosine:g}: a cosine is between -1 and 1")
     if not 1 <= opts.batch_min <= opts.batch_max:
@@ -116,19 +117,42 @@ def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
 
 
 def guidance_hint(base: str | Path) -> float:
-    """The default guidance a base asks for: the trained tiny base records the one it was tuned at; 7.5 else."""
-    from .pruned_base import PRUNED_MARKER
+    """The default guidance a base asks for: the trained tiny base records the one it was tuned at, and a base
+    pruned from it carries that on; 7.5 else."""
+    from .pruned_base import read_pruned_marker
 
-    for marker in (Path(base) / MARKER_FILE, Path(base) / PRUNED_MARKER):
-        if not marker.is_file():
-            continue
-        try:
-            value = json.loads(marker.read_text(encoding="utf-8")).get("default_guidance")
-        except (OSError, ValueError):
-            value = None
+    for info in (read_base_marker(base), read_pruned_marker(base)):
+        value = (info or {}).get("default_guidance")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return float(value)
     return 7.5
+
+
+def parity_geometry(pipe, opts: ExportOptions) -> tuple[ShapeRange, int, int]:
+    """The bundle's shape range, the square image size parity is measured at, and its latent size."""
+    shapes = shape_range(pipe, opts)
+    size = opts.parity_size or min(shapes.default_height, max(256, shapes.height_min))
+    return shapes, size, size // pipe.vae_scale_factor
+
+
+def record_truth(ref_pipe, out: str | Path, opts: ExportOptions, stages: Stages, truth: str, scratch: list[Path]):
+    """Record the fp32 reference run the precision and pruning gates compare against (gates.py), into a scratch
+    folder beside `out` that is added to `scratch` for the caller to remove. `ref_pipe` is the model before
+    pruning and quantising (with its LoRAs fused; a pruned base's unpruned parent without them)."""
+    from .gates import record_reference
+
+    lat = parity_geometry(ref_pipe, opts)[2]
+    ref_dir = scratch_dir(Path(out).parent, "reference")
+    scratch.append(ref_dir)
+    with stages(f"fp32 reference run ({truth})"):
+        sched = {k: v for k, v in dict(ref_pipe.scheduler.config).items() if not k.startswith("_")}
+        sched.setdefault("timestep_spacing", "leading")
+        latents = np.random.default_rng(opts.parity_seed).standard_normal(
+            (1, ref_pipe.unet.config.in_channels, lat, lat), dtype=np.float32)
+        reference = record_reference(ref_pipe, ref_dir, prompt=opts.parity_prompt, latents=latents,
+                                     steps=opts.parity_steps, guidance=opts.default_guidance,
+                                     scheduler=opts.parity_scheduler, scheduler_config=sched)
+    return reference
 
 
 def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = ExportOptions(),
@@ -146,7 +170,16 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
         from .quantize import derive_bundle
 
         return derive_bundle(base, out, opts, stages)
-    stages = stages or Stages(quiet=True)
+    scratch: list[Path] = []  # scratch folders beside `out`, removed however the export ends
+    try:
+        return _export_from_base(base, out, opts, stages or Stages(quiet=True), prompt_match, scratch)
+    finally:
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, stages: Stages, prompt_match,
+                      scratch: list[Path]) -> Manifest:
     from .pruned_base import read_pruned_marker, resolve_parent
 
     pruned = read_pruned_marker(base) if Path(base).is_dir() else None
@@ -156,11 +189,19 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
     if pruned is None and opts.reference_base:
         raise BadInput(f"--reference-base is for a pruned base (one written by `sdedge prune`); {base} is not one")
     parent = resolve_parent(base, pruned, opts.reference_base) if pruned is not None else None
+    if opts.default_guidance is None:
+        opts = replace(opts, default_guidance=guidance_hint(base))
+    optimise = opts.precision is not Precision.FP32 or opts.prune > 0 or pruned is not None
+    reference = None
+    if parent is not None:  # its truth is the unpruned parent, recorded and released before the pruned base loads
+        with stages(f"load the unpruned parent {parent}"):
+            ref_pipe = load_base(parent)
+        reference = record_truth(ref_pipe, out, opts, stages, f"the unpruned parent {parent}", scratch)
+        ref_pipe = None
+        gc.collect()
     with stages("load base"):
         base_desc = describe_base(base)
         pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)
-    if opts.default_guidance is None:
-        opts = replace(opts, default_guidance=guidance_hint(base))
     adapters: tuple[AdapterInfo, ...] = ()
     if opts.loras:
         from .lora import fuse_loras
@@ -168,29 +209,11 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
         with stages(f"fuse {len(opts.loras)} LoRA(s)"):
             fused = fuse_loras(pipe, list(opts.loras))
         adapters = tuple(AdapterInfo(file=Path(f.path).name, sha256=f.sha256, scale=f.scale) for f in fused.loras)
-    shapes = shape_range(pipe, opts)
+    if optimise and reference is None:  # the fp32 truth (LoRAs fused), before pruning or quantising changes it
+        reference = record_truth(pipe, out, opts, stages, "diffusers", scratch)
+    shapes, parity_size, lat = parity_geometry(pipe, opts)
     scale = pipe.vae_scale_factor
-    parity_size = opts.parity_size or min(shapes.default_height, max(256, shapes.height_min))
-    lat = parity_size // scale
     prune_report = pruned["prune"] if pruned is not None else None
-    optimise = opts.precision is not Precision.FP32 or opts.prune > 0 or pruned is not None
-    reference = None
-    if optimise:  # the fp32 truth, recorded before anything changes the model (cpu-engines stages)
-        from .gates import record_reference
-
-        ref_dir = scratch_dir(Path(out).parent, "reference")
-        truth = f"the unpruned parent {parent}" if parent is not None else "diffusers"
-        with stages(f"fp32 reference run ({truth})"):
-            ref_pipe = load_base(parent) if parent is not None else pipe  # a pruned base: its parent, no LoRAs
-            sched = {k: v for k, v in dict(ref_pipe.scheduler.config).items() if not k.startswith("_")}
-            sched.setdefault("timestep_spacing", "leading")
-            ref_latents = np.random.default_rng(opts.parity_seed).standard_normal(
-                (1, ref_pipe.unet.config.in_channels, lat, lat), dtype=np.float32)
-            reference = record_reference(ref_pipe, ref_dir, prompt=opts.parity_prompt, latents=ref_latents,
-                                         steps=opts.parity_steps, guidance=opts.default_guidance,
-                                         scheduler=opts.parity_scheduler, scheduler_config=sched)
-            ref_pipe = None
-            gc.collect()
     if opts.prune > 0:
         from .prune import prune_unet
 
@@ -263,15 +286,12 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
             pipe = None  # release PyTorch before quantising: bounded memory
             gc.collect()
             prompts, source = read_prompts(opts.calibration)
-            try:
-                manifest = apply_precision(
-                    tmp, manifest, reference, precision=opts.precision, calibration_prompts=prompts,
-                    calibration_source=source, calibration_steps=opts.calibration_steps, calibration_size=parity_size,
-                    int8_method=opts.int8_method, int8_samples=opts.int8_samples, min_cosine=opts.min_cosine,
-                    min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, pruned=prune_report is not None, stages=stages,
-                    backends=list(opts.speed_backends) if opts.speed_backends else None)
-            finally:
-                shutil.rmtree(ref_dir, ignore_errors=True)
+            manifest = apply_precision(
+                tmp, manifest, reference, precision=opts.precision, calibration_prompts=prompts,
+                calibration_source=source, calibration_steps=opts.calibration_steps, calibration_size=parity_size,
+                int8_method=opts.int8_method, int8_samples=opts.int8_samples, min_cosine=opts.min_cosine,
+                min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, pruned=prune_report is not None, stages=stages,
+                backends=list(opts.speed_backends) if opts.speed_backends else None)
             if match_fp32 is not None:
                 with stages(f"prompt match ({opts.precision.value})"):
                     rate, n, seed = prompt_match(tmp)

@@ -35,6 +35,13 @@ from sdedge.runtime.manifest import PruneReport
 log = logging.getLogger("sdedge.export")
 
 CRITERIA = ("magnitude", "taylor")
+MAX_RATIO = 0.9  # beyond it too few channels are left for a recovery fine-tune to win anything back
+
+
+def check_ratio(ratio: float, flag: str) -> None:
+    """The one rule for a prune ratio, wherever it is given (`sdedge prune --ratio`, `export --prune`)."""
+    if not 0.0 < ratio <= MAX_RATIO:
+        raise BadInput(f"{flag} {ratio:g}: a ratio above 0 and at most {MAX_RATIO:g} of the UNet's channels")
 
 
 def _example_inputs(unet, latent_size: int, batch: int = 1):
@@ -133,8 +140,7 @@ def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size:
 
     if criterion not in CRITERIA:
         raise BadInput(f"prune criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
-    if not 0.0 < ratio < 1.0:
-        raise BadInput(f"prune ratio {ratio:g}: must be between 0 and 1")
+    check_ratio(ratio, "prune ratio")
     unet = pipe.unet.eval()
     processors = unet.attn_processors
     unet.set_attn_processor(AttnProcessor())  # plain matmuls: torch-pruning traces them (not fused SDPA)

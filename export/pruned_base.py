@@ -78,11 +78,10 @@ def write_pruned_base(base: str | os.PathLike, out: str | os.PathLike, ratio: fl
 
     from .bases import _atomic_dir, _quiet, describe_base, hub_layout_text_encoder, load_base
     from .build import guidance_hint
-    from .prune import CRITERIA, prune_unet
+    from .prune import CRITERIA, check_ratio, prune_unet
 
     # checked before the base is loaded (prune_unet checks again, after a load that takes a while on SD1.5)
-    if not 0.0 < ratio <= 0.9:
-        raise BadInput(f"--ratio {ratio:g}: a ratio above 0 and at most 0.9 of the UNet's channels")
+    check_ratio(ratio, "--ratio")
     if criterion not in CRITERIA:
         raise BadInput(f"--criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
     stage = stages or (lambda _label: contextlib.nullcontext())

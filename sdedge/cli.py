@@ -102,7 +102,7 @@ def export_options(args):
 def _prompt_match_for(base: str):
     """The prompt-match scorer when `base` is the trained tiny base or pruned from it (its shape classifier only
     knows that world); None otherwise."""
-    from sdedge.export.bases import MARKER_FILE
+    from sdedge.export.bases import read_base_marker
     from sdedge.export.pruned_base import read_pruned_marker
 
     folder = Path(base)
@@ -112,10 +112,7 @@ def _prompt_match_for(base: str):
     if pruned is not None:
         tiny = pruned["parent"]["id"].startswith("builtin:tiny@")
     else:
-        try:
-            tiny = json.loads((folder / MARKER_FILE).read_text(encoding="utf-8")).get("builtin") == "tiny"
-        except (OSError, ValueError):
-            tiny = False
+        tiny = (read_base_marker(folder) or {}).get("builtin") == "tiny"
     if not tiny:
         return None
     from sdedge.benchmarks.shape_score import bundle_prompt_match

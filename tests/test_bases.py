@@ -430,3 +430,16 @@ def test_loads_offline_without_any_network(tiny_dir, single_file):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOADED StableDiffusionPipeline StableDiffusionPipeline" in out.stdout
     assert "NETWORK-ATTEMPT" not in out.stdout, out.stdout
+
+
+def test_guidance_hint_reads_the_base_marker(tmp_path, caplog):
+    from sdedge.export.bases import MARKER_FILE, read_base_marker
+    from sdedge.export.build import guidance_hint
+
+    assert guidance_hint(tmp_path) == 7.5 and read_base_marker(tmp_path) is None  # a plain folder
+    (tmp_path / MARKER_FILE).write_text('{"builtin": "tiny", "seed": 0, "default_guidance": 3.5}', encoding="utf-8")
+    assert guidance_hint(tmp_path) == 3.5 and read_base_marker(tmp_path)["builtin"] == "tiny"
+    for bad in ('{"default_guidance": true}', '{"default_guidance": -1}', "[1, 2]", "{not json"):
+        (tmp_path / MARKER_FILE).write_text(bad, encoding="utf-8")
+        assert guidance_hint(tmp_path) == 7.5, bad
+    assert "unreadable" in caplog.text  # the last two: logged, then treated as a plain folder

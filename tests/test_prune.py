@@ -55,6 +55,21 @@ def test_prune_refuses_bad_arguments(tiny_base):
         prune_unet(pipe, 1.5)
 
 
+def test_one_ratio_rule_everywhere():
+    from sdedge.export.build import ExportOptions, check_options
+    from sdedge.export.prune import MAX_RATIO, check_ratio
+    from sdedge.runtime.errors import BadInput
+
+    check_ratio(MAX_RATIO, "--ratio")
+    check_options(ExportOptions(prune=0.0))  # 0: export without pruning
+    check_options(ExportOptions(prune=MAX_RATIO))
+    for bad in (-0.1, MAX_RATIO + 0.01, 1.0):
+        with pytest.raises(BadInput, match=f"--prune {bad:g}: a ratio above 0 and at most {MAX_RATIO:g}"):
+            check_options(ExportOptions(prune=bad))
+        with pytest.raises(BadInput, match=f"--ratio {bad:g}"):
+            check_ratio(bad, "--ratio")
+
+
 def test_pruned_export_records_counts_and_parity(tiny_base, tmp_path):
     from sdedge.export.build import ExportOptions, export_bundle
 

@@ -204,3 +204,24 @@ def test_bad_manifest_is_refused(copy_bundle, edit, message):
     path.write_text(json.dumps(data))
     with pytest.raises(BundleError, match=message):
         Pipeline.load(copy_bundle)
+
+
+def test_stages_name_the_stage_that_raised_the_peak_memory():
+    # in a fresh process: this one's peak is already set by earlier tests
+    code = textwrap.dedent("""
+        import io, numpy as np
+        from rich.console import Console
+        from sdedge.runtime.stages import Stages
+        out = io.StringIO()
+        stages = Stages(Console(file=out, width=200))
+        with stages("small"):
+            pass
+        with stages("big"):
+            block = np.ones(300 << 20, dtype=np.uint8)  # 300 MB, touched
+            del block
+        assert set(stages.seconds) == {"small", "big"} and list(stages.peak_bytes) == ["big"], stages.peak_bytes
+        lines = out.getvalue().splitlines()
+        assert "peak RSS" not in lines[0] and "big" in lines[1] and "peak RSS" in lines[1], lines
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
