@@ -221,13 +221,13 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
                 calibration = collect(stage_dir, calibration_prompts, work / "calibration", steps=calibration_steps,
                                       timesteps_per_prompt=calibration_steps, size=calibration_size,
                                       source=calibration_source)
-        # the fp32 UNet moves aside: the speed gate's baseline
-        (work / "fp32" / "unet").mkdir(parents=True)
-        unet_info = manifest.components["unet"]
-        for rel in (unet_info.file, *unet_info.external_data):
-            os.replace(stage_dir / rel, work / "fp32" / rel)
         components = dict(manifest.components)
         if precision is not Precision.FP32:
+            # the fp32 UNet moves aside: the speed gate's baseline
+            (work / "fp32" / "unet").mkdir(parents=True)
+            unet_info = manifest.components["unet"]
+            for rel in (unet_info.file, *unet_info.external_data):
+                os.replace(stage_dir / rel, work / "fp32" / rel)
             for name, info in manifest.components.items():
                 p = plan[name]
                 src = (work / "fp32" / info.file) if name == "unet" else stage_dir / info.file
@@ -241,9 +241,7 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
                                            opset=max(info.opset, 13) if p in (Precision.INT8, Precision.INT8_WEIGHTS)
                                            else info.opset,
                                            external_data=tuple(f"{name}/{w.name}" for w in written[1:]))
-        else:  # pruned fp32: files unchanged; put the UNet back after the speed baseline is measured
-            for rel in (unet_info.file, *unet_info.external_data):
-                shutil.copy2(work / "fp32" / rel, stage_dir / rel)
+        # else (a pruned fp32 bundle): files unchanged, and the UNet is its own speed baseline
         manifest = replace(manifest, precision=precision, components=components)
         manifest = manifest.with_files(hash_files(stage_dir))
         write_manifest(stage_dir, manifest)
@@ -256,8 +254,8 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
         test_bundle = Bundle(root=stage_dir, manifest=manifest)
         for backend in backends or available_backends():
             with stages(f"speed gate on {backend}"):
-                reports.append(speed_gate(lambda b=backend: _engine(b, fp32_bundle),
-                                          lambda b=backend: _engine(b, test_bundle), ref_feeds,
+                make_fp32 = None if precision is Precision.FP32 else (lambda b=backend: _engine(b, fp32_bundle))
+                reports.append(speed_gate(make_fp32, lambda b=backend: _engine(b, test_bundle), ref_feeds,
                                           backend=backend, calls=speed_calls))
             r = reports[-1]
             log.info("speed gate %s: fp32 %.3f s, %s %.3f s per UNet call: %.2fx", backend, r.fp32_seconds,

@@ -87,3 +87,5 @@ def test_pruned_export_records_counts_and_parity(tiny_base, tmp_path):
     p = m.parity.precision
     assert p is not None and p.unet_cosine < 0.9999 and p.image_psnr_db is not None
     assert Bundle.open(out).manifest.provenance.prune == pr
+    # a pruned fp32 UNet is its own speed baseline: timed once per backend, not twice
+    assert m.speed and all(r.ratio == 1.0 and r.fp32_seconds == r.seconds > 0 for r in m.speed)
