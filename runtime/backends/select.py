@@ -101,7 +101,7 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
     # auto
     skipped = list(_gpu_passed_over(device))
     if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available_providers()):
-        providers, why = choose_providers("cuda")
+        providers, why = choose_providers(device)
         return BackendChoice("onnxruntime", "cuda", f"rule 2: a CUDA device ({why})", tuple(providers),
                              tuple(skipped))
     if device == "auto":
