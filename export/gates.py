@@ -151,19 +151,18 @@ def speed_gate(make_fp32, make_test, feeds: dict[str, np.ndarray], *, backend: s
     """
     test = make_test()
     fp32 = make_fp32() if make_fp32 is not None else None
-    for engine in (fp32, test):
-        if engine is not None:
-            engine.load()
-            engine.infer(feeds)
+    held = [e for e in (fp32, test) if e is not None]
+    for engine in held:
+        engine.load()
+        engine.infer(feeds)
     a, b = [], []
     for _ in range(calls):
         if fp32 is not None:
             a += time_calls(fp32, feeds, 1)
         b += time_calls(test, feeds, 1)
-    for engine in (fp32, test):
-        if engine is not None:
-            engine.unload()
-    del fp32, test
+    for engine in held:
+        engine.unload()
+    del fp32, test, held
     gc.collect()
     tb = statistics.median(b)
     ta = statistics.median(a) if a else tb

@@ -99,14 +99,15 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
         return BackendChoice("onnxruntime", "cuda" if on_gpu else "cpu", f"asked for onnxruntime; {why}",
                              tuple(providers))
     # auto
-    skipped = list(_gpu_passed_over(device))
-    if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available_providers()):
-        providers, why = choose_providers(device)
+    skipped = _gpu_passed_over(device)
+    have = available_providers()
+    if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in have):
+        providers, why = choose_providers(device, have)
         return BackendChoice("onnxruntime", "cuda", f"rule 2: a CUDA device ({why})", tuple(providers),
                              tuple(skipped))
     if device == "auto":
         skipped.append(f"ONNX Runtime on CUDA: this onnxruntime build has no CUDA provider "
-                       f"({', '.join(available_providers())}); on a CUDA machine: pip install 'sdedge[gpu]'")
+                       f"({', '.join(have)}); on a CUDA machine: pip install 'sdedge[gpu]'")
     choice = _cpu_choice(manifest)
     return dataclasses.replace(choice, skipped=tuple(skipped))
 
