@@ -61,14 +61,6 @@ def test_profiles_refuse_what_the_bundle_was_not_exported_for(tiny_bundle):
         profiles.engine_profiles(m, [(s.default_width, s.default_height)], (1, over))
 
 
-def test_ort_trt_options_format():
-    p = {"sample": profiles.Profile((1, 4, 8, 8), (2, 4, 8, 8), (4, 4, 16, 16)), "timestep": profiles.Profile((1,), (2,), (4,))}
-    o = profiles.ort_trt_options(p)
-    assert o == {"trt_profile_min_shapes": "sample:1x4x8x8,timestep:1",
-                 "trt_profile_opt_shapes": "sample:2x4x8x8,timestep:2",
-                 "trt_profile_max_shapes": "sample:4x4x16x16,timestep:4"}
-
-
 def test_provider_order_and_refusals():
     gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     providers, why = choose_providers("auto", gpu_build)

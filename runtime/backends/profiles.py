@@ -1,4 +1,4 @@
-"""Shape profiles for engines that fix their shapes at build time: TensorRT, and ONNX Runtime's TensorRT provider.
+"""Shape profiles for engines that fix their shapes at build time (TensorRT).
 
 `sdedge build-engines BUNDLE --shapes 512x512,768x768 --batch 1-4` names the image sizes and batch sizes an
 engine must accept. A TensorRT optimisation profile gives each dynamic input a (min, opt, max) shape. This
@@ -106,16 +106,6 @@ def engine_profiles(manifest: Manifest, sizes: list[tuple[int, int]],
                         raise BadInput(f"{name}: input {t.name!r} has a dynamic axis {d!r} that no profile sets")
             profiles[name][t.name] = Profile(*(tuple(x) for x in triple))
     return profiles
-
-
-def ort_trt_options(profiles: dict[str, Profile]) -> dict[str, str]:
-    """One component's profiles as ONNX Runtime TensorRT-provider options (trt_profile_{min,opt,max}_shapes:
-    "name:1x4x64x64,name2:2")."""
-    def join(which: str) -> str:
-        return ",".join(f"{n}:{'x'.join(map(str, getattr(p, which)))}" for n, p in profiles.items())
-
-    return {"trt_profile_min_shapes": join("min"), "trt_profile_opt_shapes": join("opt"),
-            "trt_profile_max_shapes": join("max")}
 
 
 def profile_table(profiles: dict[str, dict[str, Profile]]) -> list[tuple[str, str, str, str, str]]:
