@@ -1,5 +1,6 @@
-"""Folders being written: scratch folders that a killed process does not leave behind for good, and the one
-shared way sdedge puts a finished bundle, base or dataset in place."""
+"""Files and folders being written: the one atomic file writer (temporary name beside the target, fsync of the
+file and of its folder, then rename), scratch folders that a killed process does not leave behind for good, and
+the one shared way sdedge puts a finished bundle, base or dataset in place."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["replace_dir", "scratch_dir", "sweep_stale"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "replace_dir", "scratch_dir",
+           "sweep_stale"]
 
 log = logging.getLogger("sdedge")
 # .<name>.sdedge-<host>-<pid>-<random><suffix>: the owner is in the name, so a later writer can tell a
@@ -33,6 +35,55 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` so that readers (and a power cut) see the old file or the new one, never a part:
+    a temporary `.<name>.sdedge-<host>-<pid>-<random>.part` beside it, fsync, permissions `mode`, rename, fsync
+    of the folder. The one file writer of sdedge: every document, weight file and cache entry goes through it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.sdedge-{_host()}-{os.getpid()}-", suffix=".part",
+                               dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def atomic_write_json(path: str | os.PathLike, data, mode: int = 0o644) -> None:
+    """JSON with sorted-as-given keys, two-space indent, a final newline; NaN/Inf refused (not valid JSON)."""
+    import json
+
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n", mode)
+
+
 def sweep_stale(parent: str | os.PathLike) -> list[Path]:
     """Remove the scratch folders in `parent` whose owner (a process on this host) has died; return them."""
     removed = []
@@ -45,7 +96,10 @@ def sweep_stale(parent: str | os.PathLike) -> list[Path]:
     for p in entries:
         m = _OWNED.match(p.name)
         if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             log.warning("removed %s, left by process %s that ended without cleaning up", p, m["pid"])
             removed.append(p)
     return removed
