@@ -63,7 +63,8 @@ from .suite import (
     check_inputs,
     validate_suite,
 )
-from .workers import REPLY_PREFIX, STAGES, handle
+from .report import STAGES
+from .worker_process import REPLY_PREFIX, handle
 
 __all__ = [
     "STAGES",
@@ -173,7 +174,7 @@ class _Engine:
             env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
             self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
             python = self.spec.get("python") or sys.executable  # a peer: its own venv's interpreter
-            self.proc = subprocess.Popen([python, "-m", "sdedge.benchmarks.workers", "--worker"],
+            self.proc = subprocess.Popen([python, "-m", "sdedge.benchmarks.worker_process", "--worker"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                          env=env, bufsize=1)
             self.pid = self.proc.pid
@@ -593,7 +594,7 @@ def _add_shape_scores(report: dict, engines: list[_Engine], s: Settings) -> None
     """Prompt-match rate and KID from the shapes classifier, when every prompt is a shapes-world caption (the
     trained tiny base's domain); otherwise recorded as skipped."""
     prompts = [s.prompts[i % len(s.prompts)] for i in range(s.runs)]
-    from sdedge.trainer.shapes import parse_caption
+    from sdedge.tinyworld.shapes import parse_caption
 
     # checked here, not only in score_engines: shape_score imports torch, which a bench of bundles alone needs not
     if any(parse_caption(p) is None for p in prompts):
@@ -601,7 +602,7 @@ def _add_shape_scores(report: dict, engines: list[_Engine], s: Settings) -> None
                                        "background'), so the tiny base's classifier does not apply",
                             "real_images_per_image": 0}
         return
-    from .shape_score import score_engines
+    from sdedge.tinyworld.classifier import score_engines
 
     scores = score_engines({e.name: e.images for e in engines}, prompts)
     report["shapes"] = {"skipped": None, "real_images_per_image": scores["real_images_per_image"]}
@@ -675,8 +676,3 @@ def default_results_dir(suite: Suite, machine: dict | None = None) -> Path:
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     return (Path(__file__).resolve().parent / "results" / suite.name
             / f"{date}_{machine_slug(machine, suite.settings.device)}_{commit}")
-
-if __name__ == "__main__":
-    from sdedge.cli import main
-
-    raise SystemExit(main(["bench", *sys.argv[1:]]))

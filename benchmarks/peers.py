@@ -5,7 +5,7 @@
 
 Each runs in a child process started with its own virtual environment's interpreter (their pins conflict with
 sdedge's and with each other's: benchmarks/peer-envs/README.md makes them). sdedge is installed there with
---no-deps, so the child speaks the bench's worker protocol (sdedge.benchmarks.workers) and this module only
+--no-deps, so the child speaks the bench's worker protocol (sdedge.benchmarks.worker_process) and this module only
 opens the pipeline: the run, the stage timing and the initial latents are the reference worker's, since both
 peers subclass diffusers' StableDiffusionPipeline (same `latents=`, `output_type="np"`, same scheduler object).
 """

@@ -126,7 +126,7 @@ class EngineSpec:
 @dataclass(frozen=True)
 class PeerSpec:
     """Another tool's pipeline on the same weights (optimum's ONNX Runtime or OpenVINO Stable Diffusion
-    pipeline), run by `python -m sdedge.benchmarks.workers` under that tool's own interpreter: its pins
+    pipeline), run by `python -m sdedge.benchmarks.worker_process` under that tool's own interpreter: its pins
     conflict with sdedge's, so it lives in a virtual environment of its own (benchmarks/peer-envs/README.md)."""
 
     name: str

@@ -5,8 +5,8 @@
 
 `--base` is a diffusers folder (`sdedge base sd15-arch --out sd15/` writes the real SD1.5 architecture with seeded
 random weights; step time does not depend on the weight values). A small synthetic image set is prepared at
-`--size` in the output folder. Each measurement runs `sdedge.trainer.train` in its own process, alternating
-cached → uncached per round, batch 1, rank 16, the text embeddings cached in both (only the VAE encode differs).
+`--size` in the output folder by `sdedge prepare`. Each measurement runs `sdedge train` in its own process
+(benchmarks and the trainer meet only through the CLI and files), alternating cached → uncached per round, batch 1, rank 16, the text embeddings cached in both (only the VAE encode differs).
 A step's time is read from metrics.jsonl (the loop's clock, after caching); the first `--warmup` steps are
 dropped. Reported: median seconds per step per mode, the ratio uncached / cached per round, the time spent
 caching, peak RSS, and whether cached was faster.
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,10 +30,19 @@ from sdedge.runtime.environment import cpu_model
 MODES = ("cached", "uncached")
 
 
+def _sdedge(*args: str, threads: int | None = None) -> subprocess.CompletedProcess:
+    """Run an sdedge command in its own process; a failure stops the benchmark with the command's own message."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.run([sys.executable, "-m", "sdedge", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"sdedge {args[0]} failed (exit {proc.returncode})")
+    return proc
+
+
 def make_dataset(folder: Path, size: int, n: int) -> Path:
     import numpy as np
     from PIL import Image, ImageDraw
-    from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
 
     data = folder / "data"
     if (data / "metadata.json").is_file():
@@ -47,32 +57,37 @@ def make_dataset(folder: Path, size: int, n: int) -> Path:
                                    fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
         im.save(src / f"{i:03d}.png")
         (src / f"{i:03d}.txt").write_text(f"a photograph of object number {i}")
-    prepare_dataset(src, data, PrepareOptions(resolution=size, dedup=None))
+    _sdedge("prepare", str(src), "--out", str(data), "--resolution", str(size), "--no-dedup")
     return data
 
 
-def worker(mode: str, args) -> dict:
-    import torch
-    from sdedge.runtime.memory import peak_rss_bytes
-    from sdedge.trainer.config import TrainConfig
-    from sdedge.trainer.metrics import read_metrics
-    from sdedge.trainer.train import train
+def _json_line(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return {}
 
-    torch.set_num_threads(args.threads)
+
+def run_training(mode: str, args) -> dict:
+    """One `sdedge train` process; step times from its metrics.jsonl (the loop's clock, after caching)."""
     out = Path(args.out) / "runs" / mode
-    cfg = TrainConfig(base=args.base, data=str(Path(args.out) / "data"), out=str(out), rank=args.rank, batch_size=1,
-                      max_steps=args.warmup + args.steps, cache_latents=(mode == "cached"), cache_text_embeddings=True,
-                      seed=args.seed, progress=False, tensorboard=False, overwrite=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    result = train(cfg)
+    _sdedge("train", "--base", str(args.base), "--data", str(Path(args.out) / "data"), "--out", str(out),
+            "--rank", str(args.rank), "--batch-size", "1", "--max-steps", str(args.warmup + args.steps),
+            "--cache-latents" if mode == "cached" else "--no-cache-latents", "--cache-text-embeddings",
+            "--seed", str(args.seed), "--no-progress", "--no-tensorboard", "--overwrite", threads=args.threads)
     total = time.perf_counter() - t0
-    rows = read_metrics(out / "metrics.jsonl")
+    # ru_maxrss of the children is the largest child so far (KiB on Linux): exact for the first run of a mode
+    # only when no earlier child was larger, so the summary reports the largest over all runs.
+    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+    rows = [r for r in map(_json_line, (out / "metrics.jsonl").read_text().splitlines()) if "seconds" in r]
     clock = [0.0] + [r["seconds"] for r in rows]
     step_s = [b - a for a, b in zip(clock, clock[1:])][args.warmup:]
     loop_s = clock[-1]
     return {"mode": mode, "step_seconds": step_s, "median_step_seconds": statistics.median(step_s),
             "total_seconds": total, "loop_seconds": loop_s, "setup_seconds": total - loop_s,
-            "peak_rss_bytes": peak_rss_bytes(), "final_loss": result.final_loss}
+            "peak_rss_bytes": peak, "final_loss": rows[-1]["loss"]}
 
 
 def main(argv=None) -> int:
@@ -87,26 +102,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="benchmarks/results/train-step-sd15-arch-256")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
-        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     make_dataset(out, args.size, args.images)
-    passthrough = list(argv if argv is not None else sys.argv[1:])
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     for r in range(args.rounds):
         for mode in MODES:
-            proc = subprocess.run([sys.executable, "-m", "sdedge.benchmarks.train_step", *passthrough, "--worker", mode],
-                                  capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.stderr.write(proc.stderr[-5000:])
-                raise SystemExit(f"{mode} worker failed (exit {proc.returncode})")
-            res = json.loads(line[len("RESULT "):])
+            res = run_training(mode, args)
             runs[mode].append(res)
             print(f"round {r + 1} {mode:<9} {res['median_step_seconds']:7.2f} s/step  setup {res['setup_seconds']:6.1f} s  "
                   f"peak RSS {res['peak_rss_bytes'] / 1e9:5.2f} GB", flush=True)

@@ -2,10 +2,12 @@
 
 - `write_builtin_base("tiny" | "tiny-random" | "sd15-arch", out_dir, seed=0)` writes a diffusers folder
   (`StableDiffusionPipeline.save_pretrained`, safetensors) with SD1.5's PNDM scheduler config.
-  "tiny" is the *trained* tiny base (export/tiny_base.py: a ~6 M-parameter SD1.5-architecture pipeline for
+  "tiny" is the *trained* tiny base (tinyworld/base.py: a ~6 M-parameter SD1.5-architecture pipeline for
   64x64 images of coloured shapes, with a small CLIP tokenizer; its weights ship with sdedge);
   "tiny-random" is the same architecture with seeded random weights; "sd15-arch" is the real SD1.5
-  architecture (860 M-parameter UNet) with seeded random weights and the real SD1.5 CLIP tokenizer.
+  architecture (860 M-parameter UNet) with seeded random weights and the real SD1.5 CLIP tokenizer;
+  "tiny-inpaint" is tiny-random with SD1.5-inpainting's 9-channel UNet input (latents ⊕ mask ⊕ masked-image
+  latents), written as a `StableDiffusionInpaintPipeline` folder.
 - `load_base(source, allow_pickle=False, config=None)`: a local diffusers folder, or a single-file
   original-layout checkpoint (`.safetensors`; a pickle only when allowed) with `config` a local diffusers
   folder of the same architecture. Everything is checked before loading, so a problem is reported as an
@@ -29,7 +31,10 @@ from typing import Any
 
 from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import replace_dir, scratch_dir
+from sdedge.runtime.strict import ConfigError, parse_json
+from sdedge.runtime.files import check_replaceable, replace_dir, scratch_dir
+
+from .markers import MARKER_FILE, PRUNED_MARKER, read_base_marker, read_pruned_marker  # noqa: F401 (read_base_marker re-exported)
 
 __all__ = [
     "BUILTIN_BASES",
@@ -46,11 +51,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_BASES = ("tiny", "tiny-random", "sd15-arch")
-TINY_BASES = ("tiny", "tiny-random")  # the trained tiny base, and its architecture with seeded random weights
+BUILTIN_BASES = ("tiny", "tiny-random", "sd15-arch", "tiny-inpaint", "sdxl-tiny", "sdxl-arch")  # sdxl-*: sdxl_base.py
+# the trained tiny base, and its architecture with seeded random weights (tiny-inpaint: with a 9-channel UNet input)
+TINY_BASES = ("tiny", "tiny-random", "tiny-inpaint")
+INPAINT_CHANNELS = 9  # SD1.5-inpainting's UNet input: 4 latent + 1 mask + 4 masked-image latent channels
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-MARKER_FILE = "sdedge_base.json"  # written into built-in bases: which one, which seed
 
 # SD1.5's scheduler/scheduler_config.json. clip_sample is not a PNDM argument, but SD1.5 carries it so that
 # a DDIM scheduler made from this config does not clip (DDIM's default is to clip).
@@ -154,17 +160,24 @@ def _check_builtin(name: str) -> None:
 def builtin_configs(name: str) -> dict[str, dict[str, Any]]:
     """The unet / vae / text_encoder constructor arguments of a built-in base (copies)."""
     _check_builtin(name)
-    if name in TINY_BASES:
-        from .tiny_base import tiny_meta
+    if name.startswith("sdxl"):
+        from .sdxl_base import sdxl_configs
 
-        return {k: dict(v) for k, v in tiny_meta()["configs"].items()}
+        return sdxl_configs(name)
+    if name in TINY_BASES:
+        from sdedge.tinyworld.base import tiny_meta
+
+        configs = {k: dict(v) for k, v in tiny_meta()["configs"].items()}
+        if name == "tiny-inpaint":
+            configs["unet"]["in_channels"] = INPAINT_CHANNELS
+        return configs
     return {k: dict(v) for k, v in _CONFIGS[name].items()}
 
 
 def _tokenizer_words(name: str) -> tuple[str, ...] | None:
     """The words of a built-in base's small tokenizer; None: the full SD1.5 CLIP tokenizer."""
     if name in TINY_BASES:
-        from .tiny_base import tiny_meta
+        from sdedge.tinyworld.base import tiny_meta
 
         return tuple(tiny_meta()["words"])
     return None
@@ -198,7 +211,7 @@ def _build_models(name: str, seed: int | None):
             torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     if name == "tiny" and seed is not None:
-        from .tiny_base import load_trained_weights
+        from sdedge.tinyworld.base import load_trained_weights
 
         load_trained_weights(unet, vae, text_encoder)
     return unet.eval(), vae.eval(), text_encoder.eval()
@@ -207,6 +220,11 @@ def _build_models(name: str, seed: int | None):
 def builtin_parameter_counts(name: str) -> dict[str, int]:
     """Parameters per component, counted on the meta device (no memory, no init)."""
     import torch
+
+    if name.startswith("sdxl"):
+        from .sdxl_base import sdxl_parameter_counts
+
+        return sdxl_parameter_counts(name)
 
     with torch.device("meta"):
         unet, vae, text_encoder = _build_models(name, seed=None)
@@ -228,21 +246,27 @@ def _sd15_scheduler():
 
 
 def build_builtin_pipeline(name: str, seed: int = 0, *, tokenizer_dir: str | os.PathLike | None = None):
-    """A built-in base as an in-memory fp32 CPU `StableDiffusionPipeline`."""
+    """A built-in base as an in-memory fp32 CPU `StableDiffusionPipeline` (tiny-inpaint:
+    `StableDiffusionInpaintPipeline`)."""
     force_offline()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     from .tokenizer_files import write_clip_tokenizer
 
     _check_builtin(name)
     _check_seed(name, seed)
+    if name.startswith("sdxl"):
+        from .sdxl_base import build_sdxl_pipeline
+
+        return build_sdxl_pipeline(name, seed)
     unet, vae, text_encoder = _build_models(name, seed)
     with tempfile.TemporaryDirectory(prefix="sdedge-tok-") as tmp:
         tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else \
             write_clip_tokenizer(Path(tmp) / "tokenizer", words=_tokenizer_words(name))
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    return StableDiffusionPipeline(
+    cls = StableDiffusionInpaintPipeline if unet.config.in_channels == INPAINT_CHANNELS else StableDiffusionPipeline
+    return cls(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -254,15 +278,18 @@ def build_builtin_pipeline(name: str, seed: int = 0, *, tokenizer_dir: str | os.
     )
 
 
+def check_base_out(out_dir: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse a non-empty `out_dir` unless `overwrite` and it is a base sdedge wrote (a marker) holding no input."""
+
+    check_replaceable(out_dir, {MARKER_FILE: None, PRUNED_MARKER: None}, inputs, overwrite=overwrite)
+
+
 @contextlib.contextmanager
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it goes."""
+def _atomic_dir(out_dir: Path, overwrite: bool, inputs=()):
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it goes. A
+    non-empty `out_dir` is replaced only with `overwrite`, when it is a base sdedge wrote and holds no input."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise SdedgeError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise SdedgeError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    check_base_out(out_dir, overwrite, inputs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = scratch_dir(out_dir.parent, out_dir.name)
     try:
@@ -284,6 +311,10 @@ def write_builtin_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, 
 
     _check_builtin(name)
     _check_seed(name, seed)
+    if name.startswith("sdxl"):
+        from .sdxl_base import write_sdxl_base
+
+        return write_sdxl_base(name, out_dir, seed, overwrite=overwrite)
     out_dir = Path(out_dir)
     with _atomic_dir(out_dir, overwrite) as tmp, _quiet():
         tok_dir = write_clip_tokenizer(tmp / ".tokenizer", words=_tokenizer_words(name))
@@ -296,7 +327,7 @@ def write_builtin_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, 
         marker = {"builtin": name, "seed": seed, "writer": "sdedge.export.bases", "parameters": _param_counts(pipe),
                   "trained": name == "tiny"}
         if name == "tiny":
-            from .tiny_base import tiny_meta
+            from sdedge.tinyworld.base import tiny_meta
 
             marker["default_guidance"] = tiny_meta()["default_guidance"]
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
@@ -360,21 +391,18 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[int, ...
     except OSError as e:
         raise SdedgeError(f"cannot read {path}: {e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = parse_json(raw, f"{path}: safetensors header", max_bytes=n, max_depth=4)
         if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise SdedgeError(f"{path}: corrupt safetensors header: {e}") from e
+            raise ConfigError(f"{path}: corrupt safetensors header: not a JSON object")
+    except ConfigError as e:
+        raise SdedgeError(str(e)) from None
     data_size = size - 8 - n
     shapes: dict[str, tuple[int, ...]] = {}
     end_max = 0
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise SdedgeError(f"{path}: corrupt safetensors entry for {key!r}") from e
+        dtype, shape, (begin, end) = _safetensors_entry(path, key, info)
         width = _ST_DTYPE_BYTES.get(dtype)
         if width is not None and end - begin != math.prod(shape) * width:
             raise SdedgeError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {shape} {dtype}")
@@ -387,6 +415,22 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[int, ...
             f"{path}: truncated safetensors file: tensors need {end_max} data bytes, the file holds {data_size}"
         )
     return shapes
+
+
+def _safetensors_entry(path: Path, key: str, info: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """One header entry's dtype, shape and data offsets, every one of the right JSON type (integers, not strings
+    or booleans, and none negative): a hostile header is an error naming the file and the tensor."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+          and all(count(d) for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
+          and len(info["data_offsets"]) == 2 and all(count(o) for o in info["data_offsets"]))
+    if not ok:
+        raise SdedgeError(f"{path}: corrupt safetensors entry for {key!r}: needs a dtype string, a shape and two "
+                          "data_offsets, all non-negative integers")
+    begin, end = info["data_offsets"]
+    return info["dtype"], tuple(info["shape"]), (begin, end)
 
 
 def _pickle_key_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -485,17 +529,21 @@ def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
         )
 
 
-def _check_folder_weights(folder: Path, allow_pickle: bool, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def _check_folder_weights(folder: Path, allow_pickle: bool, skip: tuple[str, ...] = (),
+                          models: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check each component's weight files against its config before diffusers loads them (but those in `skip`).
+    `models`: part -> meta-device model (default: SD's unet, vae, text_encoder built from the folder's configs).
 
     Returns the keyword arguments for `from_pretrained`: `variant` when every component ships only
     variant weights (e.g. *.fp16.safetensors), and `use_safetensors=True` unless pickled .bin weights
     were allowed and are needed.
     """
-    unet, vae, text_encoder = _meta_models(folder)
+    if models is None:
+        models = dict(zip(("unet", "vae", "text_encoder"), _meta_models(folder)))
     variants: set[str | None] = set()
     needs_bin = False
-    for part, model, strip in (("unet", unet, ""), ("vae", vae, ""), ("text_encoder", text_encoder, "text_model.")):
+    for part, model in models.items():
+        strip = "text_model." if part.startswith("text_encoder") else ""
         if part in skip:
             continue
         all_st = sorted((folder / part).glob("*.safetensors"))
@@ -540,14 +588,18 @@ def _check_folder_weights(folder: Path, allow_pickle: bool, skip: tuple[str, ...
     return kwargs
 
 
-def _check_loaded(pipe, source: Path) -> None:
-    for part in ("unet", "vae", "text_encoder"):
+def _check_meta_free(pipe, source: Path, parts=("unet", "vae", "text_encoder")) -> None:
+    for part in parts:
         model = getattr(pipe, part, None)
         if model is None:
             raise SdedgeError(f"{source}: no {part} was loaded")
         for name, p in model.named_parameters():
             if p.device.type == "meta":
                 raise SdedgeError(f"{source}: {part} parameter {name!r} was not in the checkpoint")
+
+
+def _check_loaded(pipe, source: Path) -> None:
+    _check_meta_free(pipe, source)
     hidden = pipe.text_encoder.config.hidden_size
     cross = pipe.unet.config.cross_attention_dim
     if hidden != cross:
@@ -570,11 +622,15 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
     if not source.exists():
         raise SdedgeError(f"base not found: {source}")
 
+    from .sdxl_base import check_checkpoint_matches, folder_kind, load_sdxl_folder, load_sdxl_single_file
+
     if source.is_dir():
+        if (source / "model_index.json").is_file() and folder_kind(source) != "sd":
+            return load_sdxl_folder(source, allow_pickle)
         _check_diffusers_folder(source, "base")
         if config is not None:
             logger.info("config %s ignored: the base %s is a diffusers folder", config, source)
-        from .pruned_base import load_pruned_unet, read_pruned_marker
+        from .pruned_unet import load_pruned_unet
 
         pruned = read_pruned_marker(source) is not None  # its UNet is narrower than its config says
         load_kwargs = _check_folder_weights(source, allow_pickle, skip=("unet",) if pruned else ())
@@ -619,9 +675,13 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
     config_dir = Path(config)
     if not config_dir.exists():
         raise SdedgeError(f"config folder not found: {config_dir}")
+    if (config_dir / "model_index.json").is_file() and folder_kind(config_dir) != "sd":
+        found = read_safetensors_header(source) if suffix == ".safetensors" else _pickle_key_shapes(source)
+        return load_sdxl_single_file(source, found, config_dir)
     _check_diffusers_folder(config_dir, "config")
 
     found = read_safetensors_header(source) if suffix == ".safetensors" else _pickle_key_shapes(source)
+    check_checkpoint_matches(source, found, config_dir)
     from .single_file import ldm_key_shapes
 
     expected = ldm_key_shapes(*_meta_models(config_dir))
@@ -646,10 +706,10 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
     return _finish(pipe, source)
 
 
-def _finish(pipe, source: Path):
+def _finish(pipe, source: Path, parts=("unet", "vae", "text_encoder"), check=_check_loaded):
     import torch
 
-    for part in ("unet", "vae", "text_encoder"):
+    for part in parts:
         model = getattr(pipe, part, None)
         if model is None:
             continue
@@ -660,7 +720,7 @@ def _finish(pipe, source: Path):
             model.to("cpu")
         _rehome(model)
         model.eval()
-    _check_loaded(pipe, source)
+    check(pipe, source)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -762,19 +822,3 @@ def describe_base(source: str | os.PathLike) -> dict[str, Any]:
         except KeyError:
             logger.warning("%s lacks builtin/seed; describing %s as a plain folder", source / MARKER_FILE, source)
     return desc
-
-
-def read_base_marker(folder: str | Path) -> dict[str, Any] | None:
-    """A built-in base's `sdedge_base.json` (which base, seed, default guidance), or None when the folder has
-    none or it is unreadable (logged): the folder is then a plain diffusers folder."""
-    marker = Path(folder) / MARKER_FILE
-    if not marker.is_file():
-        return None
-    try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        info = None
-    if not isinstance(info, dict):
-        logger.warning("%s is unreadable; treating %s as a plain diffusers folder", marker, folder)
-        return None
-    return info

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import logging
+import math
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,17 +19,18 @@ import numpy as np
 
 from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency
-from sdedge.runtime.files import scratch_dir
+from sdedge.runtime.files import check_replaceable, scratch_dir
 from sdedge.runtime.manifest import (
-    FORMAT_VERSION, AdapterInfo, BaseInfo, Defaults, ImageParity, LatentInfo, Manifest, Parity, Precision,
-    PromptMatch, Provenance, ShapeRange, TokenizerInfo,
+    FORMAT_VERSION, AdapterInfo, BaseInfo, DecoderParity, Defaults, ImageParity, LatentInfo, Manifest, Parity,
+    Precision, PromptMatch, Provenance, ShapeRange, TokenizerInfo,
 )
 from sdedge.runtime.stages import Stages
 
-from .bases import describe_base, load_base, read_base_marker
+from .bases import describe_base, load_base
+from .markers import guidance_hint, read_pruned_marker
 from .bundle_writer import hash_files, staging_dir, write_manifest
 from .onnx_export import ExportError, export_component
-from .specs import SPECS
+from .specs import SPECS, component_spec
 
 log = logging.getLogger("sdedge.export")
 
@@ -47,7 +49,7 @@ class ExportOptions:
     size_max: int | None = None  # pixels; default: twice the base's native size
     vae_encoder: bool = True
     default_scheduler: str = "dpm++2m"
-    default_steps: int = 20
+    default_steps: int = 20  # lcm: at most the schedule's original_inference_steps
     default_guidance: float | None = None  # None: the base's hint (sdedge_base.json), else 7.5
     parity_prompt: str = "a red circle on a blue background"
     parity_seed: int = 0
@@ -68,6 +70,8 @@ class ExportOptions:
     loras: tuple[tuple[str, float], ...] = ()  # (adapter .safetensors, scale), fused into the weights in order
     allow_pickle: bool = False
     base_config: str | None = None  # local diffusers folder with the configs, for a single-file base
+    decoder: str | None = None  # a diffusers AutoencoderTiny (TAESD) or AutoencoderKL folder: the bundle's vae_decoder
+    decoder_images: int = 4  # generations whose decodes are compared with the full VAE decoder's
     overwrite: bool = False
 
 
@@ -96,8 +100,40 @@ def check_options(opts: ExportOptions) -> None:
         raise BadInput(f"--min-cosine {opts.min_cosine:g}: a cosine is between -1 and 1")
     if not 1 <= opts.batch_min <= opts.batch_max:
         raise BadInput(f"batch range {opts.batch_min}-{opts.batch_max} is empty")
+    check_defaults(opts)
+    if opts.decoder is not None:
+        from .decoder import read_decoder_config
+
+        read_decoder_config(opts.decoder)
     if opts.parity_scheduler not in DETERMINISTIC_SCHEDULERS:
         raise BadInput(f"parity scheduler must be deterministic: one of {', '.join(DETERMINISTIC_SCHEDULERS)}")
+
+
+def check_defaults(opts: ExportOptions) -> None:
+    """The bundle's default scheduler, steps and guidance (the LCM step limit needs the base: check_lcm_steps)."""
+    from sdedge.runtime.pipeline import MAX_STEPS
+    from sdedge.runtime.schedulers import scheduler_names
+
+    if opts.default_scheduler not in scheduler_names():
+        raise BadInput(f"--scheduler {opts.default_scheduler!r}: choose one of {', '.join(scheduler_names())}")
+    steps = opts.default_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise BadInput(f"--steps {steps!r}: must be an integer from 1 to {MAX_STEPS}")
+    g = opts.default_guidance
+    if g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and g >= 0):
+        raise BadInput(f"--guidance {g!r}: must be a finite number >= 0 (<= 1: no guidance pass)")
+
+
+def check_lcm_steps(opts: ExportOptions, sched_config: dict) -> None:
+    """An LCM bundle's default steps against the schedule's original_inference_steps, before anything is written."""
+    if opts.default_scheduler != "lcm":
+        return
+    from sdedge.runtime.schedulers import SchedulerConfig
+
+    n = SchedulerConfig.from_dict(sched_config).original_inference_steps
+    if opts.default_steps > n:
+        raise BadInput(f"--steps {opts.default_steps} with --scheduler lcm: the LCM schedule has "
+                       f"original_inference_steps = {n}, so at most {n} steps (LCM-LoRAs run 2 to 8)")
 
 
 def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
@@ -114,18 +150,6 @@ def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
         raise BadInput(f"size range {lo}-{hi} is empty")
     return ShapeRange(batch_min=opts.batch_min, batch_max=opts.batch_max, height_min=lo, height_max=hi,
                       width_min=lo, width_max=hi, pixel_multiple=multiple, default_height=native, default_width=native)
-
-
-def guidance_hint(base: str | Path) -> float:
-    """The default guidance a base asks for: the trained tiny base records the one it was tuned at, and a base
-    pruned from it carries that on; 7.5 else."""
-    from .pruned_base import read_pruned_marker
-
-    for info in (read_base_marker(base), read_pruned_marker(base)):
-        value = (info or {}).get("default_guidance")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
-    return 7.5
 
 
 def parity_geometry(pipe, opts: ExportOptions) -> tuple[ShapeRange, int, int]:
@@ -160,14 +184,21 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
     """Export `base` to a bundle at `out`; returns the manifest written.
 
     `prompt_match(bundle_dir) -> (rate, prompts, seed)` scores how well a bundle's images match their prompts
-    (for the trained tiny base the CLI hands in `sdedge.benchmarks.shape_score.bundle_prompt_match`): recorded
+    (for the trained tiny base the CLI hands in `sdedge.tinyworld.classifier.bundle_prompt_match`): recorded
     for the fp32 bundle and, when optimised, for the final one, in `parity.prompt_match`.
 
     `base` may also be an fp32 sdedge bundle: then a reduced precision is derived from it without the PyTorch model
     (export/quantize.py: derive_bundle)."""
     check_options(opts)
+    # before the (long) load: a non-empty --out is replaced only when it is a bundle and holds no input
+    inputs = (base, opts.base_config, opts.reference_base, opts.calibration, *(p for p, _ in opts.loras))
+    check_replaceable(out, {"sdedge.json": None}, inputs, overwrite=opts.overwrite)
     if (Path(base) / "sdedge.json").is_file():
         from .quantize import derive_bundle
+
+        if opts.decoder is not None:
+            raise BadInput(f"--decoder: {base} is a bundle; a decoder is exported from the base (--base a diffusers "
+                           "folder), not derived from a bundle")
 
         return derive_bundle(base, out, opts, stages)
     scratch: list[Path] = []  # scratch folders beside `out`, removed however the export ends
@@ -180,7 +211,7 @@ def export_bundle(base: str | Path, out: str | Path, opts: ExportOptions = Expor
 
 def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, stages: Stages, prompt_match,
                       scratch: list[Path]) -> Manifest:
-    from .pruned_base import read_pruned_marker, resolve_parent
+    from .pruned_base import resolve_parent
 
     pruned = read_pruned_marker(base) if Path(base).is_dir() else None
     if pruned is not None and opts.prune > 0:
@@ -189,8 +220,8 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
     if pruned is None and opts.reference_base:
         raise BadInput(f"--reference-base is for a pruned base (one written by `sdedge prune`); {base} is not one")
     parent = resolve_parent(base, pruned, opts.reference_base) if pruned is not None else None
-    if opts.default_guidance is None:
-        opts = replace(opts, default_guidance=guidance_hint(base))
+    if opts.default_guidance is None:  # an LCM bundle runs without a guidance pass unless asked for one
+        opts = replace(opts, default_guidance=1.0 if opts.default_scheduler == "lcm" else guidance_hint(base))
     optimise = opts.precision is not Precision.FP32 or opts.prune > 0 or pruned is not None
     reference = None
     if parent is not None:  # its truth is the unpruned parent, recorded and released before the pruned base loads
@@ -202,6 +233,14 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
     with stages("load base"):
         base_desc = describe_base(base)
         pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)
+    check_lcm_steps(opts, base_scheduler_config(pipe))
+    dec_pipe, dec_cfg = None, None  # the pipeline with the --decoder in place of the base VAE
+    if opts.decoder is not None:
+        from .decoder import decoder_pipeline, load_decoder
+
+        with stages(f"load the decoder {opts.decoder}"):
+            vae, dec_cfg = load_decoder(opts.decoder, pipe)
+            dec_pipe = decoder_pipeline(pipe, vae)
     adapters: tuple[AdapterInfo, ...] = ()
     if opts.loras:
         from .lora import fuse_loras
@@ -210,7 +249,7 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
             fused = fuse_loras(pipe, list(opts.loras))
         adapters = tuple(AdapterInfo(file=Path(f.path).name, sha256=f.sha256, scale=f.scale) for f in fused.loras)
     if optimise and reference is None:  # the fp32 truth (LoRAs fused), before pruning or quantising changes it
-        reference = record_truth(pipe, out, opts, stages, "diffusers", scratch)
+        reference = record_truth(dec_pipe or pipe, out, opts, stages, "diffusers", scratch)
     shapes, parity_size, lat = parity_geometry(pipe, opts)
     scale = pipe.vae_scale_factor
     prune_report = pruned["prune"] if pruned is not None else None
@@ -226,15 +265,16 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
     with staging_dir(Path(out), overwrite=opts.overwrite) as tmp:
         components, parity = {}, {}
         for name in names:
-            with stages(f"export {name}"):
-                info, par, _ = export_component(SPECS[name], pipe, tmp, trace_dims, check_dims, opts.opset)
+            src = dec_pipe if name == "vae_decoder" and dec_pipe is not None else pipe
+            spec = component_spec(name, src)
+            with stages(f"export {name}" + (f" ({type(src.vae).__name__} from {opts.decoder})" if src is dec_pipe else "")):
+                info, par, _ = export_component(spec, src, tmp, trace_dims, check_dims, opts.opset)
             components[name], parity[name] = info, par
         with stages("tokenizer"):
             pipe.tokenizer.save_pretrained(tmp / "tokenizer")
             if not (tmp / "tokenizer" / "tokenizer.json").is_file():
                 raise ExportError("the base's tokenizer did not save a tokenizer.json (a fast CLIP tokenizer is needed)")
-        sched_config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
-        sched_config.setdefault("timestep_spacing", "leading")  # explicit: diffusers' classes differ in default
+        sched_config = base_scheduler_config(pipe)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             pipeline="sd15",
@@ -243,7 +283,9 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
             files={},
             shapes=shapes,
             latent=LatentInfo(channels=pipe.unet.config.in_channels, vae_scale_factor=scale,
-                              scaling_factor=float(pipe.vae.config.scaling_factor)),
+                              scaling_factor=float(pipe.vae.config.scaling_factor),
+                              decoder_scaling_factor=(float(dec_pipe.vae.config.scaling_factor)
+                                                      if dec_pipe is not None else None)),
             tokenizer=TokenizerInfo(dir="tokenizer", max_length=pipe.tokenizer.model_max_length),
             scheduler=sched_config,
             defaults=Defaults(steps=opts.default_steps, guidance=opts.default_guidance,
@@ -262,9 +304,13 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
         )
         manifest = manifest.with_files(hash_files(tmp))
         write_manifest(tmp, manifest)
-        with stages("end-to-end parity vs diffusers"):
-            image = image_parity(pipe, tmp, opts, parity_size)
-        manifest = replace(manifest, parity=Parity(components=parity, image=image))
+        with stages("end-to-end parity vs diffusers" + (" (with that decoder)" if dec_pipe is not None else "")):
+            image = image_parity(dec_pipe or pipe, tmp, opts, parity_size)
+        decoder = None
+        if dec_pipe is not None:
+            with stages(f"the decoder vs the base's full VAE decoder ({opts.decoder_images} generations)"):
+                decoder = decoder_parity(pipe, dec_pipe, dec_cfg, opts, parity_size)
+        manifest = replace(manifest, parity=Parity(components=parity, image=image, decoder=decoder))
         write_manifest(tmp, manifest)
         fp32_gate = opts.min_psnr if opts.min_psnr is not None and not optimise else 40.0
         if not image.psnr_db >= fp32_gate:
@@ -283,7 +329,7 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
             from .calibration import read_prompts
             from .quantize import apply_precision
 
-            pipe = None  # release PyTorch before quantising: bounded memory
+            pipe = dec_pipe = None  # release PyTorch before quantising: bounded memory
             gc.collect()
             prompts, source = read_prompts(opts.calibration)
             manifest = apply_precision(
@@ -298,9 +344,39 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
                 manifest = replace(manifest, parity=replace(manifest.parity, prompt_match=PromptMatch(
                     rate=rate, rate_fp32=match_fp32[0], prompts=n, seed=seed)))
                 write_manifest(tmp, manifest)
-    pipe = None
+    pipe = dec_pipe = None
     gc.collect()
     return manifest
+
+
+def base_scheduler_config(pipe) -> dict:
+    """The base's scheduler config as the bundle records it (and the runtime's schedulers read it)."""
+    config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
+    config.setdefault("timestep_spacing", "leading")  # explicit: diffusers' classes differ in default
+    return config
+
+
+def parity_run(opts: ExportOptions) -> tuple[str, int, float, int | None]:
+    """(scheduler, steps, guidance, seed) of the end-to-end parity run: an LCM bundle is measured as it runs (its
+    default steps, the runtime's seeded noise fed to diffusers' LCMScheduler), other bundles on the deterministic
+    parity scheduler."""
+    if opts.default_scheduler == "lcm":
+        return "lcm", opts.default_steps, opts.default_guidance, opts.parity_seed
+    return opts.parity_scheduler, opts.parity_steps, opts.default_guidance, None
+
+
+def decoder_parity(pipe, dec_pipe, cfg: dict, opts: ExportOptions, size: int) -> DecoderParity:
+    """The --decoder's images against the base VAE decoder's on the final latents of the base's generations."""
+    from .decoder import decoder_psnr, final_latents, weights_sha256
+    from .reference import diffusers_scheduler
+
+    name, steps, guidance, _ = parity_run(opts)
+    sched = diffusers_scheduler(name, base_scheduler_config(pipe))
+    latents = final_latents(pipe, size, images=opts.decoder_images, steps=steps, guidance=guidance, scheduler=sched,
+                            seed=opts.parity_seed)  # (N, C, h, w)
+    return DecoderParity(kind=cfg["_class_name"], source=Path(opts.decoder).name, sha256=weights_sha256(opts.decoder),
+                         psnr_vs_full_db=round(decoder_psnr(pipe.vae, dec_pipe.vae, latents), 3),
+                         images=int(latents.shape[0]), width=size, height=size)
 
 
 def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> ImageParity:
@@ -313,11 +389,11 @@ def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> Imag
     lat = runtime.manifest.latent
     latents = np.random.default_rng(opts.parity_seed).standard_normal(
         (1, lat.channels, size // lat.vae_scale_factor, size // lat.vae_scale_factor), dtype=np.float32)
-    kw = dict(steps=opts.parity_steps, guidance=opts.default_guidance)
-    ours = runtime.generate(opts.parity_prompt, "", width=size, height=size, scheduler=opts.parity_scheduler,
-                            latents=latents, **kw).images
+    scheduler, steps, guidance, seed = parity_run(opts)
+    kw = dict(steps=steps, guidance=guidance, scheduler=scheduler)
+    ours = runtime.generate(opts.parity_prompt, "", width=size, height=size, latents=latents, seed=seed, **kw).images
     runtime.close()
-    ref = reference_images(pipe, opts.parity_prompt, "", latents=latents, scheduler=opts.parity_scheduler,
-                           scheduler_config=runtime.manifest.scheduler, **kw)
-    return ImageParity(psnr_db=min(psnr(ours, ref), 999.0), scheduler=opts.parity_scheduler, steps=opts.parity_steps,
-                       guidance=opts.default_guidance, width=size, height=size, seed=opts.parity_seed)
+    ref = reference_images(pipe, opts.parity_prompt, "", latents=latents, scheduler_config=runtime.manifest.scheduler,
+                           seed=seed, **kw)
+    return ImageParity(psnr_db=min(psnr(ours, ref), 999.0), scheduler=scheduler, steps=steps, guidance=guidance,
+                       width=size, height=size, seed=opts.parity_seed)

@@ -29,3 +29,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def sdedge_version() -> str:
+    """sdedge's installed version (from the package metadata: the runtime never imports the CLI package)."""
+    try:
+        return importlib.metadata.version("sdedge")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"

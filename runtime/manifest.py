@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import BundleError
-from .strict import ConfigError, from_dict, to_dict
+from .strict import ConfigError, from_dict, parse_json, read_capped, to_dict
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "sdedge.json"
@@ -86,7 +86,15 @@ class ShapeRange:
 class LatentInfo:
     channels: int
     vae_scale_factor: int  # pixels per latent
-    scaling_factor: float  # latents are divided by this before the VAE decoder
+    scaling_factor: float  # the VAE's: the encoder's latents are multiplied by it, the decoder's divided
+    # the vae_decoder's own when it is not the base VAE's (a TAESD-architecture AutoencoderTiny: 1.0, it decodes the
+    # UNet's latents directly); None: scaling_factor
+    decoder_scaling_factor: float | None = None
+
+    @property
+    def decoder_scaling(self) -> float:
+        """What the runtime divides the final latents by before the vae_decoder."""
+        return self.scaling_factor if self.decoder_scaling_factor is None else self.decoder_scaling_factor
 
 
 @dataclass(frozen=True)
@@ -180,12 +188,28 @@ class Parity:
     image: ImageParity | None = None
     precision: PrecisionParity | None = None
     prompt_match: PromptMatch | None = None  # the trained tiny base only (sdedge export of it)
+    decoder: DecoderParity | None = None  # a vae_decoder other than the base VAE's (sdedge export --decoder)
+
+
+@dataclass(frozen=True)
+class DecoderParity:
+    """The bundle's vae_decoder when it replaces the base VAE's decoder (`sdedge export --decoder DIR`): what it is,
+    and its images against the full decoder's on the same final latents (the image parity above is against
+    diffusers' pipeline using this decoder)."""
+
+    kind: str  # the diffusers class: "AutoencoderTiny" | "AutoencoderKL"
+    source: str  # the folder's name
+    sha256: str  # of its weights file
+    psnr_vs_full_db: float  # mean image PSNR against the base's own VAE decoder
+    images: int  # decodes compared
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
 class PromptMatch:
     """On the trained tiny base: the share of the bundle's images whose shape, colour and background match their
-    prompt (the shape classifier of sdedge.benchmarks.shape_score), and the same for the fp32 bundle it came from."""
+    prompt (the shape classifier of sdedge.tinyworld.classifier), and the same for the fp32 bundle it came from."""
 
     rate: float
     rate_fp32: float | None  # None: the bundle is the fp32 one
@@ -290,8 +314,22 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{bundle_dir}: no such bundle folder")
     if not path.is_file():
         raise BundleError(f"{path}: missing; is {bundle_dir} an sdedge bundle (made by `sdedge export`)?")
+    return parse_manifest_bytes(_read(path), str(path))
+
+
+def _read(path: Path) -> bytes:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    return parse_manifest(data, str(path))
+        return read_capped(path)
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror}); a bundle holds only regular files") from None
+
+
+def parse_manifest_bytes(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:
+    """sdedge.json's bytes to a Manifest: size and nesting capped, strict JSON, then `parse_manifest`."""
+    try:
+        data = parse_json(raw, where)
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
+    return parse_manifest(data, where)

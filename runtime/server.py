@@ -21,6 +21,7 @@ import asyncio
 import base64
 import hmac
 import io
+import ipaddress
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import BadInput, MissingDependency
-from .jobs import Job, JobQueue, QueueClosed, QueueFull
+from .jobs import Job, JobLost, JobQueue, QueueClosed, QueueFull
 
 log = logging.getLogger("sdedge.server")
 
@@ -61,6 +62,49 @@ class ServeSettings:
     threads: int | None = None
     log_prompts: bool = False
     max_body_bytes: int = 1_000_000
+    # slow and hostile clients (docs/security.md, "The HTTP server")
+    header_timeout: float = 10.0  # seconds from connect (or the last response) to a request's complete headers
+    body_timeout: float = 60.0  # seconds from the headers to the end of the body
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1000  # open sockets; past it the longest-idle one is closed (never a busy one)
+    limit_concurrency: int | None = None  # requests in the app at once before 503 (None: max_queue + 64)
+    insecure_no_auth: bool = False  # listen on a non-loopback address without a token
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the option."""
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 1:
+            raise BadInput(f"--max-queue {self.max_queue!r}: must be at least 1 (with 0 every request would be "
+                           "refused with 429 while one runs)")
+        for name in ("timeout", "header_timeout", "body_timeout", "keep_alive"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BadInput(f"{name}={value!r}: must be a number of seconds > 0")
+        for name in ("max_connections", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"{name}={getattr(self, name)!r}: must be at least 1")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise BadInput(f"--limit-concurrency {self.limit_concurrency}: must be at least 1")
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_queue + 64 if self.limit_concurrency is None else self.limit_concurrency
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, or 0.0.0.0 / :: (every interface)
+
+
+def check_bind(host: str, settings: ServeSettings) -> None:
+    """Refuse to listen on a non-loopback address without a token, unless insecure_no_auth says so."""
+    if settings.token is None and not settings.insecure_no_auth and not is_loopback(host):
+        raise BadInput(f"--host {host}: refusing to listen on a non-loopback address without a token; set one in "
+                       "$SDEDGE_TOKEN (see --token-env), or pass --insecure-no-auth to serve it unauthenticated")
 
 
 def _require_fastapi():
@@ -76,12 +120,18 @@ def load_pipeline(path: str | os.PathLike, settings: ServeSettings):
     when the bundle is signed and a key is given)."""
     from .pipeline import Pipeline
 
+    verify, trust = verify_policy(settings)
+    return Pipeline.load(path, device=settings.device, memory=settings.memory, threads=settings.threads,
+                         backend=settings.backend, verify=verify, **trust)
+
+
+def verify_policy(settings: ServeSettings) -> tuple[str, dict[str, Any]]:
+    """The `verify` mode and trust arguments (for `open_bundle` / `Pipeline.load`) a server uses."""
     trust = {"public_key": settings.public_key, "identity": settings.identity, "issuer": settings.issuer}
     verify = "if-signed" if settings.allow_unsigned else "required"
     if settings.allow_unsigned and not any(trust.values()):
         verify = "off"  # nothing to verify with: only the manifest's SHA-256 of every file is checked
-    return Pipeline.load(path, device=settings.device, memory=settings.memory, threads=settings.threads,
-                         backend=settings.backend, verify=verify, **trust)
+    return verify, trust
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
@@ -169,9 +219,12 @@ class Metrics:
 
 
 # -- the app ------------------------------------------------------------------------------------------------------
-def create_app(pipeline_or_path, settings: ServeSettings | None = None):
+def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue_factory=None):
     """A FastAPI app serving `pipeline_or_path`: a loaded `Pipeline`, or a bundle folder loaded (and verified)
-    here, before the app exists, so that a bad or unsigned bundle fails at start rather than at first request."""
+    here, before the app exists, so that a bad or unsigned bundle fails at start rather than at first request.
+    queue_factory(max_waiting=, on_finish=): a job queue that runs the jobs elsewhere, in place of the local
+    JobQueue (runtime/ray_serve.py: Ray Serve replicas); `pipeline_or_path` then only describes the model
+    (its `manifest`, `signer`, `backend`)."""
     _require_fastapi()
     from typing import Annotated
 
@@ -187,10 +240,11 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None):
     from .schedulers import scheduler_names
 
     settings = settings or ServeSettings()
+    settings.check()
     owned = isinstance(pipeline_or_path, (str, os.PathLike))  # we loaded it, so we close it at shutdown
     if owned:
         pipeline = load_pipeline(Path(pipeline_or_path), settings)
-    elif isinstance(pipeline_or_path, Pipeline):
+    elif isinstance(pipeline_or_path, Pipeline) or queue_factory is not None:
         pipeline = pipeline_or_path
     else:
         raise TypeError(f"create_app needs a Pipeline or a bundle path, not {type(pipeline_or_path).__name__}")
@@ -248,17 +302,16 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None):
 
     # -- jobs -------------------------------------------------------------------------------------------------
     def run(job: Job):
-        p = job.params
-
         def on_step(i: int, total: int) -> None:
             job.steps_done, job.steps_total = i, total
 
-        job.steps_total = p["steps"]
-        return pipeline.generate(p["prompt"], p["negative_prompt"], steps=p["steps"], guidance=p["guidance"],
-                                 seed=p["seed"], width=p["width"], height=p["height"], scheduler=p["scheduler"],
-                                 num_images=p["n"], on_step=on_step, cancel=job.cancel_event)
+        job.steps_total = job.params["steps"]
+        return run_job(pipeline, job.params, on_step=on_step, cancel=job.cancel_event)
 
-    queue = JobQueue(run, max_waiting=settings.max_queue, on_finish=metrics.job_finished)
+    if queue_factory is None:
+        queue = JobQueue(run, max_waiting=settings.max_queue, on_finish=metrics.job_finished)
+    else:
+        queue = queue_factory(max_waiting=settings.max_queue, on_finish=metrics.job_finished)
 
     # -- app --------------------------------------------------------------------------------------------------
     from contextlib import asynccontextmanager
@@ -398,10 +451,17 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None):
         if fut.cancelled():
             return JSONResponse({"detail": f"job {job.id} was cancelled", "job_id": job.id}, status_code=503,
                                 headers=headers)
+        headers.update(job.headers)  # e.g. the Ray Serve replica that ran it
         exc = fut.exception()
         if exc is not None:
             from .pipeline import Cancelled
 
+            if isinstance(exc, QueueFull):  # a remote queue (runtime/ray_serve.py) refuses after submit
+                return JSONResponse({"detail": str(exc)}, status_code=429,
+                                    headers={**headers, "Retry-After": str(math.ceil(exc.retry_after))})
+            if isinstance(exc, JobLost):
+                return JSONResponse({"detail": str(exc), "job_id": job.id}, status_code=503,
+                                    headers={**headers, "Retry-After": "1"})
             if isinstance(exc, Cancelled):
                 return JSONResponse({"detail": f"job {job.id} was cancelled ({exc})", "job_id": job.id},
                                     status_code=503, headers=headers)
@@ -424,8 +484,17 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None):
                                  "timings": {k: round(v, 6) for k, v in result.timings.items()}}, headers=headers)
         return Response(pngs[0], media_type="image/png", headers=headers)
 
-    app.add_middleware(_Guard, metrics=metrics, max_body=settings.max_body_bytes)
+    app.add_middleware(_Guard, metrics=metrics, settings=settings)
     return app
+
+
+def run_job(pipeline, params: dict[str, Any], *, on_step=None, cancel: threading.Event | None = None):
+    """Run one request (its validated body's `model_dump()`) on `pipeline`: the job queue's worker calls this,
+    and so does every Ray Serve replica (runtime/ray_serve.py)."""
+    p = params
+    return pipeline.generate(p["prompt"], p["negative_prompt"], steps=p["steps"], guidance=p["guidance"],
+                             seed=p["seed"], width=p["width"], height=p["height"], scheduler=p["scheduler"],
+                             num_images=p["n"], on_step=on_step, cancel=cancel)
 
 
 def _retrieve(fut) -> None:
@@ -455,30 +524,38 @@ def _encode_pngs(result) -> list[bytes]:
 
 
 def _version() -> str:
-    try:
-        from sdedge import __version__
+    from .environment import sdedge_version
 
-        return __version__
-    except Exception:  # noqa: BLE001
-        return "0"
+    return sdedge_version()
 
 
-class _BodyTooLarge(Exception):
-    pass
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers; h11 answers 400 past it
+_REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 31\r\n"
+                    b"connection: close\r\n\r\nrequest headers took too long\r\n")
 
 
 class _Guard:
-    """ASGI middleware: counts responses by route and status for /metrics, and refuses bodies over max_body
-    (413) whether or not they declare a Content-Length."""
+    """ASGI middleware in front of every route.
 
-    def __init__(self, app, metrics: Metrics, max_body: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body
+    - Counts responses by method, route and status for /metrics, with bounded labels (an unknown method is
+      "other", an unknown path "other", job ids collapsed to the route template).
+    - Admits at most `settings.inflight_limit` requests into the app at once (503 + Retry-After past it); idle
+      connections do not count (the protocol below deals with those).
+    - Reads the whole body before the app runs: over the route's limit (declared or chunked) 413, not complete
+      `settings.body_timeout` seconds after the headers 408; both close the connection.
+    """
+
+    def __init__(self, app, metrics: Metrics, settings: ServeSettings, body_limits: dict[str, int] | None = None):
+        self.app, self.metrics, self.settings = app, metrics, settings
+        self.body_limits = body_limits or {}  # route -> bytes, for routes that take more than max_body_bytes
+        self.inflight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = _route_label(scope.get("path", ""))
-        method = scope.get("method", "GET")
+        method = _method_label(scope.get("method", ""))
         status = {"code": 500, "started": False}
 
         async def send_counted(message):
@@ -486,33 +563,68 @@ class _Guard:
                 status["code"], status["started"] = message["status"], True
             await send(message)
 
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            await _send_json(send_counted, 413, b'{"detail":"request body too large"}')
-            self.metrics.request(method, route, status["code"])
-            return
-        seen = {"bytes": 0}
-
-        async def receive_limited():
-            message = await receive()
-            if message["type"] == "http.request":
-                seen["bytes"] += len(message.get("body", b""))
-                if seen["bytes"] > self.max_body:
-                    raise _BodyTooLarge()
-            return message
-
         try:
-            await self.app(scope, receive_limited, send_counted)
-        except _BodyTooLarge:
-            if not status["started"]:
-                await _send_json(send_counted, 413, b'{"detail":"request body too large"}')
+            if self.inflight >= self.settings.inflight_limit and route not in ("/healthz", "/readyz"):
+                await _send_json(send_counted, 503, b'{"detail":"too many requests in flight"}',
+                                 [(b"retry-after", b"1")])
+                return
+            self.inflight += 1
+            try:
+                limit = self.body_limits.get(route, self.settings.max_body_bytes)
+                replay = await _read_body(scope, receive, send_counted, limit, self.settings.body_timeout)
+                if replay is not None:
+                    await self.app(scope, replay, send_counted)
+            finally:
+                self.inflight -= 1
         finally:
             self.metrics.request(method, route, status["code"])
 
 
-async def _send_json(send, code: int, body: bytes) -> None:
+async def _read_body(scope, receive, send, limit: int, timeout: float):
+    """The request body read whole, within `limit` bytes and `timeout` seconds; returns a `receive` that replays
+    it to the app, or None once it has answered 413/408 (or the client went away)."""
+    headers = dict(scope.get("headers") or ())
+    length = headers.get(b"content-length")
+    if length is None and b"transfer-encoding" not in headers:
+        return receive  # no body
+    too_large = f'{{"detail":"request body too large (limit {limit} bytes)"}}'.encode()
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        await _send_json(send, 413, too_large, [(b"connection", b"close")])
+        return None
+    chunks, size = [], 0
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            await _send_json(send, 408, f'{{"detail":"request body not received within {timeout:g} s"}}'.encode(),
+                             [(b"connection", b"close")])
+            return None
+        if message["type"] != "http.request":  # http.disconnect
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            await _send_json(send, 413, too_large, [(b"connection", b"close")])
+            return None
+        if not message.get("more_body", False):
+            break
+    body, given = b"".join(chunks), False
+
+    async def replay():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: only http.disconnect
+
+    return replay
+
+
+async def _send_json(send, code: int, body: bytes, extra_headers: list | None = None) -> None:
     await send({"type": "http.response.start", "status": code,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -523,12 +635,109 @@ def _route_label(path: str) -> str:
     return path if path in ROUTES else "other"
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 7860, *, log_level: str = "info",
-          limit_concurrency: int | None = None) -> None:
-    """Run `app` with uvicorn until SIGINT/SIGTERM; the running request finishes before the process exits."""
+def _method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+def guarded_h11_protocol(header_timeout: float, max_connections: int):
+    """uvicorn's h11 protocol, hardened against slow and idle clients:
+
+    - a request's headers must be complete `header_timeout` seconds after the connection opened (or after the
+      previous response): a client trickling one byte a second is answered 408 and closed at the deadline;
+    - past `max_connections` open sockets the one idle longest (no request in progress) is closed to make room,
+      so idle sockets never lock out a client that sends its request (a busy connection is never closed).
+    uvicorn's own `limit_concurrency` is not used: it counts idle sockets, and answers 503 to everyone once
+    enough of them are open."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            self._header_timer, self._partial, self._idle_since = None, False, time.monotonic()
+            super().connection_made(transport)
+            self._arm()
+            if len(self.connections) > max_connections:
+                _evict_idle(self.connections, self)
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._waiting_for_headers():
+                self._partial = True
+            super().data_received(data)
+            if not self._waiting_for_headers():
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._idle_since, self._partial = time.monotonic(), False
+            super().on_response_complete()  # may parse a pipelined request
+            if not self.transport.is_closing() and self._waiting_for_headers():
+                self._arm()
+
+        def idle(self) -> bool:
+            busy = self.cycle is not None and not self.cycle.response_complete
+            return not busy and self._waiting_for_headers()
+
+        def _waiting_for_headers(self) -> bool:
+            return self.conn.their_state is h11.IDLE
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or not self._waiting_for_headers():
+                return
+            if self._partial:
+                self.transport.write(_REQUEST_TIMEOUT)
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def _evict_idle(connections, newcomer) -> None:
+    idle = [c for c in connections if c is not newcomer and getattr(c, "idle", lambda: False)()]
+    victim = min(idle, key=lambda c: c._idle_since) if idle else newcomer
+    log.warning("%d connections open: closing the one idle longest", len(connections))
+    victim.transport.close()
+
+
+def server_config(app, host: str = "127.0.0.1", port: int = 7860, *, log_level: str = "info"):
+    """The uvicorn configuration `serve` runs `app` with (its ServeSettings' timeouts and connection cap)."""
     try:
         import uvicorn
     except ImportError:
         raise MissingDependency(f"the server needs uvicorn: {INSTALL_HINT}") from None
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=limit_concurrency,
-                timeout_graceful_shutdown=None, server_header=False)
+    s: ServeSettings = app.state.settings
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
+                          http=guarded_h11_protocol(s.header_timeout, s.max_connections), ws="none",
+                          timeout_keep_alive=s.keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                          timeout_graceful_shutdown=None)
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 7860, *, log_level: str = "info",
+          limit_concurrency: int | None = None) -> None:
+    """Run `app` with uvicorn until SIGINT/SIGTERM; the running request finishes before the process exits.
+    limit_concurrency: requests in flight before 503 (replaces the app settings' value when given)."""
+    settings: ServeSettings = app.state.settings
+    check_bind(host, settings)
+    if limit_concurrency is not None:
+        settings.limit_concurrency = limit_concurrency
+        settings.check()
+    import uvicorn
+
+    server = uvicorn.Server(server_config(app, host, port, log_level=log_level))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:  # uvicorn has logged why (the port in use, ...)
+        raise BadInput(f"could not listen on {host}:{port} (see the message above)")

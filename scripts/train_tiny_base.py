@@ -1,10 +1,10 @@
 """Train the built-in tiny base from scratch on the shapes world, on a CPU, in about an hour.
 
-    python scripts/train_tiny_base.py --work /tmp/tiny-work            # then commit export/data/tiny-base.*
+    python scripts/train_tiny_base.py --work /tmp/tiny-work            # then commit tinyworld/data/tiny-base.*
     python scripts/train_tiny_base.py --work /tmp/smoke --scale 0.02   # a two-minute smoke run, nothing shipped
 
 Stages (each one's result is kept in --work, so a rerun resumes after the last finished stage):
-  1. data        20,000 rendered scenes in the base colours (`sdedge.trainer.shapes`), captions, token ids
+  1. data        20,000 rendered scenes in the base colours (`sdedge.tinyworld.shapes`), captions, token ids
   2. classifier  the prompt-match CNN, on scenes of every colour (purple too), with blur/noise augmentation
   3. vae         AutoencoderKL, L1 + MSE on pixels (32×32 crops, then whole images) and a tiny KL; gate: PSNR and classifier accuracy on
                  reconstructions; then the scaling factor (1 / std of the latents) and the latent cache
@@ -12,7 +12,7 @@ Stages (each one's result is kept in --work, so a rerun resumes after the last f
                  (classifier-free guidance), EMA of the weights
   5. evaluate    generate every base caption with diffusers (fp16-rounded weights, as shipped), score the
                  prompt-match rate per guidance scale, and a grid PNG
-  6. ship        weights (fp16) + classifier + tiny-base.json into --out (default export/data) and a results
+  6. ship        weights (fp16) + classifier + tiny-base.json into --out (default tinyworld/data) and a results
                  page into --results (default benchmarks/results/tiny-base)
 
 Seeds are fixed: the same torch version on the same machine gives the same weights.
@@ -77,7 +77,7 @@ def stage_seconds(work: Path, name: str, record: dict, seconds: float | None = N
 
 
 def stage_data(work: Path, n_train: int, n_val: int):
-    from sdedge.trainer.shapes import BASE_COLOURS, render_batch, sample_scenes
+    from sdedge.tinyworld.shapes import BASE_COLOURS, render_batch, sample_scenes
 
     path = work / "data.npz"
     if not path.exists():
@@ -116,8 +116,8 @@ def degrade(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def stage_classifier(work: Path, steps: int):
     from safetensors.torch import load_file, save_file
 
-    from sdedge.benchmarks.shape_score import HEADS, ShapeClassifier
-    from sdedge.trainer.shapes import ALL_COLOURS, render_batch, sample_scenes
+    from sdedge.tinyworld.classifier import HEADS, ShapeClassifier
+    from sdedge.tinyworld.shapes import ALL_COLOURS, render_batch, sample_scenes
 
     path = work / "classifier.safetensors"
     model = ShapeClassifier()
@@ -160,8 +160,8 @@ def stage_classifier(work: Path, steps: int):
 
 
 def classify_match(model, images: np.ndarray, captions: list[str]) -> dict[str, float]:
-    from sdedge.benchmarks.shape_score import predict
-    from sdedge.trainer.shapes import parse_caption
+    from sdedge.tinyworld.classifier import predict
+    from sdedge.tinyworld.shapes import parse_caption
 
     pred = predict(model, images)
     scenes = [parse_caption(c) for c in captions]
@@ -191,7 +191,7 @@ def stage_vae(work: Path, steps: int, x_train: np.ndarray, x_val: np.ndarray, c_
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file, save_file
 
-    from sdedge.export.tiny_base import TINY_ARCH
+    from sdedge.tinyworld.base import TINY_ARCH
 
     path = work / "vae.safetensors"
     torch.manual_seed(11)
@@ -255,7 +255,7 @@ def stage_vae_widen(work: Path, vae, steps: int, x_train: np.ndarray, x_val: np.
 
     from safetensors.torch import load_file, save_file
 
-    from sdedge.trainer.shapes import NEW_COLOUR, render_batch, sample_scenes
+    from sdedge.tinyworld.shapes import NEW_COLOUR, render_batch, sample_scenes
 
     path = work / "vae_widened.safetensors"
     record: dict = {"steps": steps, "anchor_weight": 10.0}
@@ -307,14 +307,14 @@ def make_tokenizer(work: Path):
     from transformers import CLIPTokenizer
 
     from sdedge.export.tokenizer_files import write_clip_tokenizer
-    from sdedge.trainer.shapes import vocabulary
+    from sdedge.tinyworld.shapes import vocabulary
 
     tok_dir = write_clip_tokenizer(work / "tokenizer", words=vocabulary())
     return CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True), tok_dir
 
 
 def text_config(tokenizer) -> dict:
-    from sdedge.export.tiny_base import TINY_ARCH
+    from sdedge.tinyworld.base import TINY_ARCH
 
     return dict(TINY_ARCH["text_encoder"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -326,7 +326,7 @@ def stage_unet(work: Path, steps: int, latents: torch.Tensor, captions: list[str
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdedge.export.bases import SD15_SCHEDULER
-    from sdedge.export.tiny_base import TINY_ARCH
+    from sdedge.tinyworld.base import TINY_ARCH
 
     torch.manual_seed(21)
     unet = UNet2DConditionModel(**TINY_ARCH["unet"])
@@ -425,7 +425,7 @@ def stage_evaluate(work: Path, unet, vae, text_encoder, tokenizer, classifier, r
     from PIL import Image
 
     from sdedge.export.bases import SD15_SCHEDULER
-    from sdedge.trainer.shapes import BASE_COLOURS, NEW_COLOUR, SHAPES, caption
+    from sdedge.tinyworld.shapes import BASE_COLOURS, NEW_COLOUR, SHAPES, caption
 
     sched = DPMSolverMultistepScheduler(**{k: v for k, v in SD15_SCHEDULER.items()
                                            if k not in ("skip_prk_steps", "set_alpha_to_one")})
@@ -433,7 +433,7 @@ def stage_evaluate(work: Path, unet, vae, text_encoder, tokenizer, classifier, r
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    from sdedge.benchmarks.shape_score import base_captions
+    from sdedge.tinyworld.classifier import base_captions
 
     prompts = base_captions()
     new = [caption(s, NEW_COLOUR, b) for s in SHAPES for b in BASE_COLOURS]
@@ -465,9 +465,9 @@ def stage_evaluate(work: Path, unet, vae, text_encoder, tokenizer, classifier, r
 def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path, classifier, record: dict):
     from safetensors.torch import save_file
 
-    from sdedge.export.tiny_base import META_FILE, WEIGHTS_FILE
+    from sdedge.tinyworld.base import META_FILE, WEIGHTS_FILE
     from sdedge.runtime.bundle import sha256_file
-    from sdedge.trainer.shapes import vocabulary
+    from sdedge.tinyworld.shapes import vocabulary
 
     out.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -503,7 +503,7 @@ def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the stages' results (resumable)")
-    ap.add_argument("--out", type=Path, default=REPO / "export" / "data", help="where the shipped files go")
+    ap.add_argument("--out", type=Path, default=REPO / "tinyworld" / "data", help="where the shipped files go")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "tiny-base")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (0.02: smoke run)")
     ap.add_argument("--vae-steps", type=int, default=2300)
@@ -514,7 +514,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     smoke = args.scale < 1.0
-    if smoke and args.out == REPO / "export" / "data":
+    if smoke and args.out == REPO / "tinyworld" / "data":
         args.out = args.work / "ship"
         args.results = args.work / "results"
     args.work.mkdir(parents=True, exist_ok=True)

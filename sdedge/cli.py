@@ -93,7 +93,8 @@ def export_options(args):
               overwrite=args.overwrite, min_psnr=args.min_psnr, parity_steps=args.parity_steps,
               default_scheduler=args.scheduler, min_cosine=args.min_cosine, calibration=args.calibration,
               int8_method=args.int8_method, prune=args.prune, prune_criterion=args.prune_criterion,
-              reference_base=args.reference_base)
+              reference_base=args.reference_base, decoder=args.decoder, default_guidance=args.guidance,
+              default_steps=args.steps if args.steps is not None else 4 if args.scheduler == "lcm" else 20)
     if args.size_range:
         kw["size_min"], kw["size_max"] = args.size_range
     return ExportOptions(**kw)
@@ -102,8 +103,7 @@ def export_options(args):
 def _prompt_match_for(base: str):
     """The prompt-match scorer when `base` is the trained tiny base or pruned from it (its shape classifier only
     knows that world); None otherwise."""
-    from sdedge.export.bases import read_base_marker
-    from sdedge.export.pruned_base import read_pruned_marker
+    from sdedge.export.markers import read_base_marker, read_pruned_marker
 
     folder = Path(base)
     if not folder.is_dir() or (folder / "sdedge.json").is_file():
@@ -115,7 +115,7 @@ def _prompt_match_for(base: str):
         tiny = (read_base_marker(folder) or {}).get("builtin") == "tiny"
     if not tiny:
         return None
-    from sdedge.benchmarks.shape_score import bundle_prompt_match
+    from sdedge.tinyworld.classifier import bundle_prompt_match
 
     return bundle_prompt_match
 
@@ -263,11 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("base", help="write a built-in base model (diffusers layout)")
-    b.add_argument("name", choices=["tiny", "tiny-random", "sd15-arch"],
+    b.add_argument("name", choices=["tiny", "tiny-random", "sd15-arch", "tiny-inpaint"],
                    help="tiny: the trained tiny base (64×64 coloured shapes); tiny-random: its architecture with "
-                        "seeded random weights; sd15-arch: SD1.5's architecture with seeded random weights")
+                        "seeded random weights; sd15-arch: SD1.5's architecture with seeded random weights; "
+                        "tiny-inpaint: tiny-random with an inpainting (9-channel) UNet")
     b.add_argument("--out", required=True)
-    b.add_argument("--seed", type=int, default=0, help="weights seed (tiny-random, sd15-arch)")
+    b.add_argument("--seed", type=int, default=0, help="weights seed (tiny-random, sd15-arch, tiny-inpaint)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=cmd_base)
 
@@ -300,7 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-pickle", action="store_true", help="load a pickle .ckpt (it can run code: trust it first)")
     e.add_argument("--batch", type=_range, default=(1, 8), help="batch range, e.g. 1-8")
     e.add_argument("--size-range", type=_range, help="pixel size range, e.g. 256-1024 (default: half to twice native)")
-    e.add_argument("--scheduler", default="dpm++2m", help="the bundle's default scheduler")
+    e.add_argument("--scheduler", default="dpm++2m", help="the bundle's default scheduler (lcm: with an LCM-LoRA "
+                   "fused by --lora, few steps)")
+    e.add_argument("--steps", type=int, help="the bundle's default steps (default 20; 4 with --scheduler lcm)")
+    e.add_argument("--guidance", type=float, help="the bundle's default guidance; <= 1 runs no guidance pass "
+                   "(default: the base's hint, else 7.5; 1 with --scheduler lcm)")
+    e.add_argument("--decoder", metavar="DIR", help="a diffusers AutoencoderTiny folder (TAESD architecture, e.g. "
+                   "madebyollin/taesd, or one from `sdedge distill-decoder`) exported as the bundle's vae_decoder")
     e.add_argument("--no-vae-encoder", action="store_true")
     e.add_argument("--parity-steps", type=int, default=10)
     e.add_argument("--min-psnr", type=float, default=None,

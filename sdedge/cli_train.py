@@ -48,7 +48,7 @@ def _pruned_unet_loader():
     """The reader of pruned bases (`sdedge prune`) when the export extra is installed: the CLI is where the trainer
     and the exporter meet."""
     try:
-        from sdedge.export.pruned_base import load_pruned_unet
+        from sdedge.export.pruned_unet import load_pruned_unet
     except ImportError:  # a train-only install: a pruned base is then refused with the reason
         return None
     return load_pruned_unet

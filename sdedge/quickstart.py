@@ -27,7 +27,7 @@ LORA_STEPS = 300
 
 def concept_prompts() -> list[str]:
     """Every shape on every base background, in the colour the base never saw."""
-    from sdedge.trainer.shapes import BASE_COLOURS, NEW_COLOUR, SHAPES, caption
+    from sdedge.tinyworld.shapes import BASE_COLOURS, NEW_COLOUR, SHAPES, caption
 
     return [caption(s, NEW_COLOUR, b) for s in SHAPES for b in BASE_COLOURS]
 
@@ -65,7 +65,7 @@ def _grid_png(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2) ->
 
 def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict:
     from sdedge.benchmarks.bench import psnr
-    from sdedge.benchmarks.shape_score import load_classifier, match_rate
+    from sdedge.tinyworld.classifier import load_classifier, match_rate
     from sdedge.export.bases import write_builtin_base
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.export.bundle_writer import atomic_write_text
@@ -76,7 +76,7 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     from sdedge.runtime.signing import verify_bundle
     from sdedge.trainer.config import TrainConfig
     from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
-    from sdedge.trainer.shapes import NEW_COLOUR, write_dataset
+    from sdedge.tinyworld.shapes import NEW_COLOUR, write_dataset
     from sdedge.trainer.train import train
 
     out = Path(out)

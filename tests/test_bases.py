@@ -103,7 +103,7 @@ def test_tiny_is_written_small_and_complete(tiny_dir, record_property):
     assert {k: sched[k] for k in expected} == expected
     tok_cfg = json.loads((tiny_dir / "tokenizer/tokenizer_config.json").read_text())
     assert tok_cfg["model_max_length"] == 77 and tok_cfg["pad_token"] == "<|endoftext|>"
-    from sdedge.export.tiny_base import tiny_meta
+    from sdedge.tinyworld.base import tiny_meta
 
     vocab = json.loads((tiny_dir / "tokenizer/vocab.json").read_text())  # the small tokenizer of the shapes world
     assert len(vocab) == tiny_meta()["configs"]["text_encoder"]["vocab_size"] < 1000
@@ -433,8 +433,7 @@ def test_loads_offline_without_any_network(tiny_dir, single_file):
 
 
 def test_guidance_hint_reads_the_base_marker(tmp_path, caplog):
-    from sdedge.export.bases import MARKER_FILE, read_base_marker
-    from sdedge.export.build import guidance_hint
+    from sdedge.export.markers import MARKER_FILE, guidance_hint, read_base_marker
 
     assert guidance_hint(tmp_path) == 7.5 and read_base_marker(tmp_path) is None  # a plain folder
     (tmp_path / MARKER_FILE).write_text('{"builtin": "tiny", "seed": 0, "default_guidance": 3.5}', encoding="utf-8")

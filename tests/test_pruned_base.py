@@ -60,7 +60,8 @@ def test_pruned_base_loads_back_bit_for_bit(tiny_base, pruned):
 
     from sdedge.export.bases import describe_base, load_base
     from sdedge.export.prune import prune_unet
-    from sdedge.export.pruned_base import load_pruned_unet, read_pruned_marker
+    from sdedge.export.markers import read_pruned_marker
+    from sdedge.export.pruned_unet import load_pruned_unet
     from sdedge.trainer.base import load_training_base
 
     doc = read_pruned_marker(pruned)
@@ -82,7 +83,8 @@ def test_pruned_base_loads_back_bit_for_bit(tiny_base, pruned):
 
 def test_pruned_base_refusals(tiny_base, pruned, tmp_path):
     from sdedge.export.build import ExportOptions, export_bundle
-    from sdedge.export.pruned_base import PRUNED_MARKER, read_pruned_marker, write_pruned_base
+    from sdedge.export.markers import PRUNED_MARKER, read_pruned_marker
+    from sdedge.export.pruned_base import write_pruned_base
 
     with pytest.raises(BadInput, match="--ratio 1.5"):
         write_pruned_base(tiny_base, tmp_path / "x", 1.5)
@@ -113,7 +115,7 @@ def test_pruned_base_refusals(tiny_base, pruned, tmp_path):
 
 def test_distillation_refuses_a_teacher_with_another_text_encoder(pruned, shapes_data, tmp_path):
     from sdedge.export.bases import write_builtin_base
-    from sdedge.export.pruned_base import load_pruned_unet
+    from sdedge.export.pruned_unet import load_pruned_unet
     from sdedge.trainer.config import TrainConfig
     from sdedge.trainer.train import train
 

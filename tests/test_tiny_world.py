@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sdedge.trainer.shapes import (
+from sdedge.tinyworld.shapes import (
     ALL_COLOURS,
     BASE_COLOURS,
     COLOURS,
@@ -78,7 +78,7 @@ def test_small_tokenizer_matches_clip_on_its_words(tmp_path):
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
-    from sdedge.benchmarks.shape_score import kid
+    from sdedge.tinyworld.classifier import kid
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
@@ -89,8 +89,8 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
 
 
 def test_shipped_classifier_reads_rendered_scenes():
-    from sdedge.benchmarks.shape_score import load_classifier, match_rate
-    from sdedge.trainer.shapes import render_batch
+    from sdedge.tinyworld.classifier import load_classifier, match_rate
+    from sdedge.tinyworld.shapes import render_batch
 
     rng = np.random.default_rng(42)
     scenes = sample_scenes(rng, 60, ALL_COLOURS)
@@ -101,7 +101,7 @@ def test_shipped_classifier_reads_rendered_scenes():
 
 
 def test_packaged_weights_are_hash_checked(tmp_path, monkeypatch):
-    from sdedge.export import tiny_base
+    from sdedge.tinyworld import base as tiny_base
     from sdedge.runtime.errors import SdedgeError
 
     data = tmp_path / "data"
@@ -124,7 +124,7 @@ def test_packaged_weights_are_hash_checked(tmp_path, monkeypatch):
 
 
 def test_shipped_files_are_small_and_recorded():
-    from sdedge.export.tiny_base import META_FILE, packaged_file, tiny_meta
+    from sdedge.tinyworld.base import META_FILE, packaged_file, tiny_meta
 
     meta = tiny_meta()
     total = sum(packaged_file(name).stat().st_size for name in meta["files"])
@@ -140,7 +140,7 @@ def test_shipped_files_are_small_and_recorded():
 
 @pytest.mark.slow
 def test_trained_tiny_base_follows_prompts_and_random_weights_do_not(tmp_path):
-    from sdedge.benchmarks.shape_score import load_classifier, match_rate
+    from sdedge.tinyworld.classifier import load_classifier, match_rate
     from sdedge.export.bases import load_base, write_builtin_base
 
     prompts = ["a red circle on a blue background", "a yellow square on a black background",

@@ -4,7 +4,7 @@ The trainer does not import `sdedge.export` (the two meet only through files), s
 diffusers and transformers directly, refusing anything that is not a Stable Diffusion pipeline folder.
 
 A pruned base (`sdedge prune`, marked by `sdedge_pruned.json`) has a UNet narrower than its config says, which
-diffusers cannot load: its reader lives with the writer (`sdedge.export.pruned_base.load_pruned_unet`), and the
+diffusers cannot load: its reader lives with the writer (`sdedge.export.pruned_unet.load_pruned_unet`), and the
 caller hands it in as `unet_loader` (the `sdedge train` command does).
 """
 
@@ -22,7 +22,7 @@ from .hashing import base_sha256
 
 __all__ = ["Base", "load_training_base", "PRUNED_MARKER"]
 
-PRUNED_MARKER = "sdedge_pruned.json"  # written by sdedge.export.pruned_base
+PRUNED_MARKER = "sdedge_pruned.json"  # written by sdedge.export.pruned_base (the note's name, export/markers.py)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def load_training_base(path: str | Path, unet_loader: Callable[[Path], Any] | No
         if (path / PRUNED_MARKER).is_file():
             if unet_loader is None:
                 raise SdedgeError(f"--base {path} is a pruned base: load it with "
-                                  "unet_loader=sdedge.export.pruned_base.load_pruned_unet (needs sdedge[export])")
+                                  "unet_loader=sdedge.export.pruned_unet.load_pruned_unet (needs sdedge[export])")
             unet = unet_loader(path / "unet")
         else:
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)

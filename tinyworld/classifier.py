@@ -1,7 +1,7 @@
 """How well images of the shapes world match their prompts: a stand-in for CLIP score on the trained tiny base.
 
 A small CNN, trained by `scripts/train_tiny_base.py` on rendered scenes (every colour, the held-out one too) and
-shipped as `export/data/shape-classifier.safetensors`, reads an image's shape, shape colour and background colour.
+shipped as `tinyworld/data/shape-classifier.safetensors`, reads an image's shape, shape colour and background colour.
 
 - `ShapeClassifier`: the network; `features(x)` is its pooled 128-d penultimate layer.
 - `load_classifier()`: the shipped weights, SHA-256 checked against `tiny-base.json`.
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sdedge.trainer.shapes import ALL_COLOURS, SHAPES, parse_caption
+from sdedge.tinyworld.shapes import ALL_COLOURS, SHAPES, parse_caption
 from torch import nn
 
 __all__ = [
@@ -66,7 +66,7 @@ def to_tensor(images) -> torch.Tensor:
 def load_classifier():
     """The shipped classifier, in eval mode (SHA-256 of its file checked)."""
     from safetensors.torch import load_file
-    from sdedge.export.tiny_base import packaged_file
+    from sdedge.tinyworld.base import packaged_file
 
     model = ShapeClassifier()
     model.load_state_dict(load_file(str(packaged_file(CLASSIFIER_FILE))))
@@ -117,7 +117,7 @@ def kid(a: np.ndarray, b: np.ndarray) -> float:
 
 def real_features(model, prompts: Sequence[str], per_prompt: int = 4, seed: int = 0) -> np.ndarray:
     """Classifier features of freshly rendered images of these prompts (the "real" side of a KID)."""
-    from sdedge.trainer.shapes import render
+    from sdedge.tinyworld.shapes import render
 
     rng = np.random.default_rng(seed)
     scenes = [parse_caption(p) for p in prompts for _ in range(per_prompt)]
@@ -153,7 +153,7 @@ def score_engines(images: dict[str, list[np.ndarray]], prompts: Sequence[str]) -
 
 def base_captions() -> list[str]:
     """The 90 captions of the tiny base's world: every shape, in every base colour, on every other base colour."""
-    from sdedge.trainer.shapes import BASE_COLOURS, caption
+    from sdedge.tinyworld.shapes import BASE_COLOURS, caption
 
     return [caption(s, c, b) for s in SHAPES for c in BASE_COLOURS for b in BASE_COLOURS if c != b]
 

@@ -1,12 +1,12 @@
 """The trained tiny base: its architecture and the weights that ship inside sdedge.
 
 `scripts/train_tiny_base.py` trains a small SD1.5-architecture pipeline (AutoencoderKL, UNet2DConditionModel,
-CLIPTextModel with a small CLIP tokenizer) on the shapes world (`sdedge.trainer.shapes`) and writes:
+CLIPTextModel with a small CLIP tokenizer) on the shapes world (`sdedge.tinyworld.shapes`) and writes:
 
-- `export/data/tiny-base.safetensors`: the three models' weights in fp16 (keys prefixed `unet.`, `vae.`,
+- `tinyworld/data/tiny-base.safetensors`: the three models' weights in fp16 (keys prefixed `unet.`, `vae.`,
   `text_encoder.`), upcast to fp32 when a base is written;
-- `export/data/shape-classifier.safetensors`: the prompt-match classifier (`sdedge.benchmarks.shape_score`);
-- `export/data/tiny-base.json`: the configs the weights were trained with (the VAE's measured scaling factor
+- `tinyworld/data/shape-classifier.safetensors`: the prompt-match classifier (`sdedge.tinyworld.classifier`);
+- `tinyworld/data/tiny-base.json`: the configs the weights were trained with (the VAE's measured scaling factor
   included), the tokenizer's words, the SHA-256 of both weight files and the training record.
 
 `TINY_ARCH` is the architecture the script starts from; a base is always built from the configs in
@@ -74,7 +74,7 @@ TINY_ARCH: dict[str, dict[str, Any]] = {
 
 def packaged_file(name: str) -> Path:
     """A file shipped in `sdedge.export/data`, its SHA-256 checked against `tiny-base.json` when listed there."""
-    path = Path(str(resources.files("sdedge.export").joinpath("data", name)))
+    path = Path(str(resources.files("sdedge.tinyworld").joinpath("data", name)))
     if not path.is_file():
         raise SdedgeError(f"the packaged file {path} is missing (reinstall sdedge, or run scripts/train_tiny_base.py)")
     if name != META_FILE:
