@@ -103,6 +103,14 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                                     disable_shape_infer=tensor_bytes(model) > PROTOBUF_SAFE)
 
 
+def quiet_nncf() -> None:
+    """NNCF logs at INFO to stdout from its import on; keep it to warnings unless sdedge logs at DEBUG."""
+    import nncf
+
+    debug = logging.getLogger("sdedge").isEnabledFor(logging.DEBUG)
+    nncf.set_log_level(logging.DEBUG if debug else logging.WARNING)
+
+
 def to_int8_static(model_path: Path, calibration, out_dir: Path, *, method: str = "nncf", samples: int = 16,
                    ignored: tuple[str, ...] = ()) -> onnx.ModelProto:
     """Static int8 (QDQ: weights per channel, activations per tensor) calibrated on `calibration`."""
@@ -114,6 +122,7 @@ def to_int8_static(model_path: Path, calibration, out_dir: Path, *, method: str 
             import nncf
         except ImportError:
             raise ExportError("static int8 with NNCF needs nncf: pip install nncf (or use --int8-method ort)") from None
+        quiet_nncf()
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
         from nncf.onnx.quantization.backend_parameters import BackendParameters
@@ -421,7 +430,7 @@ def derive_bundle(src: str | Path, out: str | Path, opts, stages=None) -> Manife
     lat = fp32.latent
     latents = np.random.default_rng(opts.parity_seed).standard_normal(
         (1, lat.channels, size // lat.vae_scale_factor, size // lat.vae_scale_factor), dtype=np.float32)
-    with staging_dir(Path(out), overwrite=opts.overwrite) as tmp:
+    with staging_dir(Path(out), overwrite=opts.overwrite, inputs=(src, opts.calibration)) as tmp:
         with stages("copy the fp32 bundle"):
             for rel in fp32.files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -226,8 +226,12 @@ def cmd_generate(args) -> int:
     pipe = Pipeline.load(args.bundle, device=args.device, memory=args.memory, threads=args.threads,
                          backend=args.backend, verify=args.verify, public_key=args.public_key, identity=args.identity,
                          issuer=args.issuer)
+    limit = (pipe.manifest.shapes.width_max, pipe.manifest.shapes.height_max)
+    image = _read_image(args.image, "--image", "RGB", limit) if args.image else None
+    mask = _read_image(args.mask, "--mask", "L", limit) if args.mask else None
     result = pipe.generate(args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                           width=args.width, height=args.height, scheduler=args.scheduler, num_images=args.n)
+                           width=args.width, height=args.height, scheduler=args.scheduler, num_images=args.n,
+                           image=image, mask=mask, strength=args.strength)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.n)]
@@ -235,7 +239,8 @@ def cmd_generate(args) -> int:
         image.save(path)
     s = result.settings
     console.print(f"{', '.join(map(str, paths))}: {s['width']}x{s['height']}, {s['steps']} steps {s['scheduler']}, "
-                  f"guidance {s['guidance']}, seed {s['seed']}")
+                  f"guidance {s['guidance']}, seed {s['seed']}"
+                  + (f", strength {s['strength']:g}" if "strength" in s else ""))
     console.print(f"  backend {pipe.backend} ({pipe.backend_reason})")
     if args.verbose:
         for why in pipe.backend_skipped:
@@ -246,6 +251,31 @@ def cmd_generate(args) -> int:
             console.print(f"  {'per UNet step':<20} {sum(result.step_times) / len(result.step_times):7.3f} s")
         console.print(f"  memory mode {args.memory}, peak RSS {format_bytes(result.peak_rss_bytes)}")
     return 0
+
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what --image/--mask read; Pillow's other decoders are not opened
+
+
+def _read_image(path: str, label: str, mode: str, limit: tuple[int, int]):
+    """A PNG/JPEG/WebP file as a PIL image in `mode`; its size is checked against the bundle's largest (width, height)
+    from the header, before the pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    from sdedge.runtime.errors import BadInput
+
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            if im.width > limit[0] or im.height > limit[1]:
+                raise BadInput(f"{label} {path}: {im.width}×{im.height} pixels, over this bundle's largest size "
+                               f"{limit[0]}×{limit[1]}")
+            im.load()
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise BadInput(f"{label} {path}: no such file") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise BadInput(f"{label} {path}: not a readable PNG, JPEG or WebP image ({e})") from None
+    except OSError as e:
+        raise BadInput(f"{label} {path}: cannot be read ({e})") from None
 
 
 def cmd_quickstart(args) -> int:
@@ -259,7 +289,8 @@ def cmd_quickstart(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdedge", description="Stable Diffusion to a signed, optimised edge engine.")
     p.add_argument("--version", action="version", version=f"sdedge {__version__}")
-    p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING)")
+    p.add_argument("--log-level", default="warning", type=str.lower, choices=("debug", "info", "warning", "error"),
+                   help="how much sdedge logs; third-party libraries log only at debug (default warning)")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("base", help="write a built-in base model (diffusers layout)")
@@ -301,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-pickle", action="store_true", help="load a pickle .ckpt (it can run code: trust it first)")
     e.add_argument("--batch", type=_range, default=(1, 8), help="batch range, e.g. 1-8")
     e.add_argument("--size-range", type=_range, help="pixel size range, e.g. 256-1024 (default: half to twice native)")
-    e.add_argument("--scheduler", default="dpm++2m", help="the bundle's default scheduler (lcm: with an LCM-LoRA "
+    e.add_argument("--scheduler", default=None, help="the bundle's default scheduler (default: euler for an SDXL base, "
+                   "as diffusers; dpm++2m else; lcm: with an LCM-LoRA "
                    "fused by --lora, few steps)")
     e.add_argument("--steps", type=int, help="the bundle's default steps (default 20; 4 with --scheduler lcm)")
     e.add_argument("--guidance", type=float, help="the bundle's default guidance; <= 1 runs no guidance pass "
@@ -344,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--n", type=int, default=1, help="images per call")
+    g.add_argument("--image", help="image-to-image: the init image (PNG, JPEG or WebP; the output takes its size)")
+    g.add_argument("--strength", type=float, help="with --image: how much of the schedule runs, in (0, 1] "
+                   "(default 0.8; 1.0 with --mask)")
+    g.add_argument("--mask", help="with --image: inpaint where the mask (PNG, JPEG or WebP, the image's size) is white")
     g.add_argument("--out", default="out.png")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "trt"],
@@ -395,12 +431,26 @@ def _signals_exit():
             signal.signal(getattr(signal, n), handler)
 
 
+# Libraries whose INFO lines are noise to a user (NNCF's are quieted where it is imported: export/quantize.py).
+THIRD_PARTY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "torch", "onnxruntime",
+                       "openvino", "urllib3", "httpx", "PIL", "ray", "filelock", "matplotlib")
+
+
+def configure_logging(level: str) -> None:
+    """sdedge's own loggers at `level`; third-party ones at WARNING or above unless `--log-level debug`."""
+    value = getattr(logging, level.upper())
+    logging.basicConfig(level=value, format="%(levelname)s %(name)s: %(message)s")
+    if value > logging.DEBUG:
+        for name in THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(max(value, logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers prints advice about optional image-processor backends at import; sdedge never uses them.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         with contextlib.nullcontext() if getattr(args, "own_signals", False) else _signals_exit():
             return args.func(args)

@@ -17,6 +17,10 @@ _CACHE = tempfile.mkdtemp(prefix="sdedge-test-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("SDEDGE_CACHE_DIR", _CACHE)
 REPO = Path(__file__).resolve().parents[1]
+# `python -m pytest` from the checkout puts the checkout on sys.path, where `runtime/`, `export/`, ... would import
+# as top-level packages: a second copy of sdedge.runtime.errors whose exceptions the first copy's `except` misses.
+# sdedge is imported through its install (the editable finder maps the folders), never from the checkout root.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 
 @pytest.fixture(scope="session")
