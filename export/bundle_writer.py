@@ -11,17 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sdedge.runtime.bundle import sha256_file
-from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import replace_dir, scratch_dir
+from sdedge.runtime.files import check_replaceable, replace_dir, scratch_dir
 from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 
 
 @contextlib.contextmanager
-def staging_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh folder beside `out`; on success it replaces `out`, on failure it is removed."""
+def staging_dir(out: Path, overwrite: bool = False, inputs=()) -> Iterator[Path]:
+    """Yield a fresh folder beside `out`; on success it replaces `out`, on failure it is removed. A non-empty
+    `out` is replaced only with `overwrite`, only when it is a bundle (has an sdedge.json) and holds none of
+    `inputs` (what the export reads)."""
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise SdedgeError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+    check_replaceable(out, {MANIFEST_NAME: None}, inputs, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = scratch_dir(out.parent, out.name)
     try:

@@ -12,13 +12,14 @@ import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "replace_dir", "scratch_dir",
-           "sweep_stale"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_replaceable",
+           "check_sdedge_folder", "fsync_dir",
+           "replace_dir", "scratch_dir", "sweep_stale"]
 
 log = logging.getLogger("sdedge")
 # .<name>.sdedge-<host>-<pid>-<random><suffix>: the owner is in the name, so a later writer can tell a
 # leftover of a killed process (SIGKILL, out of memory, power loss) from the folder of one still running.
-_OWNED = re.compile(r"^\..*\.sdedge-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[^/]*$")
+_OWNED = re.compile(r"^\.(?P<name>.*)\.sdedge-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[^/]*?(?P<suffix>\.[a-z]+)?$")
 
 
 def _host() -> str:
@@ -85,24 +86,35 @@ def atomic_write_json(path: str | os.PathLike, data, mode: int = 0o644) -> None:
 
 
 def sweep_stale(parent: str | os.PathLike) -> list[Path]:
-    """Remove the scratch folders in `parent` whose owner (a process on this host) has died; return them."""
-    removed = []
+    """Clean up after the processes on this host that died while writing in `parent`; return what was handled.
+
+    A dead owner's `.old` folder whose target is missing is the user's previous folder, caught between the two
+    renames of `replace_dir`: it is renamed back to its name (and logged). Every other leftover is removed."""
+    handled = []
     parent = Path(parent)
     try:
-        entries = list(parent.iterdir())
+        entries = sorted(parent.iterdir())
     except OSError:
-        return removed
+        return handled
     host = _host()
     for p in entries:
         m = _OWNED.match(p.name)
-        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+        if not (m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))):
+            continue
+        target = parent / m["name"]
+        if m["suffix"] == ".old" and p.is_dir() and not p.is_symlink() and m["name"] and \
+                not os.path.lexists(target):
+            os.replace(p, target)
+            fsync_dir(parent)
+            log.warning("restored %s from %s: process %s was killed while replacing it", target, p.name, m["pid"])
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
             log.warning("removed %s, left by process %s that ended without cleaning up", p, m["pid"])
-            removed.append(p)
-    return removed
+        else:
+            p.unlink(missing_ok=True)
+            log.warning("removed %s, left by process %s that ended without cleaning up", p, m["pid"])
+        handled.append(p)
+    return handled
 
 
 def scratch_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path:
@@ -118,11 +130,15 @@ def scratch_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> P
 def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
     """Put the folder `new` at `out` (same file system), replacing what was there.
 
-    The old folder is renamed aside, the new one renamed in, then the old one deleted; if the second rename
-    fails, the old folder is put back. Readers never see a half-written `out`.
+    The old folder is renamed aside (`.<name>.sdedge-<host>-<pid>-<random>.old`), the new one renamed in, then
+    the old one deleted; if the second rename fails, the old folder is put back. Readers never see a half-written
+    `out`, and a process killed between the two renames leaves the old folder whole: the next `sweep_stale` of
+    the folder (every `scratch_dir` and `check_replaceable` there) renames it back.
+    Callers that replace a folder the user named check it first with `check_replaceable`.
     """
     new, out = Path(new), Path(out)
     old = None
+    fsync_dir(new)
     if out.exists():
         old = scratch_dir(out.parent, out.name, ".old")
         os.rmdir(old)  # a unique name that os.replace may take
@@ -133,5 +149,75 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
         if old is not None:
             os.replace(old, out)
         raise
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_MARKER_BYTES = 256 * 1024 * 1024  # a dataset's metadata.json lists every image; a marker is never bigger
+
+
+def _has_marker(folder: Path, markers: dict[str, str | None]) -> bool:
+    """True when `folder` holds one of `markers` (file name -> the JSON `format` it must declare, or None)."""
+    import json
+
+    for name, fmt in markers.items():
+        p = folder / name
+        if not p.is_file() or p.is_symlink():
+            continue
+        if fmt is None:
+            return True
+        try:
+            if p.stat().st_size <= _MARKER_BYTES:
+                doc = json.loads(p.read_bytes())
+                if isinstance(doc, dict) and doc.get("format") == fmt:
+                    return True
+        except (OSError, ValueError, RecursionError):
+            continue
+    return False
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_replaceable(out: str | os.PathLike, markers: dict[str, str | None], inputs=(), *,
+                      overwrite: bool = False, what: str = "--out") -> None:
+    """May a write put a new folder at `out`? Raise `SdedgeError` (exit code 2) naming the paths when not.
+
+    A missing `out` or an empty folder may always be replaced. A non-empty one only with `overwrite`, and only
+    when it carries one of sdedge's `markers` (file name -> the JSON `format` it must declare, or None for any)
+    and neither is, holds nor lies inside one of `inputs` (what the command reads). A folder left
+    half-replaced by a killed process is restored first (see `sweep_stale`), so it is checked like any other."""
+    from .errors import SdedgeError
+
+    out = Path(out)
+    sweep_stale(out.absolute().parent)
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise SdedgeError(f"{what} {out} exists and is not a folder; nothing was replaced: remove it yourself "
+                          "or choose another folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise SdedgeError(f"{what} {out}: already exists and is not empty; choose another folder or pass --overwrite")
+    check_sdedge_folder(out, markers, inputs, what)
+
+
+def check_sdedge_folder(out: str | os.PathLike, markers: dict[str, str | None], inputs=(),
+                        what: str = "--out") -> None:
+    """Raise `BadInput` unless the folder `out` carries one of sdedge's `markers` and is, holds and lies inside
+    none of `inputs`: the test before `--overwrite` deletes anything in it."""
+    from .errors import BadInput
+
+    out = Path(out)
+    real = out.resolve()
+    for src in inputs:
+        if src is not None and _overlap(real, Path(src).resolve()):
+            raise BadInput(f"{what} {out} would replace a folder that holds, is or lies inside the input {src}; "
+                           "nothing was deleted: choose another folder for the output")
+    if not _has_marker(out, markers):
+        names = " or ".join(markers)
+        raise BadInput(f"{what} {out} holds files that sdedge did not write (no {names} in it), so --overwrite "
+                       "will not replace it; nothing was deleted: remove it yourself or choose another folder")

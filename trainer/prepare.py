@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdedge.runtime.errors import BadInput, SdedgeError
-from sdedge.runtime.files import replace_dir, scratch_dir
+from sdedge.runtime.files import check_replaceable, replace_dir, scratch_dir
 
 from .captions import METADATA_FILES, read_captions, txt_caption
 from .dedup import clip_embeddings, find_duplicates, phash, pixel_sha256
@@ -115,10 +115,10 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise SdedgeError(f"input folder not found: {src}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.overwrite:
-        raise SdedgeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     if out.resolve() == src.resolve():
-        raise SdedgeError("--out must not be the input folder")
+        raise SdedgeError(f"--out {out} must not be the input folder {src}")
+    # a non-empty --out is replaced only with --overwrite, when it is a dataset sdedge prepared and holds no input
+    check_replaceable(out, {"metadata.json": DATA_FORMAT}, (src,), overwrite=opts.overwrite)
     min_size = opts.resolution // 2 if opts.min_size is None else opts.min_size
     buckets = bucket_sizes(opts.resolution) if opts.buckets else [(opts.resolution, opts.resolution)]
     log = log or (lambda msg: None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency, SdedgeError
+from sdedge.runtime.files import atomic_write_json, check_sdedge_folder
 from sdedge.runtime.strict import ConfigError, to_dict
 
 from .adapter import (
@@ -48,6 +49,8 @@ __all__ = ["TrainResult", "train", "lr_factor", "OUTPUTS"]
 log = logging.getLogger("sdedge.trainer")
 
 OUTPUTS = ("adapter.safetensors", "adapter.json", "config.yaml", "metrics.jsonl", "logs", "validation", "checkpoints")
+RUN_MARKER, RUN_FORMAT = "sdedge_run.json", "sdedge-train-run"  # written first: this folder is a run of sdedge's
+RUN_MARKERS = {RUN_MARKER: RUN_FORMAT, "adapter.json": "sdedge-adapter"}
 TOOLCHAIN = ("sdedge", "torch", "diffusers", "transformers", "peft", "accelerate")
 
 
@@ -95,10 +98,13 @@ def _prepare_out(cfg: TrainConfig, is_main: bool) -> None:
     if present and not cfg.overwrite:
         raise SdedgeError(f"--out {out} holds an earlier run ({', '.join(present)}): pass --resume to continue it "
                           "or --overwrite to start again")
+    if present:  # deleted only in a run folder sdedge made, which holds none of the inputs
+        check_sdedge_folder(out, RUN_MARKERS, (cfg.base, cfg.data, cfg.distill_from))
     for n in present:
         p = out / n
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RUN_MARKER, {"format": RUN_FORMAT, "version": 1})
 
 
 def _accelerator(cfg: TrainConfig):
