@@ -20,7 +20,6 @@ endpoint annotations, some of which are classes built inside `create_app`.)
 import asyncio
 import base64
 import hmac
-import io
 import ipaddress
 import logging
 import math
@@ -69,6 +68,9 @@ class ServeSettings:
     max_connections: int = 1000  # open sockets; past it the longest-idle one is closed (never a busy one)
     limit_concurrency: int | None = None  # requests in the app at once before 503 (None: max_queue + 64)
     insecure_no_auth: bool = False  # listen on a non-loopback address without a token
+    # provenance (runtime/provenance.py, docs/provenance.md)
+    watermark: bool = True  # sdedge's invisible watermark on every image
+    c2pa: Any = None  # a runtime.provenance.C2paConfig: every PNG carries a signed C2PA manifest
 
     def check(self) -> None:
         """Refuse settings that cannot work, naming the option."""
@@ -257,6 +259,11 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
     schedulers = tuple(scheduler_names())
     metrics = Metrics()
     verified = pipeline.signer is not None
+    stamper = None
+    if settings.c2pa is not None:  # key and certificate checked now: a bad one fails at start
+        from .provenance import Stamper, bundle_identity
+
+        stamper = Stamper.load(settings.c2pa, bundle_identity(pipeline))
 
     # -- request model: this bundle's limits, so the OpenAPI schema states them ------------------------------
     class GenerateRequest(BaseModel):
@@ -306,7 +313,7 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
             job.steps_done, job.steps_total = i, total
 
         job.steps_total = job.params["steps"]
-        return run_job(pipeline, job.params, on_step=on_step, cancel=job.cancel_event)
+        return run_job(pipeline, job.params, on_step=on_step, cancel=job.cancel_event, watermark=settings.watermark)
 
     if queue_factory is None:
         queue = JobQueue(run, max_waiting=settings.max_queue, on_finish=metrics.job_finished)
@@ -472,7 +479,7 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
                                 status_code=500, headers=headers)
 
         result = fut.result()
-        pngs = await asyncio.to_thread(_encode_pngs, result)
+        pngs = await asyncio.to_thread(_encode_pngs, result, stamper, body.prompt, body.negative_prompt)
         metrics.stages(result.timings, len(pngs))
         metrics.latency(time.monotonic() - t0)
         headers.update({"X-Seed": str(result.settings["seed"]),
@@ -488,13 +495,14 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
     return app
 
 
-def run_job(pipeline, params: dict[str, Any], *, on_step=None, cancel: threading.Event | None = None):
+def run_job(pipeline, params: dict[str, Any], *, on_step=None, cancel: threading.Event | None = None,
+            watermark: bool = True):
     """Run one request (its validated body's `model_dump()`) on `pipeline`: the job queue's worker calls this,
     and so does every Ray Serve replica (runtime/ray_serve.py)."""
     p = params
     return pipeline.generate(p["prompt"], p["negative_prompt"], steps=p["steps"], guidance=p["guidance"],
                              seed=p["seed"], width=p["width"], height=p["height"], scheduler=p["scheduler"],
-                             num_images=p["n"], on_step=on_step, cancel=cancel)
+                             num_images=p["n"], on_step=on_step, cancel=cancel, watermark=watermark)
 
 
 def _retrieve(fut) -> None:
@@ -514,13 +522,11 @@ def _prefers_json(accept: str) -> bool:
     return "application/json" in accept and "image/png" not in accept
 
 
-def _encode_pngs(result) -> list[bytes]:
-    out = []
-    for image in result.to_pil():
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+def _encode_pngs(result, stamper=None, prompt: str = "", negative: str = "") -> list[bytes]:
+    """The PNGs of a result, without metadata; with a signed C2PA manifest when the server has a stamper."""
+    from .provenance import encode_outputs
+
+    return encode_outputs(result, "png", stamper, prompt, negative)
 
 
 def _version() -> str:

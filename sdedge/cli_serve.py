@@ -27,6 +27,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _queue_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 (with 0 every request would be refused "
+                                         "with 429 while one runs)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -38,6 +46,7 @@ def _positive_float(text: str) -> float:
 
 
 def settings_from_args(args):
+    from sdedge.cli_provenance import c2pa_config
     from sdedge.runtime.server import ServeSettings
 
     token = None
@@ -52,28 +61,74 @@ def settings_from_args(args):
                          max_prompt_chars=args.max_prompt_chars, max_images=args.max_images, token=token,
                          allow_unsigned=args.allow_unsigned, public_key=args.public_key, identity=args.identity,
                          issuer=args.issuer, device=args.device, backend=args.backend, memory=args.memory,
-                         threads=args.threads, log_prompts=args.log_prompts)
+                         threads=args.threads, log_prompts=args.log_prompts, header_timeout=args.header_timeout,
+                         body_timeout=args.body_timeout, keep_alive=args.keep_alive,
+                         max_connections=args.max_connections, limit_concurrency=args.limit_concurrency,
+                         insecure_no_auth=args.insecure_no_auth, watermark=not args.no_watermark,
+                         c2pa=c2pa_config(args))
 
 
 def cmd_serve(args) -> int:
-    from sdedge.runtime.server import create_app, serve
+    from sdedge.runtime.server import check_bind, create_app, is_loopback, serve
 
     settings = settings_from_args(args)
+    settings.check()
+    check_bind(args.host, settings)  # before the model loads: a refused address fails at once
+    if args.ray:
+        return cmd_serve_ray(args, settings)
     app = create_app(args.bundle, settings)  # loads and verifies: a refused bundle fails here, before listening
     pipe = app.state.pipeline
     signed = "signature verified" if pipe.signer is not None else "UNSIGNED (--allow-unsigned)"
     auth = f"bearer token from ${args.token_env}" if settings.token else "no auth"
     console.print(f"serving {args.bundle} ({signed}, {pipe.backend}) on http://{args.host}:{args.port} "
                   f"— queue {settings.max_queue}, timeout {settings.timeout:g} s, {auth}")
-    if settings.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/yellow] listening on {args.host} without a token; "
-                      f"set ${args.token_env or 'SDEDGE_TOKEN'} to require one")
-    serve(app, args.host, args.port, log_level=args.log_level_server,
-          limit_concurrency=settings.max_queue + 64 if args.limit_concurrency is None else args.limit_concurrency)
+    if settings.token is None and not is_loopback(args.host):
+        console.print(f"[yellow]warning:[/yellow] listening on {args.host} without a token (--insecure-no-auth); "
+                      "anyone who can reach it can generate")
+    serve(app, args.host, args.port, log_level=args.log_level_server)
     return 0
 
 
+def cmd_serve_ray(args, settings) -> int:
+    """`sdedge serve --ray`: the same API on Ray Serve replicas (runtime/ray_serve.py)."""
+    from sdedge.runtime.ray_serve import RayOptions, require_ray, serve_on_ray
+
+    require_ray()  # without ray: how to install it, exit 2
+    options = RayOptions(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                         target_ongoing_requests=args.target_ongoing, num_cpus=args.replica_cpus,
+                         num_gpus=args.replica_gpus)
+    options.check()
+    where = args.ray_address or "a local Ray cluster on 127.0.0.1"
+    scaling = (f"{options.replicas} replicas" if options.max_replicas is None
+               else f"{options.min_replicas or 1}-{options.max_replicas} replicas (autoscaling)")
+
+    def ready() -> None:
+        console.print(f"serving {args.bundle} on Ray Serve ({where}, {scaling}) at http://{args.host}:{args.port} "
+                      f"— queue {settings.max_queue}, timeout {settings.timeout:g} s, "
+                      f"{'bearer token' if settings.token else 'no auth'}")
+
+    serve_on_ray(args.bundle, settings, options, host=args.host, port=args.port, address=args.ray_address,
+                 num_cpus=args.ray_cpus, ready=ready)
+    return 0
+
+
+def _add_ray_arguments(s) -> None:
+    g = s.add_argument_group("Ray Serve (--ray; needs pip install 'sdedge[ray]'; see docs/serving.md)")
+    g.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas instead of this process")
+    g.add_argument("--ray-address", help="a running Ray cluster (default: start a local one on 127.0.0.1)")
+    g.add_argument("--ray-cpus", type=float, help="CPUs of the local cluster (default: all)")
+    g.add_argument("--replicas", type=int, default=1, help="model replicas (each holds the bundle once)")
+    g.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1)")
+    g.add_argument("--max-replicas", type=int, help="autoscaling: most replicas (turns autoscaling on)")
+    g.add_argument("--target-ongoing", type=float, default=1.0,
+                   help="autoscaling: ongoing requests per replica to aim for (default 1)")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    g.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default 0)")
+
+
 def register(subparsers) -> None:
+    from sdedge.cli_provenance import add_output_options
+
     s = subparsers.add_parser("serve", help="serve a bundle over HTTP (keeps the model loaded)",
                               description="Serve a bundle over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, "
                                           "/openapi.json. See docs/serving.md.")
@@ -81,7 +136,7 @@ def register(subparsers) -> None:
     s.add_argument("--host", default=os.environ.get("SDEDGE_HOST", "127.0.0.1"),
                    help="address to listen on (default $SDEDGE_HOST or 127.0.0.1; the image sets 0.0.0.0)")
     s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--max-queue", type=_positive_int, default=8, help="requests that may wait behind the running one")
+    s.add_argument("--max-queue", type=_queue_size, default=8, help="requests that may wait behind the running one")
     s.add_argument("--timeout", type=_positive_float, default=60.0,
                    help="seconds a request may take, queue included; then 503 and its job is cancelled")
     s.add_argument("--max-steps", type=int, default=150, help="largest steps a request may ask for")
@@ -101,8 +156,21 @@ def register(subparsers) -> None:
     s.add_argument("--memory", default="normal", choices=["normal", "low"])
     s.add_argument("--threads", type=int)
     s.add_argument("--log-prompts", action="store_true", help="log prompts (off by default: they may be private)")
-    s.add_argument("--limit-concurrency", type=int,
-                   help="open connections before uvicorn answers 503 (default: max-queue + 64)")
+    add_output_options(s)  # --no-watermark, --c2pa-cert/--c2pa-key (docs/provenance.md)
+    s.add_argument("--insecure-no-auth", action="store_true",
+                   help="listen on a non-loopback --host without a token (refused otherwise)")
+    s.add_argument("--limit-concurrency", type=_queue_size,
+                   help="requests in flight before the server answers 503; idle connections do not count "
+                        "(default: max-queue + 64)")
+    s.add_argument("--max-connections", type=_queue_size, default=1000,
+                   help="open connections; past it the one idle longest is closed (default 1000)")
+    s.add_argument("--header-timeout", type=_positive_float, default=10.0,
+                   help="seconds a client has to send a request's headers (then 408 and closed; default 10)")
+    s.add_argument("--body-timeout", type=_positive_float, default=60.0,
+                   help="seconds a client has to send a request's body after its headers (then 408; default 60)")
+    s.add_argument("--keep-alive", type=_positive_float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
     s.add_argument("--server-log-level", dest="log_level_server", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    _add_ray_arguments(s)
     s.set_defaults(func=cmd_serve, own_signals=True)  # uvicorn's graceful shutdown handles SIGTERM

@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx", reason="the tests talk to the server with h
 
 from conftest import REPO
 from sdedge.runtime.manifest import SIGNATURE_NAME
-from sdedge.runtime.server import ServeSettings, create_app
+from sdedge.runtime.server import ServeSettings, create_app, server_config
 
 TOKEN = "test-token-0123456789abcdef"
 SLOW = {"steps": 150, "width": 128, "height": 128}  # several seconds on the tiny bundle: long enough to cancel
@@ -36,14 +36,14 @@ def free_port() -> int:
 
 
 class ThreadServer:
-    """uvicorn.Server in a thread of this process."""
+    """uvicorn.Server in a thread of this process, configured as `serve` configures it (server_config)."""
 
     def __init__(self, app):
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
