@@ -30,7 +30,8 @@ def cmd_prepare(args) -> int:
     augment = tuple(a.strip() for a in (args.augment or "").split(",") if a.strip())
     opts = PrepareOptions(resolution=args.resolution, min_size=args.min_size, buckets=args.buckets,
                           dedup=None if args.no_dedup else args.dedup, clip_model=args.clip_model, augment=augment,
-                          seed=args.seed, max_pixels=args.max_pixels, overwrite=args.overwrite)
+                          seed=args.seed, max_pixels=args.max_pixels, background=args.background,
+                          overwrite=args.overwrite)
     with console.status("preparing images …"):
         report = prepare_dataset(Path(args.src), Path(args.out), opts)
     if report.skipped:
@@ -97,3 +98,5 @@ def register(subparsers) -> None:
     t.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
+    p.add_argument("--background", default="white",
+                   help="colour transparent pixels are composited on (a name such as white, or #rrggbb)")

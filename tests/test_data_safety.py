@@ -199,3 +199,199 @@ def test_train_overwrite_deletes_only_in_a_run_folder_sdedge_made(photos, tmp_pa
     with pytest.raises(SdedgeError, match=r"holds, is or lies inside the input .*data"):
         train(TrainConfig(base=str(tmp_path / "base"), data=str(inner), out=str(out), overwrite=True, **quiet))
     assert {k: v for k, v in _files(out).items() if k in before} == before
+
+
+# -- 6. images as people have them -----------------------------------------------------------------------------------
+def _ramp_row(path: Path) -> np.ndarray:
+    from sdedge.trainer.images import open_image
+
+    image, _ = open_image(path)
+    return np.asarray(image)[0, :, 0].astype(int)
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", ".png"), ("I;16", ".tif"), ("I;16B", ".tif"), ("I", ".tif"),
+                                          ("F", ".tif")])
+def test_deep_images_keep_their_content(tmp_path, mode, suffix):
+    """A 16-bit (or float) grey ramp stays a ramp over the whole 8-bit range (it came out nearly flat)."""
+    ramp = np.linspace(0, 1, 256)
+    values = {"I;16": (ramp * 65535).round().astype(np.uint16), "I;16B": (ramp * 65535).round().astype(">u2"),
+              "I": (ramp * 65535).round().astype(np.int32), "F": ramp.astype(np.float32)}[mode]
+    im = Image.fromarray(np.repeat(values[None], 8, axis=0))
+    assert im.mode == mode
+    im.save(tmp_path / f"ramp{suffix}")
+    row = _ramp_row(tmp_path / f"ramp{suffix}")
+    assert row[0] <= 1 and row[-1] >= 254 and np.all(np.diff(row) >= 0), row[::32]
+    assert np.abs(row - np.arange(256)).max() <= 1
+
+
+def _transparent_cases(tmp_path: Path) -> dict[str, Path]:
+    """Left half opaque red (or grey 100), right half fully transparent, each as a different kind of file."""
+    rgba = np.zeros((8, 16, 4), np.uint8)
+    rgba[:, :8] = (200, 0, 0, 255)
+    cases = {}
+    cases["palette"] = tmp_path / "p.png"
+    Image.fromarray(rgba, "RGBA").quantize(colors=4, method=Image.Quantize.FASTOCTREE).save(cases["palette"])
+    la = Image.fromarray(np.stack([np.full((8, 16), 100, np.uint8), rgba[..., 3]], -1), "LA")
+    cases["LA"] = tmp_path / "la.png"
+    la.save(cases["LA"])
+    key = rgba[..., :3].copy()
+    key[:, 8:] = (1, 2, 3)
+    cases["tRNS-rgb"] = tmp_path / "key.png"
+    Image.fromarray(key, "RGB").save(cases["tRNS-rgb"], transparency=(1, 2, 3))
+    grey = np.where(rgba[..., 3] > 0, 100, 7).astype(np.uint8)
+    cases["tRNS-grey"] = tmp_path / "keyl.png"
+    Image.fromarray(grey, "L").save(cases["tRNS-grey"], transparency=7)
+    # a TIFF with associated (premultiplied) alpha: ExtraSamples 1 instead of Pillow's 2
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "plain.tif", compression=None)
+    entry = b"\x52\x01\x03\x00\x01\x00\x00\x00\x02\x00"
+    cases["associated-alpha"] = tmp_path / "associated.tif"
+    cases["associated-alpha"].write_bytes((tmp_path / "plain.tif").read_bytes().replace(entry, entry[:-2] + b"\x01\x00"))
+    return cases
+
+
+@pytest.mark.parametrize("background, rgb", [("white", (255, 255, 255)), ("#204060", (32, 64, 96))])
+def test_transparency_is_composited_on_the_background(tmp_path, background, rgb):
+    from sdedge.trainer.images import open_image
+
+    for kind, path in _transparent_cases(tmp_path).items():
+        image, _ = open_image(path, background=rgb)
+        a = np.asarray(image)
+        assert tuple(a[4, 12]) == rgb, (kind, a[4, 12])
+        assert tuple(a[4, 2]) in ((200, 0, 0), (100, 100, 100)), (kind, a[4, 2])
+    # PA and RGBa (premultiplied) are modes no file decodes to: the conversion itself
+    from sdedge.trainer.images import _to_rgb
+
+    pa = Image.new("PA", (4, 4))
+    pa.putpalette([200, 0, 0] * 256)
+    assert tuple(np.asarray(_to_rgb(pa, None, rgb))[0, 0]) == rgb
+    premultiplied = Image.fromarray(np.zeros((4, 4, 4), np.uint8), "RGBa")
+    assert tuple(np.asarray(_to_rgb(premultiplied, None, rgb))[0, 0]) == rgb
+
+
+def test_prepare_background_flag(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[:, :32] = (200, 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(src / "half.png")
+    (src / "half.txt").write_text("half a square")
+    run = subprocess.run([sys.executable, "-m", "sdedge", "prepare", str(src), "--out", str(tmp_path / "data"),
+                          "--resolution", "64", "--background", "#000080"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "data" / "images" / "half.png") as im:
+        assert im.getpixel((48, 32)) == (0, 0, 128) and im.getpixel((8, 32)) == (200, 0, 0)
+    with pytest.raises(SdedgeError, match="--background 'nope'"):
+        prepare_dataset(src, tmp_path / "d2", PrepareOptions(resolution=64, background="nope"))
+
+
+def _icc_rgb_profile(primaries) -> bytes:
+    """A minimal ICC v2 display profile: matrix (the three primaries, XYZ D50) and gamma 1.0 curves."""
+    import struct
+
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v):
+        return b"XYZ " + b"\0" * 4 + b"".join(s15(c) for c in v)
+
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", 5) + b"test\0" + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+    curve = b"curv" + b"\0" * 4 + struct.pack(">I", 1) + struct.pack(">H", 256) + b"\0\0"
+    tags = [(b"desc", desc), (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(primaries[0])),
+            (b"gXYZ", xyz(primaries[1])), (b"bXYZ", xyz(primaries[2])), (b"rTRC", curve), (b"gTRC", curve),
+            (b"bTRC", curve), (b"cprt", b"text" + b"\0" * 4 + b"none\0\0\0\0")]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = struct.pack(">I", len(tags)), b""
+    for sig, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + b"\0" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12
+              + b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    assert len(header) == 128
+    return header + table + data
+
+
+def test_icc_profiles_and_cmyk_become_srgb(tmp_path):
+    from sdedge.trainer.images import open_image
+
+    srgb_d50 = [(0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)]
+    swapped = _icc_rgb_profile([srgb_d50[1], srgb_d50[0], srgb_d50[2]])  # its "red" is sRGB's green
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    red.save(tmp_path / "tagged.png", icc_profile=swapped)
+    r, g, b = np.asarray(open_image(tmp_path / "tagged.png")[0])[0, 0].astype(int)
+    assert g > 200 and r < 60 and b < 60, (r, g, b)
+    red.save(tmp_path / "tagged.jpg", icc_profile=swapped, quality=95)
+    assert np.asarray(open_image(tmp_path / "tagged.jpg")[0])[0, 0, 1] > 200
+    # CMYK (a print JPEG) comes out as the colour it was made from
+    Image.new("RGB", (8, 8), (200, 60, 30)).convert("CMYK").save(tmp_path / "print.jpg", quality=98)
+    image, fmt = open_image(tmp_path / "print.jpg")
+    assert image.mode == "RGB" and fmt == "JPEG"
+    assert np.abs(np.asarray(image)[4, 4].astype(int) - (200, 60, 30)).max() <= 6
+    # a broken profile is a reason, not a crash
+    red.save(tmp_path / "broken.png", icc_profile=b"not a profile at all" * 8)
+    from sdedge.trainer.images import ImageSkip
+
+    with pytest.raises(ImageSkip, match="ICC colour profile cannot be applied"):
+        open_image(tmp_path / "broken.png")
+
+
+def test_only_the_accepted_formats_are_decoded(tmp_path, monkeypatch):
+    """A GIF is refused before Pillow's GIF parser ever sees it (Image.open(formats=...))."""
+    from PIL import GifImagePlugin
+
+    from sdedge.trainer.images import ImageSkip, open_image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.gif")
+    calls = []
+    real = GifImagePlugin.GifImageFile._open
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", lambda self: (calls.append(1), real(self))[1])
+    with pytest.raises(ImageSkip, match="unsupported image format GIF"):
+        open_image(tmp_path / "x.gif")
+    assert calls == []
+    (tmp_path / "x.png").write_bytes((tmp_path / "x.gif").read_bytes())  # the name does not matter
+    with pytest.raises(ImageSkip, match="unsupported image format GIF"):
+        open_image(tmp_path / "x.png")
+    assert calls == []
+
+
+def test_symlinks_out_of_the_input_and_bad_caption_files_are_skipped_with_a_reason(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    _textured(10).save(outside / "secret.png")
+    (outside / "secret.txt").write_text("a secret", encoding="utf-8")
+    (outside / "dir").mkdir()
+    _textured(11).save(outside / "dir" / "x.png")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        _textured(i).save(src / f"ok{i}.png")
+        (src / f"ok{i}.txt").write_text(f"fine caption {i}", encoding="utf-8")
+    (src / "link.png").symlink_to(outside / "secret.png")
+    (src / "link.txt").symlink_to(outside / "secret.txt")
+    _textured(3).save(src / "captionlink.png")
+    (src / "captionlink.txt").symlink_to(outside / "secret.txt")
+    (src / "dirlink").symlink_to(outside / "dir", target_is_directory=True)
+    (src / "inside.png").symlink_to(src / "ok0.png")  # a link within the folder is fine
+    (src / "inside.txt").write_text("linked inside", encoding="utf-8")
+    _textured(4).save(src / "huge.png")
+    (src / "huge.txt").write_text("word " * 30000, encoding="utf-8")
+    _textured(5).save(src / "latin1.png")
+    (src / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    sub = src / "sub"
+    sub.mkdir()
+    _textured(6).save(sub / "m.png")
+    (sub / "metadata.jsonl").write_bytes(json.dumps({"file_name": "m.png", "text": "caf\xe9"}).encode("utf-16"))
+    report = prepare_dataset(src, tmp_path / "data", PrepareOptions(resolution=64, dedup=None))
+    r = dict(report.skipped)
+    assert r["link.png"].startswith("a symbolic link to outside the input folder")
+    assert r["link.txt"].startswith("a symbolic link to outside the input folder")
+    assert r["dirlink"].startswith("a symbolic link to outside the input folder")
+    assert "captionlink.txt is a symbolic link to outside" in r["captionlink.png"]
+    assert "over the 65536-byte limit" in r["huge.png"]
+    assert "latin1.txt is not UTF-8" in r["latin1.png"]
+    assert "metadata.jsonl is not UTF-8" in r["sub/metadata.jsonl"]
+    meta = json.loads((tmp_path / "data" / "metadata.json").read_text())
+    assert sorted(e["source"] for e in meta["items"]) == ["inside.png", "ok0.png", "ok1.png"]
+    assert "secret" not in (tmp_path / "data" / "metadata.json").read_text()

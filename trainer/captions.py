@@ -4,6 +4,8 @@
 `read_captions(folder)` returns {relative image path: caption} from the metadata file (paths relative to the
 folder holding it) and a list of (source, reason) problems found on the way, such as a bad line.
 Same-name `.txt` captions are looked up per image with `txt_caption(path)`; a metadata entry wins over a `.txt`.
+A caption file that is not UTF-8, is over its size cap (`MAX_TXT_BYTES`, `MAX_METADATA_BYTES`) or is a symbolic
+link leaving the folder is not read: it becomes a (source, reason) problem, never the end of the run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from sdedge.runtime.errors import SdedgeError
 __all__ = ["METADATA_FILES", "read_captions", "txt_caption"]
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MAX_TXT_BYTES = 64 * 1024  # a caption is a sentence or two; CLIP reads 77 tokens of it
+MAX_METADATA_BYTES = 64 * 1024 * 1024
 _TEXT_KEYS = ("text", "caption")
 
 
@@ -42,9 +46,10 @@ def read_captions(folder: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
         here = meta.parent
         rel_meta = meta.relative_to(folder).as_posix()
         try:
-            text = meta.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SdedgeError(f"cannot read {meta}: {e}") from e
+            text = read_text_capped(meta, MAX_METADATA_BYTES, folder)
+        except ValueError as e:
+            problems.append((rel_meta, f"{e}: its captions are not used"))
+            continue
         rows: list[tuple[int, dict]] = []
         if meta.suffix == ".jsonl":
             for n, line in enumerate(text.splitlines(), 1):
@@ -80,14 +85,31 @@ def read_captions(folder: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
     return captions, problems
 
 
-def txt_caption(image: Path) -> str | None:
-    """The caption in `image`'s same-name .txt file, None when there is none; ValueError when unreadable."""
+def read_text_capped(path: Path, cap: int, root: Path) -> str:
+    """The UTF-8 text of `path` (a BOM dropped); ValueError with the reason when it is a symbolic link out of
+    `root`, over `cap` bytes, not UTF-8, or unreadable."""
+    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{path.name} is a symbolic link to outside the input folder")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {path.name}: {e}") from None
+    if len(data) > cap:
+        raise ValueError(f"{path.name} is over the {cap}-byte limit of a caption file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name} is not UTF-8 text (byte {e.start})") from None
+
+
+def txt_caption(image: Path, root: Path | None = None) -> str | None:
+    """The caption in `image`'s same-name .txt file, None when there is none; ValueError with the reason when
+    it is unreadable, not UTF-8, over `MAX_TXT_BYTES` or a symbolic link out of `root` (default: its folder)."""
     txt = image.with_suffix(".txt")
     if not txt.is_file():
         return None
     try:
-        return txt.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError(f"caption file {txt.name} is not UTF-8 text") from None
-    except OSError as e:
-        raise ValueError(f"cannot read caption file {txt.name}: {e}") from None
+        return read_text_capped(txt, MAX_TXT_BYTES, root or image.parent)
+    except ValueError as e:
+        raise ValueError(f"caption file {e}") from None

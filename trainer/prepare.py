@@ -1,11 +1,13 @@
 """`sdedge prepare`: a folder of images with captions in, a clean training set out.
 
-    photos/ ─► captions (.txt | metadata.jsonl | metadata.csv) ─► safe open (JPEG/PNG/WebP, bomb guard)
+    photos/ ─► captions (.txt | metadata.jsonl | metadata.csv) ─► safe open (JPEG/PNG/TIFF/WebP, bomb guard,
+            16-bit scaled, ICC/CMYK to sRGB, transparency on --background)
             ─► --min-size ─► resize + centre-crop (or aspect buckets) ─► exact / near-duplicate removal
             ─► optional augmented copies ─► data/images/*.png, data/captions/*.txt, data/metadata.json
 
 Every input file ends up either kept or in the report with its reason: corrupt files, non-images,
-unsupported formats, images without captions, too-small images and duplicates never stop the run. Output
+unsupported formats, images without captions, unreadable or oversized caption files, symbolic links that leave the
+input folder, too-small images and duplicates never stop the run. Output
 images are PNGs built from the decoded pixels alone, so EXIF (GPS included) and all other metadata are gone.
 The output is written to a temporary folder and renamed into place. An input with nothing usable is an error.
 """
@@ -45,6 +47,7 @@ class PrepareOptions:
     augment: tuple[str, ...] = ()
     seed: int = 0
     max_pixels: int | None = None  # may only lower Pillow's decompression-bomb limit
+    background: str = "white"  # what transparent pixels are composited on (a Pillow colour: name or #rrggbb)
     overwrite: bool = False
 
 
@@ -88,6 +91,16 @@ def _check_options(o: PrepareOptions) -> None:
         raise BadInput(f"--augment {bad[0]!r}: choose from {', '.join(AUGMENTS)}")
     if o.max_pixels is not None and o.max_pixels < 1:
         raise BadInput(f"max_pixels {o.max_pixels}: must be positive")
+    _background(o.background)
+
+
+def _background(colour: str) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    try:
+        return ImageColor.getrgb(colour)[:3]
+    except (ValueError, AttributeError):
+        raise BadInput(f"--background {colour!r}: not a colour (a name such as white, or #rrggbb)") from None
 
 
 def _safe_name(rel: str, used: set[str]) -> str:
@@ -99,13 +112,23 @@ def _safe_name(rel: str, used: set[str]) -> str:
     return name
 
 
-def _walk(src: Path, exclude: Path | None) -> list[Path]:
-    files = []
+def _walk(src: Path, exclude: Path | None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files under `src` (hidden ones and `exclude` left out), and the symbolic links that leave `src`
+    (reported, never read)."""
+    files, outside = [], []
+    root = src.resolve()
     for dirpath, dirnames, filenames in os.walk(src):
         d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (exclude is None or (d / n).resolve() != exclude))
-        files += [d / n for n in filenames if not n.startswith(".")]
-    return sorted(files, key=lambda p: p.relative_to(src).as_posix())
+        for n in sorted(dirnames + filenames):
+            p = d / n
+            if not n.startswith(".") and p.is_symlink() and not p.resolve().is_relative_to(root):
+                outside.append((p.relative_to(src).as_posix(), "a symbolic link to outside the input folder: "
+                                "not read"))
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not (d / n).is_symlink()
+                             and (exclude is None or (d / n).resolve() != exclude))
+        files += [d / n for n in filenames if not n.startswith(".") and
+                  not ((d / n).is_symlink() and not (d / n).resolve().is_relative_to(root))]
+    return sorted(files, key=lambda p: p.relative_to(src).as_posix()), outside
 
 
 def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = PrepareOptions(),
@@ -123,8 +146,10 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
     buckets = bucket_sizes(opts.resolution) if opts.buckets else [(opts.resolution, opts.resolution)]
     log = log or (lambda msg: None)
 
+    background = _background(opts.background)
     captions, skipped = read_captions(src)
-    files = _walk(src, out.resolve())
+    files, outside = _walk(src, out.resolve())
+    skipped += outside
     rel_of = {p: p.relative_to(src).as_posix() for p in files}
     candidates = [p for p in files if p.suffix.lower() != ".txt" and p.name not in METADATA_FILES]
     candidate_stems = {p.with_suffix("") for p in candidates}
@@ -144,12 +169,12 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
         for n, path in enumerate(candidates):
             rel = rel_of[path]
             try:
-                image, fmt = open_image(path, opts.max_pixels)
+                image, fmt = open_image(path, opts.max_pixels, background)
                 if rel in captions:
                     caption = captions[rel]
                 else:
                     try:
-                        caption = txt_caption(path)
+                        caption = txt_caption(path, src)
                     except ValueError as e:
                         raise ImageSkip(str(e)) from None
                     if caption is None:
