@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import atomic_write_json
 
 from .suite import PEER_KINDS
 
@@ -503,9 +504,7 @@ def write_report(report: dict, out_dir: str | os.PathLike, samples: dict) -> dic
     render_chart(report).save(out / "report.png")
     render_samples(report, samples).save(out / "samples.png")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "report.json")
+    atomic_write_json(out / "report.json", report)
     return report
 
 

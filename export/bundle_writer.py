@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from sdedge.runtime.bundle import sha256_file
-from sdedge.runtime.files import check_replaceable, replace_dir, scratch_dir
+from sdedge.runtime.files import atomic_write_text, check_replaceable, replace_dir, scratch_dir
 from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 
 
@@ -59,16 +58,3 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

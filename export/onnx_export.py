@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import atomic_output
 from sdedge.runtime.manifest import ComponentInfo, ComponentParity, TensorInfo
 
 from .specs import ComponentSpec, concrete_shape, dynamic_axes, fixed_dims, manifest_shape, sample_inputs
@@ -80,11 +80,10 @@ def consolidate_external_data(onnx_path: Path) -> list[Path]:
     model = onnx.load(str(onnx_path), load_external_data=True)
     for p in extra:
         p.unlink()
-    tmp = onnx_path.with_suffix(".tmp.onnx")
-    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=EXTERNAL_DATA_NAME, size_threshold=1024)
+    with atomic_output(onnx_path) as tmp:  # the data file is written beside it under its final name
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_NAME, size_threshold=1024)
     del model
-    os.replace(tmp, onnx_path)
     return [onnx_path, folder / EXTERNAL_DATA_NAME]
 
 
@@ -101,13 +100,15 @@ def check_parity(spec: ComponentSpec, module: torch.nn.Module, onnx_path: Path, 
         gen = torch.Generator().manual_seed(100 + i)
         args = sample_inputs(spec, {**fixed, **dims}, gen, vocab)
         with torch.inference_mode():
-            ref = module(*args).float().numpy()
+            refs = module(*args)
+        refs = refs if isinstance(refs, tuple) else (refs,)  # one tensor per output of the spec
         feeds = {t.name: a.numpy() for t, a in zip(spec.inputs, args)}
-        out = session.run(None, feeds)[0]
-        expected = concrete_shape(spec.outputs[0].shape, {**fixed, **dims})
-        if out.shape != expected:
-            raise ExportError(f"{spec.name}: ONNX output shape {out.shape}, expected {expected}")
-        worst = max(worst, float(np.max(np.abs(out.astype(np.float32) - ref))))
+        outs = session.run(None, feeds)
+        for t, out, ref in zip(spec.outputs, outs, refs, strict=True):
+            expected = concrete_shape(t.shape, {**fixed, **dims})
+            if out.shape != expected:
+                raise ExportError(f"{spec.name}: ONNX output {t.name} has shape {out.shape}, expected {expected}")
+            worst = max(worst, float(np.max(np.abs(out.astype(np.float32) - ref.float().numpy()))))
         shapes.append("x".join(str(s) for s in args[0].shape))
     del session
     if not worst <= spec.tolerance:

@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.errors import BundleError, MissingDependency, SdedgeError
+from sdedge.runtime.files import atomic_output
 from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from sdedge.runtime.signing import (
     GIT_PATHS,
@@ -205,8 +205,7 @@ def sign(bundle_dir: str | os.PathLike, *, key: str | os.PathLike | None = None,
 
     # The temporary name is not created until model_signing writes the signature, after it has hashed the
     # folder, so it is never part of what is signed.
-    tmp = root / f".{SIGNATURE_NAME}.{uuid.uuid4().hex}.tmp"
-    try:
+    with atomic_output(root / SIGNATURE_NAME, create=False) as tmp:
         if sigstore:
             def run() -> None:
                 config.use_sigstore_signer(
@@ -222,9 +221,6 @@ def sign(bundle_dir: str | os.PathLike, *, key: str | os.PathLike | None = None,
             except (ValueError, TypeError, OSError) as exc:
                 raise SigningError(f"{root}: model-signing could not sign: {type(exc).__name__}: {exc}") from None
         signed = _check_signed_matches(bundle, tmp)
-        os.replace(tmp, root / SIGNATURE_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
     from sdedge.runtime.signing import signer_info
 
     info = signer_info(root) or {}

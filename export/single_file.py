@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import atomic_output
 
 __all__ = [
     "UNET_PREFIX",
@@ -52,6 +52,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's text_time added conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 # diffusers VAE attention names -> LDM AttnBlock names
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -251,13 +253,6 @@ def save_single_file(pipe, path: str | os.PathLike, *, dtype=None, overwrite: bo
     )
     metadata = {"format": "pt", "writer": "sdedge.export.single_file"}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return path

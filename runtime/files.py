@@ -4,15 +4,17 @@ the one shared way sdedge puts a finished bundle, base or dataset in place."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_replaceable",
+__all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_replaceable",
            "check_sdedge_folder", "fsync_dir",
            "replace_dir", "scratch_dir", "sweep_stale"]
 
@@ -50,28 +52,39 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` so that readers (and a power cut) see the old file or the new one, never a part:
-    a temporary `.<name>.sdedge-<host>-<pid>-<random>.part` beside it, fsync, permissions `mode`, rename, fsync
-    of the folder. The one file writer of sdedge: every document, weight file and cache entry goes through it."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: int = 0o644, *, create: bool = True) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (safetensors, onnx, a signer): when the
+    block ends without an error the file is fsynced, given permissions `mode` and renamed to `path`, and the
+    folder fsynced; on an error it is removed. Readers (and a power cut) see the old file or the new one.
+    create=False hands out a unique name that does not exist yet (a signer that hashes the folder first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.sdedge-{_host()}-{os.getpid()}-", suffix=".part",
-                               dir=path.parent)
+    prefix = f".{path.name}.sdedge-{_host()}-{os.getpid()}-"
+    if create:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=path.parent)
+        os.close(fd)
+    else:
+        name = os.path.join(path.parent, f"{prefix}{os.urandom(6).hex()}.part")
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically (`atomic_output`): the one file writer of sdedge, through which every
+    document, weight file and cache entry goes. The temporary name `.<name>.sdedge-<host>-<pid>-<random>.part`
+    names its owner, so the next writer in the folder removes what a killed process left (`sweep_stale`)."""
+    with atomic_output(path, mode) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:

@@ -65,18 +65,18 @@ def _grid_png(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2) ->
 
 def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict:
     from sdedge.benchmarks.bench import psnr
-    from sdedge.tinyworld.classifier import load_classifier, match_rate
     from sdedge.export.bases import write_builtin_base
     from sdedge.export.build import ExportOptions, export_bundle
-    from sdedge.export.bundle_writer import atomic_write_text
     from sdedge.export.signing import keygen, sign
     from sdedge.runtime.errors import SdedgeError
+    from sdedge.runtime.files import atomic_write_text
     from sdedge.runtime.manifest import Precision
     from sdedge.runtime.pipeline import Pipeline
     from sdedge.runtime.signing import verify_bundle
+    from sdedge.tinyworld.classifier import load_classifier, match_rate
+    from sdedge.tinyworld.shapes import NEW_COLOUR, write_dataset
     from sdedge.trainer.config import TrainConfig
     from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
-    from sdedge.tinyworld.shapes import NEW_COLOUR, write_dataset
     from sdedge.trainer.train import train
 
     out = Path(out)

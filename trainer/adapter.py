@@ -18,16 +18,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import atomic_write_bytes
 
 from .dataset import seed_for
 
-__all__ = ["ADAPTER_NAME", "inject_lora", "lora_parameters", "lora_layers", "adapter_tensors", "write_adapter",
-           "write_json_atomic"]
+__all__ = ["ADAPTER_NAME", "inject_lora", "lora_parameters", "lora_layers", "adapter_tensors", "write_adapter"]
 
 ADAPTER_NAME = "default"
 
@@ -105,16 +104,7 @@ def adapter_tensors(unet_layers: dict, text_layers: dict, fmt: str, rank: int, a
 
 
 def write_adapter(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    """The adapter as safetensors, written atomically (runtime/files.py)."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))

@@ -299,15 +299,12 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """The effective config as YAML (written to a temporary file and renamed into place)."""
-    import os
-
     import yaml
 
+    from sdedge.runtime.files import atomic_write_text
+
     data = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("# sdedge train: the effective config of this run\n" + yaml.safe_dump(data, sort_keys=False),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "# sdedge train: the effective config of this run\n" + yaml.safe_dump(data, sort_keys=False))
 
 
 # exported for the CLI help epilogue

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from sdedge.runtime.files import atomic_write_text
 
 __all__ = ["MetricsLog", "Progress", "read_metrics"]
 
@@ -39,9 +40,7 @@ class MetricsLog:
         if not enabled:
             return
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step] if start_step else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
@@ -84,7 +83,12 @@ class Progress:
             return
         from rich.console import Console
         from rich.progress import (
-            BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+            BarColumn,
+            MofNCompleteColumn,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
         )
         from rich.progress import Progress as RichProgress
         from rich.text import Text

@@ -31,7 +31,6 @@ from .adapter import (
     lora_layers,
     lora_parameters,
     write_adapter,
-    write_json_atomic,
 )
 from .checkpoint import (
     latest_checkpoint,
@@ -82,6 +81,16 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_scheduler == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def _non_finite(step: int, loss: float, checkpoints: Path) -> SdedgeError:
+    """The error that ends a run whose loss went NaN/Inf: nothing more is written; the checkpoints stay."""
+    last = latest_checkpoint(checkpoints)
+    kept = (f"the last good checkpoint {last} is kept (resume from it with --resume {last} and a lower "
+            "learning rate)") if last else "no checkpoint was written before it (set checkpoint_steps)"
+    return SdedgeError(f"training stopped at step {step}: the loss is {loss} (not finite), so the weights have "
+                       f"diverged; no adapter was written and {kept}. Lower learning_rate or raise max_grad_norm "
+                       "clipping (max_grad_norm)")
 
 
 def _toolchain() -> dict[str, str]:
@@ -459,6 +468,10 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet
                 raise SdedgeError("internal error: gradient accumulation out of step")
             loss_value = float(accelerator.reduce(total / accum, reduction="mean"))
             done = step + 1
+            if not math.isfinite(loss_value):  # every process sees the reduced value: all stop here
+                progress.close()
+                metrics.close()
+                raise _non_finite(done, loss_value, out / "checkpoints")
             history.append(loss_value)
             if is_main and (done % cfg.log_steps == 0 or done == cfg.max_steps):
                 metrics.log(done, {"loss": loss_value, "lr": peak_lrs[0] * factor,
@@ -488,7 +501,7 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet
                                           cfg.target_modules, cfg.text_encoder_target_modules)
         write_adapter(adapter_path, tensors, header)
         tail = history[-10:]
-        write_json_atomic(out / "adapter.json", {
+        atomic_write_json(out / "adapter.json", {
             "format": "sdedge-adapter",
             "version": 1,
             "file": adapter_path.name,
@@ -503,8 +516,8 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet
                      "text_encoder_targets": list(cfg.text_encoder_target_modules) if cfg.train_text_encoder else None,
                      "text_encoder_layers": len(text_layers)},
             "steps": cfg.max_steps,
-            "final_loss": loss_value,
-            "final_loss_mean10": sum(tail) / len(tail) if tail else None,
+            "final_loss": loss_value if math.isfinite(loss_value) else None,  # JSON has no NaN
+            "final_loss_mean10": sum(tail) / len(tail) if tail and all(map(math.isfinite, tail)) else None,
             "world_size": world,
             "optimizer": optimizer_kind,
             "resumed_from": resumed_from or None,
