@@ -12,9 +12,34 @@ import torch
 from sdedge.runtime.errors import BadInput
 
 
-def diffusers_scheduler(name: str, config: dict):
-    """diffusers' scheduler matching an sdedge scheduler name, built from the same config."""
+def runtime_noise_lcm(config: dict, seed: int):
+    """diffusers' LCMScheduler drawing the noise it injects between steps as sdedge's runtime does (NumPy's
+    default_rng([seed, 1]), one standard-normal draw per step but the last), so that a multi-step LCM image can be
+    compared with the runtime's on the same latents and the same noise. Everything else is diffusers' own step."""
     import diffusers
+
+    class RuntimeNoiseLCMScheduler(diffusers.LCMScheduler):
+        def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            prev, denoised = super().step(model_output, timestep, sample, generator=generator, return_dict=False)
+            if self.step_index < self.num_inference_steps:  # not the last step: re-noise with the runtime's z
+                z = torch.from_numpy(self.noise_rng.standard_normal(tuple(sample.shape), dtype=np.float32))
+                a = self.alphas_cumprod[self.timesteps[self.step_index]]  # alpha-bar of the next timestep
+                prev = a.sqrt() * denoised + (1 - a).sqrt() * z.to(denoised.dtype)
+            return diffusers.schedulers.scheduling_lcm.LCMSchedulerOutput(prev, denoised) if return_dict \
+                else (prev, denoised)
+
+    sched = RuntimeNoiseLCMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    sched.noise_rng = np.random.default_rng([seed, 1])
+    return sched
+
+
+def diffusers_scheduler(name: str, config: dict, seed: int | None = None):
+    """diffusers' scheduler matching an sdedge scheduler name, built from the same config. `seed`: LCM draws the
+    noise it injects as the runtime does for that seed (runtime_noise_lcm)."""
+    import diffusers
+
+    if name == "lcm" and seed is not None:
+        return runtime_noise_lcm(config, seed)
 
     table = {
         "ddim": (diffusers.DDIMScheduler, {}),
@@ -35,9 +60,11 @@ def diffusers_scheduler(name: str, config: dict):
 
 
 def reference_images(pipe, prompt: str | list[str], negative_prompt: str | list[str], *, latents: np.ndarray,
-                     steps: int, guidance: float, scheduler: str, scheduler_config: dict) -> np.ndarray:
-    """diffusers' images for the given initial latents (B, 4, H/8, W/8), as float32 (B, H, W, 3) in [0, 1]."""
-    pipe.scheduler = diffusers_scheduler(scheduler, scheduler_config)
+                     steps: int, guidance: float, scheduler: str, scheduler_config: dict,
+                     seed: int | None = None) -> np.ndarray:
+    """diffusers' images for the given initial latents (B, 4, H/8, W/8), as float32 (B, H, W, 3) in [0, 1].
+    `seed`: the runtime's seed, for the noise a stochastic scheduler injects (LCM only)."""
+    pipe.scheduler = diffusers_scheduler(scheduler, scheduler_config, seed)
     pipe.set_progress_bar_config(disable=True)
     b, _, h, w = latents.shape
     scale = pipe.vae_scale_factor

@@ -63,6 +63,18 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class TinyVaeDecoder(torch.nn.Module):
+    """A TAESD-architecture `AutoencoderTiny`'s decoder (export --decoder): it decodes the UNet's latents divided
+    by its own scaling_factor (1.0 for TAESD), not the base VAE's."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        self.vae = pipe.vae
+
+    def forward(self, latent_sample):  # (B, 4, h, w) -> (B, 3, f·h, f·w) in [-1, 1], f = 2^(decoder blocks - 1)
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
 class VaeEncoder(torch.nn.Module):
     def __init__(self, pipe):
         super().__init__()
@@ -102,6 +114,22 @@ SPECS: dict[str, ComponentSpec] = {
         module=VaeEncoder,
     ),
 }
+
+
+# The vae_decoder of an AutoencoderTiny (TAESD architecture): same tensors as the full decoder's, its own module
+TINY_VAE_DECODER = ComponentSpec(
+    name="vae_decoder",
+    inputs=(TensorSpec("latent_sample", "float32", ("B", "C", "h", "w")),),
+    outputs=(TensorSpec("sample", "float32", ("B", 3, "H", "W")),),
+    module=TinyVaeDecoder,
+)
+
+
+def component_spec(name: str, pipe) -> ComponentSpec:
+    """The spec of component `name` for this pipeline: the vae_decoder's follows the pipeline's VAE class."""
+    if name == "vae_decoder" and type(pipe.vae).__name__ == "AutoencoderTiny":
+        return TINY_VAE_DECODER
+    return SPECS[name]
 
 
 def fixed_dims(pipe) -> dict[str, int]:

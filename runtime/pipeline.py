@@ -6,7 +6,8 @@
         unet(scale(latents ⊕ latents), t, embeddings) ─► (u, c)                   (2B, 4, H/8, W/8)
         ε = u + guidance · (c − u)                                                (classifier-free guidance)
         latents = scheduler.step(ε, t, latents)
-    vae_decoder(latents / scaling_factor) ─► image in [−1, 1]                     (B, 3, H, W)
+    vae_decoder(latents / decoder scaling) ─► image in [−1, 1]                    (B, 3, H, W)
+    (the VAE's scaling_factor; a TAESD-architecture decoder's own, 1.0)
 
 It follows diffusers' StableDiffusionPipeline step for step, so that with the same weights and the same
 initial latents the images agree (PSNR ≥ 40 dB, checked at export and in the tests).
@@ -252,7 +253,7 @@ class Pipeline:
 
             t0 = time.perf_counter()
             vae = self._load("vae_decoder")
-            decoded = vae.infer({"latent_sample": latents / np.float32(lat.scaling_factor)})[0]  # (B, 3, H, W)
+            decoded = vae.infer({"latent_sample": latents / np.float32(lat.decoder_scaling)})[0]  # (B, 3, H, W)
             self._release("vae_decoder")
             timings["vae_decoder"] = time.perf_counter() - t0
 

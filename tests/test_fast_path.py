@@ -1,0 +1,182 @@
+"""The fast path (issue 19): an LCM-LoRA fused at export beside the user's LoRA with LCM defaults (4 steps, no
+guidance pass), a light AutoencoderTiny (TAESD-architecture) decoder as the bundle's vae_decoder, and
+`sdedge distill-decoder`. Parity is against the peft-adapted model (LoRAs as peft adapters on the UNet, not fused)
+with diffusers' LCMScheduler fed the runtime's noise, on the same latents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import save_file
+
+from sdedge.export.bases import load_base
+from sdedge.export.lora import fuse_loras
+from sdedge.export.reference import psnr, reference_images
+
+# lcm-lora-sdv1-5's target modules: attention, feed-forward, proj_in/out, resnet convs, time_emb_proj, samplers
+LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+               "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+MINE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PROMPT = "a red circle on a blue background"
+SEED = 3
+
+
+def lora_layers(unet, targets, rank, seed, std=0.05) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (down, up)} of a seeded LoRA on the UNet's `targets` (convolutions LoCon-style: down has the
+    module's kernel, up is 1x1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in unet.named_modules():
+        if not (isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(tuple("." + t for t in targets))):
+            continue
+        if isinstance(mod, torch.nn.Conv2d):
+            down = torch.randn(rank, mod.in_channels, *mod.kernel_size, generator=g) * std
+            up = torch.randn(mod.out_channels, rank, 1, 1, generator=g) * std
+        else:
+            down = torch.randn(rank, mod.in_features, generator=g) * std
+            up = torch.randn(mod.out_features, rank, generator=g) * std
+        out[name] = (down, up)
+    return out
+
+
+def write_lora(path, layers, rank, alpha, fmt):
+    """kohya (lcm-lora-sdv1-5's own layout: `lora_unet_<diffusers name>` with .alpha), diffusers (`unet.` prefix,
+    alpha in the metadata header) or raw peft (`base_model.model.`, `.lora_A.default.weight`) keys."""
+    sd, meta = {}, {}
+    for p, (a, b) in layers.items():
+        if fmt == "kohya":
+            key = "lora_unet_" + p.replace(".", "_")
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = a, b
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+        elif fmt == "diffusers":
+            sd[f"unet.{p}.lora_A.weight"], sd[f"unet.{p}.lora_B.weight"] = a, b
+        else:
+            sd[f"base_model.model.{p}.lora_A.default.weight"], sd[f"base_model.model.{p}.lora_B.default.weight"] = a, b
+    if fmt != "kohya":
+        meta = {"lora_adapter_metadata": json.dumps({"r": rank, "lora_alpha": alpha})}
+    save_file(sd, str(path), metadata={"format": "pt", **meta})
+    return path
+
+
+def peft_adapt(pipe, name, layers, rank, alpha, scale):
+    """The truth: `layers` as a peft LoRA adapter on pipe.unet (scale folded into peft's alpha), weights copied in."""
+    from peft import LoraConfig
+
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha * scale, target_modules=sorted(layers),
+                                     init_lora_weights=False), adapter_name=name)
+    with torch.no_grad():
+        for p, (a, b) in layers.items():
+            mod = pipe.unet.get_submodule(p)
+            mod.lora_A[name].weight.copy_(a.reshape(mod.lora_A[name].weight.shape))
+            mod.lora_B[name].weight.copy_(b.reshape(mod.lora_B[name].weight.shape))
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_pipe, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fast-loras")
+    lcm = lora_layers(tiny_pipe.unet, LCM_TARGETS, rank=4, seed=11)
+    mine = lora_layers(tiny_pipe.unet, MINE_TARGETS, rank=2, seed=12, std=0.2)
+    return {"lcm_layers": lcm, "mine_layers": mine, "dir": d,
+            "lcm_kohya": write_lora(d / "lcm.safetensors", lcm, 4, 8, "kohya"),
+            "lcm_diffusers": write_lora(d / "lcm_diffusers.safetensors", lcm, 4, 8, "diffusers"),
+            "lcm_peft": write_lora(d / "lcm_peft.safetensors", lcm, 4, 8, "peft"),
+            "mine": write_lora(d / "mine.safetensors", mine, 2, 2, "diffusers")}
+
+
+def peft_pipe(tiny_base, loras):
+    ref = load_base(tiny_base)
+    peft_adapt(ref, "mine", loras["mine_layers"], 2, 2, 0.8)
+    peft_adapt(ref, "lcm", loras["lcm_layers"], 4, 8, 1.0)
+    ref.unet.set_adapter(["mine", "lcm"])
+    return ref
+
+
+def test_lcm_lora_layout_covers_every_kind(loras):
+    kinds = {next(t for t in LCM_TARGETS if p.endswith("." + t)) for p in loras["lcm_layers"]}
+    assert kinds == set(LCM_TARGETS)
+
+
+@pytest.mark.slow
+def test_lcm_lora_fuse_equals_peft_in_every_key_format(tiny_base, loras):
+    """kohya, diffusers and raw peft keys of the same LCM-LoRA fuse to the same weights, and the fused UNet (beside
+    the user's LoRA at 0.8) gives the peft-adapted UNet's output to float rounding."""
+    ref = peft_pipe(tiny_base, loras)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999.0, 499.0])
+    ctx = torch.randn(2, 77, ref.text_encoder.config.hidden_size, generator=g)
+    with torch.inference_mode():
+        truth = ref.unet(x, t, ctx).sample
+    states = []
+    for fmt in ("kohya", "diffusers", "peft"):
+        pipe = load_base(tiny_base)
+        report = fuse_loras(pipe, [(loras["mine"], 0.8), (loras[f"lcm_{fmt}"], 1.0)])
+        assert report.complete and report.loras[1].layers["unet"] == len(loras["lcm_layers"])
+        with torch.inference_mode():
+            err = float((pipe.unet(x, t, ctx).sample - truth).abs().max())
+        assert err < 1e-4, (fmt, err)
+        states.append({k: v.clone() for k, v in pipe.unet.state_dict().items()})
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])
+
+
+class Recording:
+    """A real engine that records the shapes of every call (to see that guidance 1 runs one UNet batch)."""
+
+    def __init__(self, engine, calls):
+        self.engine, self.calls = engine, calls
+
+    def __getattr__(self, name):  # load, unload, loaded, name: the engine's own
+        return getattr(self.engine, name)
+
+    def infer(self, feeds):
+        self.calls.append({k: v.shape for k, v in feeds.items()})
+        return self.engine.infer(feeds)
+
+
+@pytest.fixture(scope="module")
+def fast_bundle(tiny_base, loras, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fast") / "bundle"
+    r = run_cli("export", "--base", str(tiny_base), "--out", str(out), "--no-vae-encoder",
+                "--lora", f"{loras['mine']}:0.8", "--lora", f"{loras['lcm_kohya']}:1.0",
+                "--scheduler", "lcm", "--steps", "4", "--guidance", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_lcm_bundle_defaults_one_unet_batch_and_peft_parity(fast_bundle, tiny_base, loras):
+    from sdedge.runtime.backends.onnxruntime import OrtEngine
+    from sdedge.runtime.pipeline import Pipeline
+
+    calls: list = []
+    runtime = Pipeline.load(fast_bundle, device="cpu", verify="off", engine_factory=lambda b, n, i: Recording(
+        OrtEngine(b, n, i, ["CPUExecutionProvider"], None), calls if n == "unet" else []))
+    m = runtime.manifest
+    assert (m.defaults.scheduler, m.defaults.steps, m.defaults.guidance) == ("lcm", 4, 1.0)
+    assert [(a.file, a.scale) for a in m.provenance.adapters] == [("mine.safetensors", 0.8), ("lcm.safetensors", 1.0)]
+    assert (m.parity.image.scheduler, m.parity.image.steps) == ("lcm", 4) and m.parity.image.psnr_db >= 40.0
+    latents = np.random.default_rng(5).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    result = runtime.generate(PROMPT, latents=latents, seed=SEED)  # the bundle's defaults
+    assert (result.settings["steps"], result.settings["scheduler"], result.settings["guidance"]) == (4, "lcm", 1.0)
+    assert len(calls) == 4 and all(c["sample"][0] == 1 for c in calls), calls  # one UNet batch, no guidance pass
+
+    ref = peft_pipe(tiny_base, loras)
+    truth = reference_images(ref, PROMPT, "", latents=latents, steps=4, guidance=1.0, scheduler="lcm",
+                             scheduler_config=m.scheduler, seed=SEED)
+    assert psnr(result.images, truth) >= 40.0
+    base = reference_images(load_base(tiny_base), PROMPT, "", latents=latents, steps=4, guidance=1.0,
+                            scheduler="lcm", scheduler_config=m.scheduler, seed=SEED)
+    assert psnr(result.images, base) < 30.0, "the LoRAs should change the image"
+
+
+@pytest.mark.slow
+def test_lcm_steps_above_the_schedule_exit_2_nothing_written(tiny_base, loras, tmp_path):
+    out = tmp_path / "b"
+    r = run_cli("export", "--base", str(tiny_base), "--out", str(out), "--lora", str(loras["lcm_kohya"]),
+                "--scheduler", "lcm", "--steps", "60")
+    assert r.returncode == 2 and "--steps 60" in r.stderr and "original_inference_steps = 50" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
