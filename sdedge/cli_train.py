@@ -1,6 +1,6 @@
-"""`sdedge prepare` and `sdedge train`.
+"""`sdedge prepare`, `sdedge train` and `sdedge distill-decoder`.
 
-`register(subparsers)` adds both commands to the main CLI (sdedge/cli.py). Torch, diffusers and peft are imported
+`register(subparsers)` adds the three commands to the main CLI (sdedge/cli.py). Torch, diffusers and peft are imported
 only when a command runs. `accelerate launch -m sdedge train ...` runs training on several processes (DDP): accelerate starts one
 `python -m sdedge train` per process and the trainer picks the process group up from the environment.
 """
@@ -69,6 +69,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill_decoder(args) -> int:
+    from sdedge.runtime.stages import Stages
+    from sdedge.trainer.decoder_distill import DistillDecoderConfig, distill_decoder
+
+    blocks = tuple(int(b) for b in args.blocks.split(",")) if args.blocks else None
+    cfg = DistillDecoderConfig(base=args.base, out=args.out, width=args.width, blocks=blocks, steps=args.steps,
+                               batch=args.batch, lr=args.lr, crop=args.crop or None, latents=args.latents,
+                               eval_latents=args.eval_latents, gen_steps=args.gen_steps, guidance=args.guidance,
+                               images=args.images, prompts=args.prompts, seed=args.seed, overwrite=args.overwrite)
+    r = distill_decoder(cfg, Stages(console))
+    extra = ""
+    if r.classifier_agreement is not None:
+        extra = (f", shape classifier agrees with the full decoder on {r.classifier_agreement:.1%} of its decodes "
+                 f"(prompt match {r.prompt_match:.1%} vs {r.prompt_match_full:.1%})")
+    console.print(f"AutoencoderTiny written to [bold]{args.out}[/bold]: {r.decoder_parameters / 1e3:.0f} k decoder "
+                  f"parameters (the full decoder {r.full_decoder_parameters / 1e3:.0f} k), {r.psnr_vs_full_db:.1f} dB "
+                  f"PSNR against the full decoder on {r.eval_latents} held-out generations{extra}; "
+                  f"use it with: sdedge export --decoder {args.out}")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add `prepare` and `train` to the main CLI's subparsers."""
     p = subparsers.add_parser("prepare", help="turn a folder of captioned images into a training set",
@@ -87,6 +108,8 @@ def register(subparsers) -> None:
     p.add_argument("--augment", help="add augmented copies: a comma list of flip, rotate, brightness")
     p.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
     p.add_argument("--max-pixels", type=int, help="lower the decompression-bomb limit (pixels per image)")
+    p.add_argument("--background", default="white",
+                   help="colour transparent pixels are composited on (a name such as white, or #rrggbb)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prepare)
 
@@ -98,5 +121,26 @@ def register(subparsers) -> None:
     t.add_argument("--config", help="YAML file of settings (keys as the flags, with underscores)")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
-    p.add_argument("--background", default="white",
-                   help="colour transparent pixels are composited on (a name such as white, or #rrggbb)")
+
+    d = subparsers.add_parser("distill-decoder", help="train a light AutoencoderTiny (TAESD-architecture) decoder "
+                              "against a base's own VAE decoder, for `sdedge export --decoder`")
+    d.add_argument("--base", required=True, help="a diffusers folder (e.g. from `sdedge base tiny`)")
+    d.add_argument("--out", required=True, help="the AutoencoderTiny folder to write")
+    d.add_argument("--images", help="a folder of images whose VAE latents to train on (default: the base's "
+                   "generations)")
+    d.add_argument("--prompts", help="prompts for the generations, one a line (default: the tiny world's captions "
+                   "on the tiny base, else a built-in set)")
+    d.add_argument("--width", type=int, help="the decoder's width (default 16 for a base of <= 128 px, else 64)")
+    d.add_argument("--blocks", help="blocks per decoder stage, e.g. 3,3,3,1 (default: 2,1,1 small, TAESD's else)")
+    d.add_argument("--steps", type=int, default=1500, help="training steps")
+    d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--crop", type=int, default=8, help="train on random crops of this many latents a side "
+                   "(0: whole latents)")
+    d.add_argument("--latents", type=int, default=720, help="training generations")
+    d.add_argument("--eval-latents", type=int, default=90, help="held-out generations for the figures")
+    d.add_argument("--gen-steps", type=int, default=15, help="DPM++ 2M steps per generation")
+    d.add_argument("--guidance", type=float, help="guidance of the generations (default: the base's hint, else 7.5)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_distill_decoder)
