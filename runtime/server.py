@@ -21,6 +21,7 @@ import asyncio
 import base64
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -32,13 +33,21 @@ from typing import Any, Literal
 
 from .errors import BadInput, MissingDependency
 from .jobs import Job, JobLost, JobQueue, QueueClosed, QueueFull
+from .uploads import UploadLimits, UploadTooLarge, read_upload, to_array
 
 log = logging.getLogger("sdedge.server")
 
 INSTALL_HINT = "pip install 'sdedge[serve]' (fastapi and uvicorn)"
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
-ROUTES = ("/v1/generate", "/v1/jobs/{job_id}", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+ROUTES = ("/v1/generate", "/v1/img2img", "/v1/inpaint", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/info",
+          "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/", "/static/app.js", "/static/app.css")
+KINDS = {"/v1/generate": "txt2img", "/v1/img2img": "img2img", "/v1/inpaint": "inpaint"}
+PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/static/app.js": ("app.js", "text/javascript"),
+              "/static/app.css": ("app.css", "text/css")}
+# The page may reach this server and nothing else (no CDN, no fonts, no analytics).
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; "
+            "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 
 
 @dataclass
@@ -68,6 +77,9 @@ class ServeSettings:
     max_connections: int = 1000  # open sockets; past it the longest-idle one is closed (never a busy one)
     limit_concurrency: int | None = None  # requests in the app at once before 503 (None: max_queue + 64)
     insecure_no_auth: bool = False  # listen on a non-loopback address without a token
+    # uploads of /v1/img2img and /v1/inpaint (runtime/uploads.py)
+    max_upload_bytes: int = 4_000_000  # per image file
+    max_upload_pixels: int = 16_777_216  # width × height, read from the header before decoding
     # provenance (runtime/provenance.py, docs/provenance.md)
     watermark: bool = True  # sdedge's invisible watermark on every image
     c2pa: Any = None  # a runtime.provenance.C2paConfig: every PNG carries a signed C2PA manifest
@@ -81,7 +93,7 @@ class ServeSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise BadInput(f"{name}={value!r}: must be a number of seconds > 0")
-        for name in ("max_connections", "max_body_bytes"):
+        for name in ("max_connections", "max_body_bytes", "max_upload_bytes", "max_upload_pixels"):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name}={getattr(self, name)!r}: must be at least 1")
         if self.limit_concurrency is not None and self.limit_concurrency < 1:
@@ -149,6 +161,7 @@ class Metrics:
         self.stage_sum: dict[str, float] = {}
         self.stage_count: dict[str, int] = {}
         self.jobs: dict[str, int] = {}  # final state -> count
+        self.kinds: dict[str, int] = {}  # txt2img | img2img | inpaint -> jobs done
         self.images = 0
 
     def request(self, method: str, route: str, status: int) -> None:
@@ -167,6 +180,9 @@ class Metrics:
     def job_finished(self, job: Job) -> None:
         with self._lock:
             self.jobs[job.state] = self.jobs.get(job.state, 0) + 1
+            kind = job.params.get("kind", "txt2img") if isinstance(job.params, dict) else "txt2img"
+            if job.state == "done" and kind in KINDS.values():
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
     def stages(self, timings: dict[str, float], images: int) -> None:
         with self._lock:
@@ -187,7 +203,7 @@ class Metrics:
             for (method, route, status), n in sorted(self.requests.items()):
                 out.append(f'sdedge_http_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
             head("sdedge_generate_duration_seconds", "histogram",
-                 "Time from arrival to response of POST /v1/generate answered 200.")
+                 "Time from arrival to response of a generation (/v1/generate, /v1/img2img, /v1/inpaint) answered 200.")
             for edge, n in zip(LATENCY_BUCKETS, self.latency_buckets):
                 out.append(f'sdedge_generate_duration_seconds_bucket{{le="{edge}"}} {n}')
             out.append(f'sdedge_generate_duration_seconds_bucket{{le="+Inf"}} {self.latency_count}')
@@ -200,6 +216,9 @@ class Metrics:
             head("sdedge_jobs_total", "counter", "Jobs by final state (done, failed, cancelled).")
             for state in ("done", "failed", "cancelled"):
                 out.append(f'sdedge_jobs_total{{state="{state}"}} {self.jobs.get(state, 0)}')
+            head("sdedge_generations_total", "counter", "Jobs done by kind (txt2img, img2img, inpaint).")
+            for kind in KINDS.values():
+                out.append(f'sdedge_generations_total{{kind="{kind}"}} {self.kinds.get(kind, 0)}')
             head("sdedge_images_total", "counter", "Images generated.")
             out.append(f"sdedge_images_total {self.images}")
         head("sdedge_queue_depth", "gauge", "Jobs waiting behind the running one.")
@@ -232,7 +251,7 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
 
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -296,6 +315,36 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
             if self.response_format == "png" and self.n > 1:
                 raise ValueError("n > 1 needs response_format 'json' (one PNG per response)")
             return self
+
+    upload_limits = UploadLimits(settings.max_upload_bytes, settings.max_upload_pixels)
+    upload_doc = (f"base64 PNG, JPEG or WebP file (a data: URL too), at most {settings.max_upload_bytes:,} bytes "
+                  f"and {settings.max_upload_pixels:,} pixels")
+    size_doc = "Omitted: the image's own. The image (and mask) are resized to width × height."
+
+    class Img2ImgRequest(GenerateRequest):
+        """Image to image: the image, noised to `strength`, is denoised with the prompt (the bundle needs its
+        vae_encoder). The output has width × height (default: the image's size)."""
+
+        image: str = Field(min_length=1, description=f"The init image: {upload_doc}.")
+        strength: float = Field(0.8, gt=0.0, le=1.0, allow_inf_nan=False,
+                                description="How much to change the image: the share of the steps that run.")
+        width: Int | None = Field(None, ge=s.width_min, le=s.width_max, multiple_of=s.pixel_multiple,
+                                  description=size_doc)
+        height: Int | None = Field(None, ge=s.height_min, le=s.height_max, multiple_of=s.pixel_multiple,
+                                   description=size_doc)
+
+    class InpaintRequest(Img2ImgRequest):
+        """Inpainting: the white part of the mask is repainted, the rest kept (a 9-channel inpainting UNet, or any
+        bundle with a vae_encoder by blending)."""
+
+        mask: str = Field(min_length=1, description=f"White = repaint, black = keep: {upload_doc}.")
+        strength: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False,
+                                description="1 repaints the masked part from noise.")
+
+    inpaint_unet = bool(getattr(pipeline, "is_inpaint", False))
+    has_encoder = "vae_encoder" in m.components
+    abilities = {"txt2img": not inpaint_unet, "img2img": has_encoder and not inpaint_unet, "inpaint": has_encoder}
+    decode_slot = asyncio.Semaphore(1)  # one upload decoded at a time: bounded memory whatever the load
 
     class GenerateJSON(BaseModel):
         job_id: str
@@ -403,6 +452,39 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
         """Cancel this job, and only this one: dropped if waiting, stopped between denoising steps if running."""
         return job_response(job_id, True)
 
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"], dependencies=auth, responses=job_errors,
+             operation_id="job_events", response_class=StreamingResponse)
+    async def job_events(job_id: str):
+        """Server-sent events: `data: {id, state, steps_done, steps_total}` each time the job changes, then
+        `event: end` with its final state. A job id chosen by the client (X-Job-Id) may be opened before its
+        request arrives: the stream waits up to 5 s for it."""
+        job = await _appearing(queue, job_id, 5.0)
+        if job is None:
+            raise HTTPException(404, "no such job (unknown, or too old)")
+        return StreamingResponse(_job_stream(job, settings.timeout + 30), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/info", tags=["ops"])
+    async def info() -> dict:
+        """What a client (the page at /) needs to build its form: whether a token is needed, this bundle's limits
+        and defaults, and which of txt2img / img2img / inpaint it can do. Nothing secret."""
+        return {"auth": settings.token is not None, "abilities": abilities, "schedulers": list(schedulers),
+                "defaults": {"steps": default_steps, "guidance": m.defaults.guidance, "scheduler": m.defaults.scheduler,
+                             "width": s.default_width, "height": s.default_height},
+                "limits": {"width": [s.width_min, s.width_max], "height": [s.height_min, s.height_max],
+                           "multiple": s.pixel_multiple, "max_steps": settings.max_steps, "max_images": max_images,
+                           "max_prompt_chars": settings.max_prompt_chars, "timeout": settings.timeout,
+                           "upload_bytes": settings.max_upload_bytes, "upload_pixels": settings.max_upload_pixels}}
+
+    page = {route: (_page_file(name), kind) for route, (name, kind) in PAGE_FILES.items()}
+
+    async def page_file(request: Request):
+        body, kind = page[request.url.path]
+        return Response(body, media_type=kind, headers=PAGE_HEADERS)
+
+    for route in PAGE_FILES:  # the page: plain files of this package, nothing fetched from elsewhere
+        app.add_api_route(route, page_file, methods=["GET"], include_in_schema=False)
+
     png_or_json = {
         200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
                           "application/json": {"schema": GenerateJSON.model_json_schema()}},
@@ -414,14 +496,52 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
         503: {"model": ErrorBody, "description": "timed out (the job is cancelled) or shutting down"},
     }
 
+    job_id_header = Header(None, pattern=JOB_ID_PATTERN, description="Your own job id (to cancel it by id).")
+
     @app.post("/v1/generate", tags=["generate"], dependencies=auth, responses=png_or_json, operation_id="generate",
               response_class=Response)
-    async def generate(body: GenerateRequest, request: Request,
-                       x_job_id: str = Header(None, pattern=JOB_ID_PATTERN,
-                                                        description="Your own job id (to cancel it by id).")):
+    async def generate(body: GenerateRequest, request: Request, x_job_id: str = job_id_header):
         """Generate images. One generation runs at a time; others wait in a bounded queue (429 when full)."""
         t0 = time.monotonic()
-        params = body.model_dump()
+        if not abilities["txt2img"]:
+            return JSONResponse({"detail": "this is an inpainting bundle (its UNet takes 9 channels): use "
+                                           "/v1/inpaint with an image and a mask"}, status_code=422)
+        return await run_request(body, {**body.model_dump(), "kind": "txt2img"}, request, x_job_id, t0)
+
+    async def with_uploads(body, kind: str, request: Request, x_job_id: str | None):
+        t0 = time.monotonic()
+        if not abilities[kind]:
+            why = ("this is an inpainting bundle (its UNet takes 9 channels): use /v1/inpaint with a mask"
+                   if inpaint_unet else "this bundle has no vae_encoder component, which image-to-image and "
+                                        "inpainting need: export it again without --no-vae-encoder")
+            return JSONResponse({"detail": why}, status_code=422)
+        try:
+            async with decode_slot:
+                init = await asyncio.to_thread(init_params, body, kind, upload_limits, s)
+        except UploadTooLarge as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=413)
+        except BadInput as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        params = {**body.model_dump(exclude={"image", "mask"}), **init, "kind": kind}
+        return await run_request(body, params, request, x_job_id, t0)
+
+    upload_errors = {**png_or_json, 413: {"model": ErrorBody, "description": "body or upload too large (bytes, "
+                                                                             "or pixels read from the header)"}}
+
+    @app.post("/v1/img2img", tags=["generate"], dependencies=auth, responses=upload_errors, operation_id="img2img",
+              response_class=Response)
+    async def img2img(body: Img2ImgRequest, request: Request, x_job_id: str = job_id_header):
+        """Image to image, in the same queue as /v1/generate (same limits, cancel by job id, answers)."""
+        return await with_uploads(body, "img2img", request, x_job_id)
+
+    @app.post("/v1/inpaint", tags=["generate"], dependencies=auth, responses=upload_errors, operation_id="inpaint",
+              response_class=Response)
+    async def inpaint(body: InpaintRequest, request: Request, x_job_id: str = job_id_header):
+        """Inpainting, in the same queue as /v1/generate (same limits, cancel by job id, answers)."""
+        return await with_uploads(body, "inpaint", request, x_job_id)
+
+    async def run_request(body, params: dict, request: Request, x_job_id: str | None, t0: float):
+        """Queue one generation of any kind and answer it (PNG or JSON, or the failure's status)."""
         want_json = body.response_format == "json" or body.n > 1 or (
             body.response_format is None and _prefers_json(request.headers.get("accept", "")))
         try:
@@ -436,7 +556,8 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
         headers = {"X-Job-Id": job.id}
         if settings.log_prompts:
             log.info("job %s: prompt %r", job.id, body.prompt)
-        log.info("job %s: %dx%d, %d steps, n=%d", job.id, body.width, body.height, body.steps, body.n)
+        log.info("job %s: %s %dx%d, %d steps, n=%d", job.id, params["kind"], params["width"], params["height"],
+                 body.steps, body.n)
 
         timeout = min(body.timeout or settings.timeout, settings.timeout)
         fut = asyncio.wrap_future(job.future)
@@ -491,7 +612,9 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
                                  "timings": {k: round(v, 6) for k, v in result.timings.items()}}, headers=headers)
         return Response(pngs[0], media_type="image/png", headers=headers)
 
-    app.add_middleware(_Guard, metrics=metrics, settings=settings)
+    upload_body = 2 * UploadLimits(settings.max_upload_bytes).base64_chars() + settings.max_body_bytes
+    app.add_middleware(_Guard, metrics=metrics, settings=settings,
+                       body_limits={"/v1/img2img": upload_body, "/v1/inpaint": upload_body})
     return app
 
 
@@ -500,9 +623,66 @@ def run_job(pipeline, params: dict[str, Any], *, on_step=None, cancel: threading
     """Run one request (its validated body's `model_dump()`) on `pipeline`: the job queue's worker calls this,
     and so does every Ray Serve replica (runtime/ray_serve.py)."""
     p = params
+    init = {k: p[k] for k in ("image", "mask", "strength") if p.get(k) is not None}  # img2img, inpaint
     return pipeline.generate(p["prompt"], p["negative_prompt"], steps=p["steps"], guidance=p["guidance"],
                              seed=p["seed"], width=p["width"], height=p["height"], scheduler=p["scheduler"],
-                             num_images=p["n"], on_step=on_step, cancel=cancel, watermark=watermark)
+                             num_images=p["n"], on_step=on_step, cancel=cancel, watermark=watermark, **init)
+
+
+def init_params(body, kind: str, limits: UploadLimits, shapes) -> dict[str, Any]:
+    """An img2img / inpaint request's uploads as arrays of the output size, and that size: {"image", "mask",
+    "strength", "width", "height"}. Raises UploadTooLarge (413) or BadInput (422) naming the field."""
+    image = read_upload(body.image, "image", limits, "RGB")
+    width, height = body.width or image.size[0], body.height or image.size[1]
+    for label, value, lo, hi in (("width", width, shapes.width_min, shapes.width_max),
+                                 ("height", height, shapes.height_min, shapes.height_max)):
+        if not lo <= value <= hi or value % shapes.pixel_multiple:
+            raise BadInput(f"image is {image.size[0]}×{image.size[1]} pixels: a {label} of {value} does not fit this "
+                           f"bundle ({lo}–{hi}, a multiple of {shapes.pixel_multiple}); give width and height (the "
+                           "image is resized to them)")
+    out = {"image": to_array(image, (width, height)), "mask": None, "strength": body.strength,
+           "width": width, "height": height}
+    if kind == "inpaint":
+        out["mask"] = to_array(read_upload(body.mask, "mask", limits, "L"), (width, height))  # (H, W) uint8
+    return out
+
+
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def _page_file(name: str) -> bytes:
+    from importlib.resources import files
+
+    return (files(__package__) / "web" / name).read_bytes()
+
+
+async def _appearing(queue, job_id: str, wait: float):
+    """The job with this id, waiting up to `wait` seconds for it to be submitted."""
+    deadline = time.monotonic() + wait
+    while (job := queue.get(job_id)) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return job
+
+
+async def _job_stream(job, limit: float):
+    """Server-sent events of a job's status, polled every 50 ms, sent when it changes (a comment every 10 s keeps
+    the connection alive); ends with `event: end` when the job does, or after `limit` seconds."""
+    last, said, end = None, time.monotonic(), time.monotonic() + limit
+    while True:
+        status, now = job.status(), time.monotonic()
+        if status != last:
+            yield f"data: {json.dumps(status)}\n\n"
+            last, said = status, now
+        if status["state"] in ("done", "failed", "cancelled"):
+            yield f"event: end\ndata: {json.dumps(status)}\n\n"
+            return
+        if now > end:
+            return
+        if now - said > 10:
+            yield ": waiting\n\n"
+            said = now
+        await asyncio.sleep(0.05)
 
 
 def _retrieve(fut) -> None:
@@ -560,7 +740,8 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = _route_label(scope.get("path", ""))
+        path, root = scope.get("path", ""), scope.get("root_path", "")  # root_path: mounted under a prefix
+        route = _route_label(path[len(root):] if root and path.startswith(root) else path)
         method = _method_label(scope.get("method", ""))
         status = {"code": 500, "started": False}
 
@@ -637,7 +818,7 @@ async def _send_json(send, code: int, body: bytes, extra_headers: list | None = 
 def _route_label(path: str) -> str:
     """A bounded set of label values: known routes, jobs collapsed to their template, the rest 'other'."""
     if path.startswith("/v1/jobs/"):
-        return "/v1/jobs/{job_id}"
+        return "/v1/jobs/{job_id}/events" if path.endswith("/events") else "/v1/jobs/{job_id}"
     return path if path in ROUTES else "other"
 
 
