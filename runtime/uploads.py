@@ -75,10 +75,11 @@ def open_image(data: bytes, label: str, limits: UploadLimits, mode: str):
         raise BadInput(f"{label}: not a PNG, JPEG or WebP file (those are the formats accepted)")
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])  # the header only
+    except Image.DecompressionBombError as exc:  # Pillow's own check of the header, past 2 × MAX_IMAGE_PIXELS
+        raise UploadTooLarge(f"{label}: {exc} (refused before decoding; the limit here is "
+                             f"{limits.max_pixels:,} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise BadInput(f"{label}: not a readable {fmt} file ({exc})") from None
-    except Image.DecompressionBombError as exc:
-        raise UploadTooLarge(f"{label}: {exc}") from None
     w, h = im.size
     if w < 1 or h < 1 or w * h > limits.max_pixels:
         raise UploadTooLarge(f"{label}: {w}×{h} = {w * h:,} pixels, over the limit of {limits.max_pixels:,} "
