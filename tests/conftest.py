@@ -53,3 +53,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
 
     return subprocess.run([sys.executable, "-m", "sdedge", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def bundle_without(bundle: Path, out: Path, component: str) -> Path:
+    """A copy of an unsigned `bundle` at `out` with `component` (e.g. "vae_encoder") removed from its manifest and
+    its files: a bundle exported without it."""
+    import json
+
+    shutil.copytree(bundle, out)
+    doc = json.loads((out / "sdedge.json").read_text())
+    del doc["components"][component]
+    doc["files"] = {k: v for k, v in doc["files"].items() if not k.startswith(f"{component}/")}
+    (out / "sdedge.json").write_text(json.dumps(doc))
+    shutil.rmtree(out / component)
+    return out

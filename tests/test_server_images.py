@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import struct
 import threading
 import time
@@ -20,6 +19,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="the tests talk to the server with httpx")
 from PIL import Image
 
+from conftest import bundle_without
 from sdedge.runtime.server import ServeSettings, create_app
 
 from test_server import SLOW, ThreadServer, pipe, png_size, unsigned_bundle  # noqa: F401 (the tiny bundle's fixtures)
@@ -200,14 +200,7 @@ def test_a_body_over_the_upload_routes_limit_gets_413(server):
 def test_what_the_bundle_cannot_do_is_named(unsigned_bundle, tmp_path):
     from sdedge.runtime.pipeline import Pipeline
 
-    folder = tmp_path / "no-encoder"
-    shutil.copytree(unsigned_bundle, folder)
-    manifest = json.loads((folder / "sdedge.json").read_text())
-    del manifest["components"]["vae_encoder"]
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("vae_encoder/")}
-    (folder / "sdedge.json").write_text(json.dumps(manifest))
-    shutil.rmtree(folder / "vae_encoder")
-    p = Pipeline.load(folder, verify="off", threads=1)
+    p = Pipeline.load(bundle_without(unsigned_bundle, tmp_path / "no-encoder", "vae_encoder"), verify="off", threads=1)
     try:
         with ThreadServer(create_app(p, ServeSettings(allow_unsigned=True))) as srv, srv.client() as c:
             assert c.get("/v1/info").json()["abilities"] == {"txt2img": True, "img2img": False, "inpaint": False}
