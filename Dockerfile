@@ -1,8 +1,12 @@
-# sdedge runtime image: the base install (NumPy + ONNX Runtime, no torch) plus the `serve` extra.
+# sdedge runtime image: the base install (NumPy + ONNX Runtime, no torch) plus the `serve` extra. It serves the
+# API and the page (http://localhost:7860/) on port 7860.
 #
 #   docker build -t sdedge .
-#   docker run -p 7860:7860 -v $PWD/bundle:/bundle:ro -v $PWD/keys/public.pem:/keys/public.pem:ro \
-#       sdedge serve /bundle --public-key /keys/public.pem
+#   docker run -p 7860:7860 -e SDEDGE_TOKEN="$(openssl rand -hex 24)" \
+#       -v $PWD/bundle:/bundle:ro -v $PWD/keys/public.pem:/keys/public.pem:ro sdedge serve /bundle
+#
+# Inside the container the server listens on 0.0.0.0, which `serve` refuses without a token (SDEDGE_TOKEN; the
+# page asks for it); `serve /bundle --insecure-no-auth` serves without one.
 #
 # GPU (CUDA + cuDNN runtime, onnxruntime-gpu; add TensorRT (tensorrt-cu12) with ORT_EXTRA="sdedge[trt]"):
 #   docker build -t sdedge:gpu \
@@ -48,6 +52,7 @@ COPY benchmarks ./benchmarks
 RUN pip install ".[serve${ORT_EXTRA:+,}${ORT_EXTRA}]" \
     && if [ "$ORT" = "gpu" ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.18"; fi \
     && python -c "import sdedge.runtime.server, sys; assert 'torch' not in sys.modules" \
+    && python -c "from importlib.resources import files; assert (files('sdedge.runtime') / 'web' / 'index.html').is_file()" \
     && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /home/sdedge --create-home --shell /usr/sbin/nologin sdedge
@@ -58,8 +63,9 @@ EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:7860/readyz', timeout=4).status == 200 else 1)"]
 
-# `docker run IMAGE serve /bundle [options]`. Inside the container the server listens on every interface, and
-# the public key defaults to /keys/public.pem (mount it); --public-key / --host on the command line win.
+# `docker run IMAGE serve /bundle [options]`. Inside the container the server listens on every interface (so it
+# needs SDEDGE_TOKEN, or --insecure-no-auth), and the public key defaults to /keys/public.pem (mount it);
+# --public-key / --host on the command line win. The page is at / on port 7860.
 ENV SDEDGE_HOST=0.0.0.0 \
     SDEDGE_PUBLIC_KEY=/keys/public.pem
 ENTRYPOINT ["python", "-m", "sdedge"]

@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const FINAL = new Set(["done", "failed", "cancelled"]);
+const MODES = { "/v1/generate": "txt2img", "/v1/img2img": "img2img", "/v1/inpaint": "inpaint" };
 let info = null;
 let token = sessionStorage.getItem("sdedge-token") || "";
 let job = null; // {id, stream: AbortController} of the job this page runs
@@ -139,7 +140,7 @@ function showResult(blob, response, route, body) {
   if (old.startsWith("blob:")) URL.revokeObjectURL(old);
   const seed = response.headers.get("X-Seed");
   const rows = [
-    ["prompt", body.prompt], ["negative prompt", body.negative_prompt || "—"], ["mode", route.slice(4)],
+    ["prompt", body.prompt], ["negative prompt", body.negative_prompt || "—"], ["mode", MODES[route]],
     ["size", `${body.width ?? info.defaults.width} × ${body.height ?? info.defaults.height}`],
     ["steps", body.steps ?? info.defaults.steps], ["guidance", body.guidance ?? info.defaults.guidance],
     ["scheduler", body.scheduler], ["seed", seed], ...(body.strength ? [["strength", body.strength]] : []),
