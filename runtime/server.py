@@ -1,7 +1,11 @@
 """The HTTP server behind `sdedge serve`: a FastAPI app around one loaded, verified `Pipeline`.
 
+    GET  /                   the page (runtime/web/: plain HTML + a script, nothing loaded from elsewhere)
     POST /v1/generate        prompt ... ─► image/png (n = 1) or JSON with base64 PNGs
+    POST /v1/img2img         the same + image (base64), strength;  POST /v1/inpaint: + mask (white = repaint)
     GET  /v1/jobs/{id}       a job's state (never its prompt);  DELETE /v1/jobs/{id}: cancel that job
+    GET  /v1/jobs/{id}/events  server-sent events: the job's steps as they run, then `event: end`
+    GET  /v1/info            what the page needs: token required?, this bundle's limits, defaults, abilities
     GET  /healthz            the process answers
     GET  /readyz             the model is loaded and its signature verified (or --allow-unsigned)
     GET  /metrics            Prometheus text: requests by status, latency histogram, queue depth, stage times
@@ -11,6 +15,11 @@ One generation at a time per model (runtime/jobs.py: one worker thread, a bounde
 Retry-After). A request waits at most `timeout` seconds (from arrival, queue included); past it the client
 gets 503 and that job, by its id, is cancelled between denoising steps. A client that disconnects cancels
 its job the same way. Prompts are never logged unless `log_prompts` is set.
+
+Slow and hostile clients (docs/security.md, "The HTTP server"): `serve` runs uvicorn with `guarded_h11_protocol`
+(a deadline on request headers; idle sockets closed first past `max_connections`), and `_Guard` reads every body
+whole within its byte limit and `body_timeout`, caps the requests in flight, and keeps metric labels bounded.
+Uploads are checked in runtime/uploads.py before a pixel is decoded.
 
 fastapi, pydantic and uvicorn come from the `serve` extra and are imported when `create_app` runs, so
 `sdedge.runtime` imports without them. (No `from __future__ import annotations` here: FastAPI reads the

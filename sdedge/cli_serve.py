@@ -64,7 +64,8 @@ def settings_from_args(args):
                          threads=args.threads, log_prompts=args.log_prompts, header_timeout=args.header_timeout,
                          body_timeout=args.body_timeout, keep_alive=args.keep_alive,
                          max_connections=args.max_connections, limit_concurrency=args.limit_concurrency,
-                         insecure_no_auth=args.insecure_no_auth, watermark=not args.no_watermark,
+                         insecure_no_auth=args.insecure_no_auth, max_upload_bytes=args.max_upload_bytes,
+                         max_upload_pixels=args.max_upload_pixels, watermark=not args.no_watermark,
                          c2pa=c2pa_config(args))
 
 
@@ -130,8 +131,9 @@ def register(subparsers) -> None:
     from sdedge.cli_provenance import add_output_options
 
     s = subparsers.add_parser("serve", help="serve a bundle over HTTP (keeps the model loaded)",
-                              description="Serve a bundle over HTTP: POST /v1/generate, /healthz, /readyz, /metrics, "
-                                          "/openapi.json. See docs/serving.md.")
+                              description="Serve a bundle over HTTP: a page at /, POST /v1/generate, /v1/img2img, "
+                                          "/v1/inpaint, /healthz, /readyz, /metrics, /openapi.json. See "
+                                          "docs/serving.md.")
     s.add_argument("bundle")
     s.add_argument("--host", default=os.environ.get("SDEDGE_HOST", "127.0.0.1"),
                    help="address to listen on (default $SDEDGE_HOST or 127.0.0.1; the image sets 0.0.0.0)")
@@ -170,6 +172,10 @@ def register(subparsers) -> None:
                    help="seconds a client has to send a request's body after its headers (then 408; default 60)")
     s.add_argument("--keep-alive", type=_positive_float, default=5.0,
                    help="seconds an idle keep-alive connection stays open (default 5)")
+    s.add_argument("--max-upload-bytes", type=_queue_size, default=4_000_000,
+                   help="largest image file /v1/img2img and /v1/inpaint take, per image (default 4000000)")
+    s.add_argument("--max-upload-pixels", type=_queue_size, default=16_777_216,
+                   help="largest width × height of an upload, read from its header before decoding (default 4096²)")
     s.add_argument("--server-log-level", dest="log_level_server", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     _add_ray_arguments(s)
