@@ -30,7 +30,7 @@ from .bases import describe_base, load_base
 from .markers import guidance_hint, read_pruned_marker
 from .bundle_writer import hash_files, staging_dir, write_manifest
 from .onnx_export import ExportError, export_component
-from .specs import SPECS, component_spec
+from .specs import component_names, component_spec, is_sdxl
 
 log = logging.getLogger("sdedge.export")
 
@@ -48,7 +48,7 @@ class ExportOptions:
     size_min: int | None = None  # pixels; default: half the base's native size
     size_max: int | None = None  # pixels; default: twice the base's native size
     vae_encoder: bool = True
-    default_scheduler: str = "dpm++2m"
+    default_scheduler: str | None = None  # None: the base's (euler for SDXL, as diffusers; dpm++2m else)
     default_steps: int = 20  # lcm: at most the schedule's original_inference_steps
     default_guidance: float | None = None  # None: the base's hint (sdedge_base.json), else 7.5
     parity_prompt: str = "a red circle on a blue background"
@@ -114,7 +114,7 @@ def check_defaults(opts: ExportOptions) -> None:
     from sdedge.runtime.pipeline import MAX_STEPS
     from sdedge.runtime.schedulers import scheduler_names
 
-    if opts.default_scheduler not in scheduler_names():
+    if opts.default_scheduler is not None and opts.default_scheduler not in scheduler_names():
         raise BadInput(f"--scheduler {opts.default_scheduler!r}: choose one of {', '.join(scheduler_names())}")
     steps = opts.default_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
@@ -172,7 +172,7 @@ def record_truth(ref_pipe, out: str | Path, opts: ExportOptions, stages: Stages,
         sched = {k: v for k, v in dict(ref_pipe.scheduler.config).items() if not k.startswith("_")}
         sched.setdefault("timestep_spacing", "leading")
         latents = np.random.default_rng(opts.parity_seed).standard_normal(
-            (1, ref_pipe.unet.config.in_channels, lat, lat), dtype=np.float32)
+            (1, ref_pipe.vae.config.latent_channels, lat, lat), dtype=np.float32)
         reference = record_reference(ref_pipe, ref_dir, prompt=opts.parity_prompt, latents=latents,
                                      steps=opts.parity_steps, guidance=opts.default_guidance,
                                      scheduler=opts.parity_scheduler, scheduler_config=sched)
@@ -233,6 +233,11 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
     with stages("load base"):
         base_desc = describe_base(base)
         pipe = load_base(base, allow_pickle=opts.allow_pickle, config=opts.base_config)
+    if opts.default_scheduler is None:
+        opts = replace(opts, default_scheduler="euler" if is_sdxl(pipe) else "dpm++2m")
+    if optimise and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise BadInput(f"{base} is an inpainting base ({pipe.unet.config.in_channels}-channel UNet): this sdedge "
+                       "exports it in fp32 only, without pruning (its calibration and gates feed 4-channel latents)")
     check_lcm_steps(opts, base_scheduler_config(pipe))
     dec_pipe, dec_cfg = None, None  # the pipeline with the --decoder in place of the base VAE
     if opts.decoder is not None:
@@ -261,7 +266,7 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
     trace_dims = {"B": 2, "h": lat, "w": lat, "H": parity_size, "W": parity_size}
     check_dims = [trace_dims, {"B": 1, "h": shapes.height_min // scale, "w": shapes.width_max // scale,
                                "H": shapes.height_min, "W": shapes.width_max}]
-    names = [n for n in SPECS if n != "vae_encoder" or opts.vae_encoder]
+    names = [n for n in component_names(pipe) if n != "vae_encoder" or opts.vae_encoder]
     with staging_dir(Path(out), overwrite=opts.overwrite) as tmp:
         components, parity = {}, {}
         for name in names:
@@ -271,18 +276,20 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
                 info, par, _ = export_component(spec, src, tmp, trace_dims, check_dims, opts.opset)
             components[name], parity[name] = info, par
         with stages("tokenizer"):
-            pipe.tokenizer.save_pretrained(tmp / "tokenizer")
-            if not (tmp / "tokenizer" / "tokenizer.json").is_file():
-                raise ExportError("the base's tokenizer did not save a tokenizer.json (a fast CLIP tokenizer is needed)")
+            for tok_name in ("tokenizer", "tokenizer_2") if is_sdxl(pipe) else ("tokenizer",):
+                getattr(pipe, tok_name).save_pretrained(tmp / tok_name)
+                if not (tmp / tok_name / "tokenizer.json").is_file():
+                    raise ExportError(f"the base's {tok_name} did not save a tokenizer.json (a fast CLIP tokenizer "
+                                      "is needed)")
         sched_config = base_scheduler_config(pipe)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
-            pipeline="sd15",
+            pipeline="sdxl" if is_sdxl(pipe) else "sd15",
             precision=opts.precision,
             components=components,
             files={},
             shapes=shapes,
-            latent=LatentInfo(channels=pipe.unet.config.in_channels, vae_scale_factor=scale,
+            latent=LatentInfo(channels=pipe.vae.config.latent_channels, vae_scale_factor=scale,
                               scaling_factor=float(pipe.vae.config.scaling_factor),
                               decoder_scaling_factor=(float(dec_pipe.vae.config.scaling_factor)
                                                       if dec_pipe is not None else None)),
@@ -301,6 +308,7 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
                              if pruned is not None else None),
             ),
             parity=Parity(components=parity),
+            **(sdxl_manifest_fields(pipe) if is_sdxl(pipe) else {}),
         )
         manifest = manifest.with_files(hash_files(tmp))
         write_manifest(tmp, manifest)
@@ -349,6 +357,15 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
     return manifest
 
 
+def sdxl_manifest_fields(pipe) -> dict:
+    """An SDXL bundle's second tokenizer and conditioning settings (runtime/sdxl.py reads them)."""
+    from sdedge.runtime.manifest import SdxlInfo
+
+    force_zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
+    return {"tokenizer_2": TokenizerInfo(dir="tokenizer_2", max_length=pipe.tokenizer_2.model_max_length),
+            "sdxl": SdxlInfo(force_zeros_for_empty_prompt=force_zeros)}
+
+
 def base_scheduler_config(pipe) -> dict:
     """The base's scheduler config as the bundle records it (and the runtime's schedulers read it)."""
     config = {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")}
@@ -386,14 +403,44 @@ def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> Imag
     from .reference import psnr, reference_images
 
     runtime = Pipeline.load(bundle_dir, device="cpu", verify="off")  # not signed yet
+    if runtime.is_inpaint:
+        return inpaint_parity(pipe, runtime, opts, size)
     lat = runtime.manifest.latent
     latents = np.random.default_rng(opts.parity_seed).standard_normal(
         (1, lat.channels, size // lat.vae_scale_factor, size // lat.vae_scale_factor), dtype=np.float32)
     scheduler, steps, guidance, seed = parity_run(opts)
     kw = dict(steps=steps, guidance=guidance, scheduler=scheduler)
-    ours = runtime.generate(opts.parity_prompt, "", width=size, height=size, latents=latents, seed=seed, **kw).images
+    ours = runtime.generate(opts.parity_prompt, "", width=size, height=size, latents=latents, seed=seed,
+                            watermark=False, **kw).images
     runtime.close()
     ref = reference_images(pipe, opts.parity_prompt, "", latents=latents, scheduler_config=runtime.manifest.scheduler,
                            seed=seed, **kw)
+    return ImageParity(psnr_db=min(psnr(ours, ref), 999.0), scheduler=scheduler, steps=steps, guidance=guidance,
+                       width=size, height=size, seed=opts.parity_seed)
+
+
+def parity_picture(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed (size, size, 3) uint8 picture (colour ramps, a disc) and an (size, size) uint8 mask (a centred square,
+    white = repaint) for image-to-image and inpainting parity runs."""
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    disc = ((x - 0.35) ** 2 + (y - 0.4) ** 2 < 0.06).astype(np.float64)
+    rgb = np.stack([x, y, np.clip(1 - x * y + disc, 0, 1)], axis=-1)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+    return (rgb * 255).round().astype(np.uint8), mask
+
+
+def inpaint_parity(pipe, runtime, opts: ExportOptions, size: int) -> ImageParity:
+    """An inpainting bundle's end-to-end parity: its inpainting of the parity picture against diffusers'
+    StableDiffusionInpaintPipeline, the same noise for both (drawn from one torch generator)."""
+    from .reference import TorchNoise, psnr, reference_init_images
+
+    scheduler, steps, guidance = opts.parity_scheduler, opts.parity_steps, opts.default_guidance
+    image, mask = parity_picture(size)
+    kw = dict(image=image, mask=mask, strength=1.0, steps=steps, guidance=guidance, scheduler=scheduler)
+    ours = runtime.generate(opts.parity_prompt, "", rng=TorchNoise(opts.parity_seed), watermark=False, **kw).images
+    runtime.close()
+    ref = reference_init_images(pipe, opts.parity_prompt, "", scheduler_config=runtime.manifest.scheduler,
+                                seed=opts.parity_seed, **kw)
     return ImageParity(psnr_db=min(psnr(ours, ref), 999.0), scheduler=scheduler, steps=steps, guidance=guidance,
                        width=size, height=size, seed=opts.parity_seed)

@@ -37,7 +37,9 @@ from sdedge.runtime.errors import SdedgeError
 __all__ = ["LoraError", "LoraLayer", "LoraFile", "FusedLora", "FuseReport", "read_lora", "fuse_loras",
            "unfuse_loras", "parse_lora_arg"]
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (OpenCLIP bigG)
+_KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                     "lora_te2": "text_encoder_2"}  # lora_te1_/lora_te2_: kohya's SDXL text encoders
 _BASE_ATTR = "_sdedge_lora_base"  # {module path: base weight} kept on each model that has been fused into
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 _SDXL_HINT = ("lora_te1_", "lora_te2_", "text_encoder_2.", "conditioner.")
@@ -126,7 +128,7 @@ def _unsupported(key: str) -> str | None:
 _OLD_PROC = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PEFT = re.compile(r"^(.*)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _OLD = re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
-_KOHYA = re.compile(r"^(lora_unet|lora_te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA = re.compile(r"^(lora_unet|lora_te[12]?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 def _split_component(key: str) -> tuple[str | None, str]:
@@ -157,6 +159,7 @@ def read_lora(path: str | Path) -> LoraFile:
         raise LoraError(f"{path}: not a readable safetensors file: {e}") from e
     if not tensors:
         raise LoraError(f"{path}: holds no tensors")
+    _check_finite(tensors, path)
 
     layers: dict[tuple[str | None, str], LoraLayer] = {}
     unmatched: list[tuple[str, str]] = []
@@ -174,7 +177,7 @@ def read_lora(path: str | Path) -> LoraFile:
         m = _KOHYA.match(key)
         if m:
             formats.add("kohya")
-            comp = "unet" if m[1] == "lora_unet" else "text_encoder"
+            comp = _KOHYA_COMPONENTS[m[1]]
             lay = layer(comp, m[2], kohya=True)
             lay.keys.append(key)
             if m[3] == "alpha":
@@ -183,9 +186,6 @@ def read_lora(path: str | Path) -> LoraFile:
                 lay.down = t
             else:
                 lay.up = t
-            continue
-        if key.startswith(("lora_te1_", "lora_te2_")):
-            unmatched.append((key, "an SDXL text-encoder key (lora_te1_/lora_te2_): this LoRA is for SDXL"))
             continue
         comp, rest = _split_component(key)
         if rest.startswith(("text_encoder_2.", "transformer.")):
@@ -230,14 +230,48 @@ def read_lora(path: str | Path) -> LoraFile:
                 unmatched.append((k, f"its {missing} weight is missing"))
             del layers[(comp, module)]
 
+    _check_ranks(layers, path)
     _apply_metadata_alphas(layers, header, path)
     fmt = "+".join(sorted(formats)) or "unknown"
     return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers, metadata=header,
                     key_count=len(tensors), unmatched=unmatched)
 
 
+def _check_finite(tensors: dict, path: Path) -> None:
+    import torch
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LoraError(f"{path}: tensor {key!r} holds NaN or infinite values")
+
+
+def _check_ranks(layers: dict, path: Path) -> None:
+    for lay in layers.values():
+        rank = lay.down.shape[0] if lay.down.dim() >= 2 else 0
+        if rank < 1 or lay.up.dim() < 2 or lay.up.shape[1] != rank:
+            raise LoraError(f"{path}: {lay.keys[0]}: rank {rank} (down {tuple(lay.down.shape)}, up "
+                            f"{tuple(lay.up.shape)}): a LoRA layer needs a rank of at least 1 shared by both")
+        if lay.alpha is not None and not math.isfinite(lay.alpha):
+            raise LoraError(f"{path}: {lay.keys[0]}: alpha {lay.alpha} is not a finite number")
+
+
+# alpha_pattern keys are module names or dotted suffixes of them, matched as text: a key is never run as a
+# regular expression, so a hostile one (catastrophic backtracking, invalid syntax) cannot hang or crash a load.
+_PATTERN_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+MAX_PATTERN_KEY = 512
+
+
+def _check_pattern_key(pattern: object, path: Path) -> str:
+    if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_KEY or not _PATTERN_KEY.fullmatch(pattern):
+        shown = repr(pattern)[:80] + ("..." if len(repr(pattern)) > 80 else "")
+        raise LoraError(f"{path}: alpha_pattern key {shown}: sdedge reads alpha_pattern keys as module names or "
+                        f"dotted suffixes of them (letters, digits, _ and -, separated by dots; at most "
+                        f"{MAX_PATTERN_KEY} characters), not as regular expressions")
+    return pattern
+
+
 def _pattern_match(pattern: str, module: str) -> bool:
-    return bool(re.match(rf"(.*\.)?({pattern})$", module))
+    return module == pattern or module.endswith("." + pattern)
 
 
 def _apply_metadata_alphas(layers: dict, header: dict[str, str], path: Path) -> None:
@@ -260,10 +294,15 @@ def _apply_metadata_alphas(layers: dict, header: dict[str, str], path: Path) -> 
         if get("use_dora"):
             raise LoraError(f"{path}: a DoRA adapter ({prefix}use_dora): plain LoRA only")
         alpha = get("lora_alpha")
-        for pattern, value in (get("alpha_pattern") or {}).items():
-            if _pattern_match(pattern, module):
+        patterns = get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise LoraError(f"{path}: {prefix}alpha_pattern is not an object of module name -> alpha")
+        for pattern, value in patterns.items():
+            if _pattern_match(_check_pattern_key(pattern, path), module):
                 alpha = value
         if alpha is not None:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise LoraError(f"{path}: {module}: alpha {alpha!r} in lora_adapter_metadata is not a finite number")
             rank = lay.down.shape[0]
             lay.alpha = float(alpha) * (math.sqrt(rank) if get("use_rslora") else 1.0)  # rsLoRA: alpha / sqrt(r)
 
@@ -301,7 +340,7 @@ def _aliases(component: str, model, targets: dict[str, Any]) -> tuple[dict[str, 
     for path in targets:
         dotted[path] = path
         add_kohya(path, path)
-        if component == "text_encoder":
+        if component.startswith("text_encoder"):
             alt = path[len("text_model."):] if path.startswith("text_model.") else "text_model." + path
             if not has_text_model or path.startswith("text_model."):
                 dotted[alt] = path
@@ -345,9 +384,14 @@ def _delta(weight, down, up):
 def _resolve(lora: LoraFile, tables) -> tuple[list[tuple[str, str, LoraLayer]], list[tuple[str, str]]]:
     """[(component, module path, layer)] and [(key, reason)] of keys that match no module."""
     resolved, unmatched = [], []
+    sdxl_pipe = bool(tables["text_encoder_2"][0])
     for (comp, name), lay in sorted(lora.layers.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
         comps = [comp] if comp else list(COMPONENTS)
         hit = None
+        if not sdxl_pipe and lay.keys[0].startswith(("lora_te1_", "lora_te2_")):
+            unmatched.extend((k, "an SDXL text-encoder key (lora_te1_/lora_te2_): this LoRA is for SDXL, the "
+                                 "pipeline is SD 1.x") for k in lay.keys)
+            continue
         for c in comps:
             dotted, kohya = tables[c]
             path = kohya.get(name) if lay.kohya else dotted.get(name)
@@ -357,7 +401,8 @@ def _resolve(lora: LoraFile, tables) -> tuple[list[tuple[str, str, LoraLayer]], 
         if hit is None:
             where = comp or "unet or text_encoder"
             sdxl = any(lay.keys[0].startswith(h) or f".{h}" in lay.keys[0] for h in _SDXL_HINT)
-            hint = " (an SDXL LoRA?)" if sdxl or _looks_sdxl(lora) else ""
+            hint = " (an SDXL LoRA?)" if (sdxl or _looks_sdxl(lora)) and not sdxl_pipe else \
+                " (an SD 1.x LoRA on an SDXL base?)" if sdxl_pipe and not _looks_sdxl(lora) else ""
             for k in lay.keys:
                 unmatched.append((k, f"no module {name!r} in the {where}{hint}"))
             continue
@@ -367,7 +412,8 @@ def _resolve(lora: LoraFile, tables) -> tuple[list[tuple[str, str, LoraLayer]], 
 
 def _looks_sdxl(lora: LoraFile) -> bool:
     version = lora.metadata.get("ss_base_model_version", "")
-    return "xl" in version.lower() or any(k.startswith(_SDXL_HINT) for k, _ in lora.unmatched)
+    keys = [k for lay in lora.layers.values() for k in lay.keys] + [k for k, _ in lora.unmatched]
+    return "xl" in version.lower() or any(k.startswith(_SDXL_HINT) for k in keys)
 
 
 def _check_shapes(lora: LoraFile, resolved, targets_by_comp) -> None:
@@ -376,8 +422,11 @@ def _check_shapes(lora: LoraFile, resolved, targets_by_comp) -> None:
         ok, expected = _shape_fit(tuple(weight.shape), lay.down, lay.up)
         if not ok:
             down_key = next((k for k in lay.keys if "down" in k or "lora_A" in k), lay.keys[0])
-            hint = " (an SDXL LoRA on an SD1.x base?)" if _looks_sdxl(lora) or lay.down.shape[-1] in (1280, 2048) \
-                else ""
+            if targets_by_comp.get("text_encoder_2"):  # an SDXL pipeline
+                hint = "" if _looks_sdxl(lora) else " (an SD 1.x LoRA on an SDXL base?)"
+            else:
+                hint = " (an SDXL LoRA on an SD1.x base?)" if _looks_sdxl(lora) or lay.down.shape[-1] in (1280, 2048) \
+                    else ""
             raise LoraError(
                 f"{lora.path}: key {down_key!r} does not fit {comp} module {path!r}{hint}: the LoRA has down "
                 f"{list(lay.down.shape)} and up {list(lay.up.shape)}, the module's weight is {list(weight.shape)} "

@@ -70,6 +70,8 @@ def reference_images(pipe, prompt: str | list[str], negative_prompt: str | list[
     scale = pipe.vae_scale_factor
     prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+    if getattr(pipe, "text_encoder_2", None) is not None and all(n == "" for n in negatives):
+        negatives = None  # SDXL: no negative prompt (zero embeddings), as sdedge's runtime reads an empty one
     with torch.inference_mode():
         out = pipe(prompts, negative_prompt=negatives, num_inference_steps=steps, guidance_scale=guidance,
                    latents=torch.from_numpy(np.ascontiguousarray(latents)), height=h * scale, width=w * scale,
@@ -81,3 +83,41 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of two float images in [0, 1] (inf when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+class TorchNoise:
+    """Standard normal noise from a seeded torch generator, with NumPy Generator's `standard_normal(shape, dtype=)`.
+
+    Handed to the runtime as `generate(rng=TorchNoise(seed))`, it gives the runtime the numbers, in the order, that
+    diffusers' pipelines draw with `generator=torch.Generator().manual_seed(seed)` (posterior samples, initial noise,
+    per-step noise): parity from the same noise for img2img, inpainting and the stochastic schedulers."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, size, dtype=np.float32) -> np.ndarray:
+        return torch.randn(tuple(size), generator=self.generator, dtype=torch.float32).numpy().astype(dtype, copy=False)
+
+
+def reference_init_images(pipe, prompt: str, negative_prompt: str, *, image: np.ndarray, mask: np.ndarray | None,
+                          strength: float, steps: int, guidance: float, scheduler: str, scheduler_config: dict,
+                          seed: int) -> np.ndarray:
+    """diffusers' StableDiffusionImg2ImgPipeline (mask None) or StableDiffusionInpaintPipeline image for an
+    (H, W, 3) uint8 image and (H, W) uint8 mask, on the modules of `pipe`, with a torch generator seeded `seed`;
+    float32 (1, H, W, 3) in [0, 1]."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    components = {k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet")}
+    cls = StableDiffusionImg2ImgPipeline if mask is None else StableDiffusionInpaintPipeline
+    twin = cls(**components, scheduler=diffusers_scheduler(scheduler, scheduler_config), safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)
+    twin.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt=negative_prompt, image=Image.fromarray(image), strength=strength,
+              num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+              output_type="np")
+    if mask is not None:
+        kw.update(mask_image=Image.fromarray(mask, mode="L"), height=image.shape[0], width=image.shape[1])
+    with torch.inference_mode():
+        out = twin(prompt, **kw)
+    return np.asarray(out.images, dtype=np.float32)

@@ -5,6 +5,9 @@ demo/Diffusion models: input/output names and shapes, dynamic axes, sample input
 Shapes are written with symbols:
     B  batch (dynamic)            h, w  latent height/width (dynamic)      H, W  pixel height/width (dynamic)
     S  tokens (77, fixed)         D     text hidden size (fixed)           C     latent channels (fixed, 4)
+    U  UNet input channels (fixed): C, or 9 for an inpainting UNet (latents ⊕ mask ⊕ masked-image latents)
+SDXL (SDXL_SPECS) adds: D1, D2 the two text encoders' widths (D = D1 + D2, the UNet's cross-attention width),
+    P  text_encoder_2's projection width (the pooled `text_embeds`), T the 6 micro-conditioning time ids
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.unet = pipe.unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):  # (B, 4, h, w), (B,), (B, 77, D) -> (B, 4, h, w)
+    def forward(self, sample, timestep, encoder_hidden_states):  # (B, U, h, w), (B,), (B, 77, D) -> (B, 4, h, w)
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
@@ -94,7 +97,7 @@ SPECS: dict[str, ComponentSpec] = {
     "unet": ComponentSpec(
         name="unet",
         inputs=(
-            TensorSpec("sample", "float32", ("B", "C", "h", "w")),
+            TensorSpec("sample", "float32", ("B", "U", "h", "w")),
             TensorSpec("timestep", "float32", ("B",), sample="timestep"),
             TensorSpec("encoder_hidden_states", "float32", ("B", "S", "D")),
         ),
@@ -125,18 +128,96 @@ TINY_VAE_DECODER = ComponentSpec(
 )
 
 
+# -- SDXL: two text encoders (penultimate hidden states; the second's pooled, projected output) and a UNet with
+# `text_time` added conditioning ---------------------------------------------------------------------------------
+class SdxlTextEncoder(torch.nn.Module):
+    def __init__(self, pipe):
+        super().__init__()
+        self.text_encoder = pipe.text_encoder
+
+    def forward(self, input_ids):  # (B, 77) -> (B, 77, D1): the penultimate layer's hidden states, as SDXL reads
+        return self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-2]
+
+
+class SdxlTextEncoder2(torch.nn.Module):
+    def __init__(self, pipe):
+        super().__init__()
+        self.text_encoder = pipe.text_encoder_2
+
+    def forward(self, input_ids):  # (B, 77) -> (B, 77, D2), (B, P)
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
+class SdxlUNet(torch.nn.Module):
+    def __init__(self, pipe):
+        super().__init__()
+        self.unet = pipe.unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        # (B, 4, h, w), (B,), (B, 77, D), (B, P), (B, 6) -> (B, 4, h, w)
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+
+
+SDXL_SPECS: dict[str, ComponentSpec] = {
+    "text_encoder": ComponentSpec(
+        name="text_encoder",
+        inputs=(TensorSpec("input_ids", "int64", ("B", "S"), sample="token_ids"),),
+        outputs=(TensorSpec("hidden_states", "float32", ("B", "S", "D1")),),
+        module=SdxlTextEncoder,
+    ),
+    "text_encoder_2": ComponentSpec(
+        name="text_encoder_2",
+        inputs=(TensorSpec("input_ids", "int64", ("B", "S"), sample="token_ids"),),
+        outputs=(TensorSpec("hidden_states", "float32", ("B", "S", "D2")),
+                 TensorSpec("text_embeds", "float32", ("B", "P"))),
+        module=SdxlTextEncoder2,
+    ),
+    "unet": ComponentSpec(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", "float32", ("B", "C", "h", "w")),
+            TensorSpec("timestep", "float32", ("B",), sample="timestep"),
+            TensorSpec("encoder_hidden_states", "float32", ("B", "S", "D")),
+            TensorSpec("text_embeds", "float32", ("B", "P")),
+            TensorSpec("time_ids", "float32", ("B", "T"), sample="size_ids"),
+        ),
+        outputs=(TensorSpec("out_sample", "float32", ("B", "C", "h", "w")),),
+        module=SdxlUNet,
+    ),
+    "vae_decoder": SPECS["vae_decoder"],  # fp32: SDXL's VAE overflows in fp16
+    "vae_encoder": SPECS["vae_encoder"],
+}
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def component_names(pipe) -> tuple[str, ...]:
+    """The components a pipeline exports, in order."""
+    return tuple(SDXL_SPECS if is_sdxl(pipe) else SPECS)
+
+
 def component_spec(name: str, pipe) -> ComponentSpec:
     """The spec of component `name` for this pipeline: the vae_decoder's follows the pipeline's VAE class."""
     if name == "vae_decoder" and type(pipe.vae).__name__ == "AutoencoderTiny":
         return TINY_VAE_DECODER
-    return SPECS[name]
+    return (SDXL_SPECS if is_sdxl(pipe) else SPECS)[name]
 
 
 def fixed_dims(pipe) -> dict[str, int]:
     """The symbols whose values come from the model's config."""
-    c = pipe.unet.config.in_channels
+    c = pipe.vae.config.latent_channels
     return {"S": pipe.tokenizer.model_max_length if pipe.tokenizer is not None else 77,
-            "D": pipe.text_encoder.config.hidden_size, "C": c, "2C": 2 * c}
+            "D": pipe.text_encoder.config.hidden_size, "C": c, "2C": 2 * c, "U": pipe.unet.config.in_channels,
+            **(sdxl_dims(pipe) if is_sdxl(pipe) else {})}
+
+
+def sdxl_dims(pipe) -> dict[str, int]:
+    d1, d2 = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    return {"D1": d1, "D2": d2, "D": d1 + d2, "P": pipe.text_encoder_2.config.projection_dim, "T": 6}
 
 
 def concrete_shape(shape: tuple[str | int, ...], dims: dict[str, int]) -> tuple[int, ...]:
@@ -169,6 +250,8 @@ def sample_inputs(spec: ComponentSpec, dims: dict[str, int], generator: torch.Ge
             tensors.append(ids)
         elif t.sample == "timestep":
             tensors.append(torch.randint(0, 1000, shape, generator=generator).float())
+        elif t.sample == "size_ids":  # SDXL's micro-conditioning: pixel sizes and crop offsets
+            tensors.append(torch.randint(0, 1025, shape, generator=generator).float())
         elif t.sample == "image":
             tensors.append(torch.rand(shape, generator=generator) * 2 - 1)
         else:

@@ -29,8 +29,10 @@ from .strict import ConfigError, from_dict, parse_json, read_capped, to_dict
 FORMAT_VERSION = 1
 MANIFEST_NAME = "sdedge.json"
 SIGNATURE_NAME = "model.sig"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+PIPELINES = ("sd15", "sdxl")  # sdxl: text_encoder_2 and tokenizer_2 too, and the UNet's text_embeds / time_ids
+REQUIRED_BY_PIPELINE = {"sd15": REQUIRED_COMPONENTS, "sdxl": (*REQUIRED_COMPONENTS, "text_encoder_2")}
 
 
 class Precision(str, enum.Enum):
@@ -101,6 +103,14 @@ class LatentInfo:
 class TokenizerInfo:
     dir: str
     max_length: int
+
+
+@dataclass(frozen=True)
+class SdxlInfo:
+    """SDXL's conditioning settings (runtime/sdxl.py): an empty negative prompt becomes zero embeddings when
+    force_zeros_for_empty_prompt (as diffusers' StableDiffusionXLPipeline does when no negative prompt is given)."""
+
+    force_zeros_for_empty_prompt: bool = True
 
 
 @dataclass(frozen=True)
@@ -251,7 +261,7 @@ class BackendHint:
 @dataclass(frozen=True)
 class Manifest:
     format_version: int
-    pipeline: str  # "sd15"
+    pipeline: str  # "sd15" | "sdxl" (PIPELINES); a manifest without it is "sd15"
     precision: Precision
     components: dict[str, ComponentInfo]
     files: dict[str, FileEntry]
@@ -265,6 +275,8 @@ class Manifest:
     sizes: SizeReport | None = None
     speed: tuple[SpeedReport, ...] = ()
     backend: BackendHint = field(default_factory=BackendHint)
+    tokenizer_2: TokenizerInfo | None = None  # sdxl: text_encoder_2's tokenizer
+    sdxl: SdxlInfo | None = None  # sdxl: what its text conditioning needs besides the graphs
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2, sort_keys=False) + "\n"
@@ -283,20 +295,26 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
         raise BundleError(
             f"{where}: unknown bundle format_version {version!r}; this sdedge reads version {FORMAT_VERSION}{hint}"
         )
+    if "pipeline" not in data:  # written before SDXL: every such bundle is SD 1.5
+        data = {**data, "pipeline": "sd15"}
     try:
         manifest = from_dict(Manifest, data, where)
     except ConfigError as exc:
         raise BundleError(str(exc)) from None
-    for name in REQUIRED_COMPONENTS:
+    if manifest.pipeline not in PIPELINES:
+        raise BundleError(f"{where}: unknown pipeline {manifest.pipeline!r} (known: {', '.join(PIPELINES)})")
+    for name in REQUIRED_BY_PIPELINE[manifest.pipeline]:
         if name not in manifest.components:
-            raise BundleError(f"{where}: the bundle has no {name!r} component")
+            raise BundleError(f"{where}: the {manifest.pipeline} bundle has no {name!r} component")
+    if manifest.pipeline == "sdxl" and manifest.tokenizer_2 is None:
+        raise BundleError(f"{where}: the sdxl bundle has no 'tokenizer_2'")
     for name, comp in manifest.components.items():
         if name not in COMPONENTS:
             raise BundleError(f"{where}: unknown component {name!r} (known: {', '.join(COMPONENTS)})")
         for rel in (comp.file, *comp.external_data, *comp.openvino_ir):
             if rel not in manifest.files:
                 raise BundleError(f"{where}: component {name!r} file {rel!r} is not listed in 'files'")
-    for rel in (*manifest.files, manifest.tokenizer.dir):
+    for rel in (*manifest.files, manifest.tokenizer.dir, *((manifest.tokenizer_2.dir,) if manifest.tokenizer_2 else ())):
         check_inside(rel, where)
     return manifest
 

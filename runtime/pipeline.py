@@ -9,6 +9,10 @@
     vae_decoder(latents / decoder scaling) ─► image in [−1, 1]                    (B, 3, H, W)
     (the VAE's scaling_factor; a TAESD-architecture decoder's own, 1.0)
 
+Image-to-image (`image=`, `strength=`) starts from the VAE encoder's latents of the image, noised to the strength's
+timestep, and runs the rest of the schedule; inpainting (`mask=`) feeds the mask and the masked image's latents to
+a 9-channel UNet (runtime/init_image.py has the preparation, as diffusers' img2img and inpainting pipelines).
+
 It follows diffusers' StableDiffusionPipeline step for step, so that with the same weights and the same
 initial latents the images agree (PSNR ≥ 40 dB, checked at export and in the tests).
 
@@ -32,7 +36,11 @@ from .backends.onnxruntime import OrtEngine, choose_providers  # noqa: F401 (re-
 from .backends.select import EngineFactory, choose_backend
 from .backends.select import engine_factory as make_engine_factory
 from .bundle import Bundle
+from .conditioning import make_conditioning
 from .errors import BadInput, SdedgeError
+from .init_image import (
+    binarize, check_size, check_strength, mask_array, posterior_sample, rgb_array, strength_timesteps, to_model_range,
+)
 from .memory import peak_rss_bytes
 from .schedulers import SchedulerConfig, make_scheduler
 from .signing import SignerInfo, open_bundle
@@ -42,10 +50,26 @@ log = logging.getLogger("sdedge.runtime")
 
 MAX_STEPS = 1000
 MEMORY_MODES = ("normal", "low")
+INPAINT_CHANNELS = 9  # an inpainting UNet's input: latents (4) ⊕ mask (1) ⊕ masked-image latents (4)
 
 
 class Cancelled(SdedgeError):
     """A generation stopped between denoising steps because its cancel token was set."""
+
+
+@dataclass
+class InitImage:
+    """An image-to-image / inpainting request, and what `_init_latents` derived from it."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray | None  # (H, W) uint8, white = repaint
+    strength: float
+    image_latents: np.ndarray | None = None  # (B, 4, h, w), the image's posterior sample (scaled)
+    noise: np.ndarray | None = None  # (B, 4, h, w), the noise added to it
+    latent_mask: np.ndarray | None = None  # (B, 1, h, w) of 0 and 1
+    unet_mask: np.ndarray | None = None  # (2B or B, 1, h, w): the 9-channel UNet's mask input
+    masked_latents: np.ndarray | None = None  # (2B or B, 4, h, w): the masked image's latents, for a 9-channel UNet
+    blend: bool = False  # a 4-channel UNet with a mask: the unmasked part is reset to the noised image every step
 
 
 @dataclass
@@ -55,6 +79,7 @@ class GenerationResult:
     step_times: list[float]
     peak_rss_bytes: int
     settings: dict = field(default_factory=dict)
+    watermark: str | None = None  # the payload (hex) of sdedge's invisible mark in `images`; None: unmarked
 
     def to_pil(self) -> list:
         from PIL import Image
@@ -90,12 +115,13 @@ class Pipeline:
                                                         low_memory=memory == "low")
         self.engines = {name: factory(bundle, name, info) for name, info in self.manifest.components.items()}
         self.tokenizer = self._tokenizer()
+        self.conditioning = make_conditioning(self)  # by the manifest's pipeline: sd15 | sdxl
         self.signer: SignerInfo | None = None
         self.scheduler_config = SchedulerConfig.from_dict(self.manifest.scheduler)
         self.load_seconds: dict[str, float] = {}
         self._lock = threading.Lock()
         if memory == "normal":
-            for name in ("text_encoder", "unet", "vae_decoder"):
+            for name in (*self.conditioning.components, "unet", "vae_decoder"):
                 self._load(name)
 
     @classmethod
@@ -117,9 +143,9 @@ class Pipeline:
         pipe.signer = signer
         return pipe
 
-    def _tokenizer(self) -> ClipTokenizer:
-        """The tokenizer from hash-checked bytes (files listed in the manifest)."""
-        folder = self.manifest.tokenizer.dir
+    def _tokenizer(self, info=None) -> ClipTokenizer:
+        """The tokenizer (or that of `info`, a TokenizerInfo) from hash-checked bytes (files listed in the manifest)."""
+        folder = (info or self.manifest.tokenizer).dir
         tok, cfg = f"{folder}/{TOKENIZER_FILE}", f"{folder}/{TOKENIZER_CONFIG_FILE}"
         config = self.bundle.read(cfg) if cfg in self.manifest.files else None
         return ClipTokenizer.from_bytes(self.bundle.read(tok), config, source=str(self.bundle.path(tok)))
@@ -140,6 +166,24 @@ class Pipeline:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.unload()
+
+    # -- what the bundle can do -------------------------------------------------------------------------------
+    @property
+    def supports_img2img(self) -> bool:
+        """The bundle has a VAE encoder: `generate(image=...)` works."""
+        return "vae_encoder" in self.manifest.components
+
+    @property
+    def unet_in_channels(self) -> int:
+        """The UNet's input channels: the latent channels, or 9 for an inpainting UNet."""
+        sample = next((t for t in self.manifest.components["unet"].inputs if t.name == "sample"), None)
+        channels = sample.shape[1] if sample is not None and len(sample.shape) == 4 else None
+        return channels if isinstance(channels, int) else self.manifest.latent.channels
+
+    @property
+    def is_inpaint(self) -> bool:
+        """An inpainting bundle (9-channel UNet): `generate` needs `image=` and `mask=`."""
+        return self.unet_in_channels == INPAINT_CHANNELS
 
     # -- validation -------------------------------------------------------------------------------------------
     def _settings(self, steps, guidance, width, height, scheduler, num_images) -> dict:
@@ -168,6 +212,68 @@ class Pipeline:
         return dict(steps=steps, guidance=float(guidance), width=width, height=height, scheduler=scheduler,
                     num_images=num_images)
 
+    def _init_request(self, image, mask, strength, width, height) -> tuple[InitImage | None, int | None, int | None]:
+        """Check an image-to-image / inpainting request against the bundle; the size defaults to the image's."""
+        if image is None:
+            if mask is not None:
+                raise BadInput("mask= needs image=, the picture to inpaint")
+            if strength is not None:
+                raise BadInput("strength= is for image-to-image: give image= too")
+            if self.is_inpaint:
+                raise BadInput("this is an inpainting bundle (its UNet takes 9 channels: latents, mask, masked "
+                               "image): give image= and mask=")
+            return None, width, height
+        if not self.supports_img2img:
+            raise BadInput(f"{self.bundle.root}: the bundle has no vae_encoder component, which image-to-image "
+                           "needs; export it again without --no-vae-encoder")
+        if self.is_inpaint and mask is None:
+            raise BadInput("this is an inpainting bundle (its UNet takes 9 channels: latents, mask, masked image): "
+                           "give mask= with the image")
+        rgb = rgb_array(image, "image")
+        width, height = check_size(rgb, "image", width, height)
+        m = None
+        if mask is not None:
+            m = mask_array(mask, "mask")
+            if m.shape != rgb.shape[:2]:
+                raise BadInput(f"mask is {m.shape[1]}×{m.shape[0]} pixels, the image {width}×{height}: give a mask "
+                               "of the image's size")
+        default = 1.0 if m is not None else 0.8  # diffusers' inpainting / img2img defaults
+        return InitImage(rgb, m, default if strength is None else strength), width, height
+
+    def _encode(self, x: np.ndarray, rng) -> np.ndarray:
+        """(1, 3, H, W) in [−1, 1] -> the posterior sample (1, 4, h, w), scaled by the VAE's scaling factor."""
+        vae = self._load("vae_encoder")
+        moments = vae.infer({"sample": x})[0]  # (1, 8, h, w)
+        self._release("vae_encoder")
+        return posterior_sample(moments, rng, self.manifest.latent.scaling_factor)
+
+    def _init_latents(self, init: InitImage, sched, timesteps, shape, do_cfg: bool, rng) -> np.ndarray:
+        """The first latents of image-to-image / inpainting, and (into `init`) the inpainting inputs; random draws in
+        diffusers' order: the image's posterior, the noise, the masked image's posterior."""
+        batch, s = shape[0], self.manifest.latent.vae_scale_factor
+        x = to_model_range(init.image)  # (1, 3, H, W)
+        inpaint9 = self.is_inpaint
+        pure_noise = init.mask is not None and init.strength == 1.0  # diffusers' inpainting starts from noise then
+        if not (pure_noise and inpaint9):
+            init.image_latents = np.repeat(self._encode(x, rng), batch, axis=0)  # (B, 4, h, w)
+        init.noise = rng.standard_normal(shape, dtype=np.float32)  # (B, 4, h, w)
+        if pure_noise:
+            latents = init.noise * np.float32(sched.init_noise_sigma)
+        else:
+            latents = sched.add_noise(init.image_latents, init.noise, timesteps[0])
+        if init.mask is not None:
+            m = binarize(init.mask)  # (1, 1, H, W)
+            masked = x * (m < 0.5)
+            if inpaint9:
+                masked_latents = np.repeat(self._encode(masked, rng), batch, axis=0)  # (B, 4, h, w)
+                init.masked_latents = np.concatenate([masked_latents] * 2) if do_cfg else masked_latents
+            else:  # diffusers encodes the masked image for a 4-channel UNet too, unused: the same draw keeps parity
+                rng.standard_normal((1, *shape[1:]), dtype=np.float32)
+                init.blend = True
+            init.latent_mask = np.repeat(m[:, :, ::s, ::s], batch, axis=0)  # (B, 1, h, w), nearest as diffusers
+            init.unet_mask = np.concatenate([init.latent_mask] * 2) if do_cfg else init.latent_mask
+        return latents
+
     # -- generation -------------------------------------------------------------------------------------------
     def __call__(self, prompt, negative_prompt="", **kwargs) -> list:
         """Generate and return PIL images. Keyword arguments as `generate`."""
@@ -186,11 +292,40 @@ class Pipeline:
         scheduler: str | None = None,
         num_images: int = 1,
         latents: np.ndarray | None = None,
+        image=None,
+        mask=None,
+        strength: float | None = None,
+        rng=None,
         on_step: Callable[[int, int], None] | None = None,
         cancel: threading.Event | None = None,
+        micro_conditioning=None,
+        watermark: bool = True,
     ) -> GenerationResult:
-        """Run the pipeline. `latents` (B, 4, H/8, W/8) replaces the seeded initial noise (for parity runs)."""
+        """Run the pipeline. `latents` (B, 4, H/8, W/8) replaces the seeded initial noise of text-to-image (for parity
+        runs).
+
+        image: a PIL image or an (H, W, 3) uint8 array: image-to-image (the bundle needs its vae_encoder), as
+        diffusers' StableDiffusionImg2ImgPipeline; the output has the image's size (a differing width/height is
+        refused: images are not resized). strength in (0, 1] (default 0.8): how much of the schedule runs.
+        mask: with image, a PIL image or an (H, W) uint8 array of the image's size, white (≥ 128) = repaint:
+        inpainting as diffusers' StableDiffusionInpaintPipeline (default strength 1.0), with the mask and the
+        masked image's latents fed to a 9-channel UNet (`is_inpaint`), or blended in after every step for a
+        4-channel one. An inpainting bundle needs both.
+        rng: every random draw of the call comes from it (anything with NumPy Generator's
+        `standard_normal(shape, dtype=)`), in diffusers' order: the VAE posterior samples, the initial noise, the
+        schedulers' per-step noise; it replaces the seed's streams (for parity runs against a torch generator).
+        watermark: mark the images with the bundle's invisible watermark (runtime/watermark.py, docs/provenance.md);
+        False for the decoder's pixels as they are (parity measurements).
+        """
+        init, width, height = self._init_request(image, mask, strength, width, height)
         cfg_ = self._settings(steps, guidance, width, height, scheduler, num_images)
+        self.conditioning.check(micro_conditioning)  # SDXL's sdedge.runtime.sdxl.MicroConditioning
+        if init is not None:
+            init.strength = check_strength(init.strength, cfg_["steps"])
+            cfg_["strength"] = init.strength
+            if latents is not None:
+                raise BadInput("latents= replaces text-to-image's initial noise; with image= the noise comes from "
+                               "the seed (or rng=)")
         prompts = _as_list(prompt, "prompt")
         negatives = _as_list(negative_prompt, "negative_prompt")
         if len(negatives) == 1 and len(prompts) > 1:
@@ -207,44 +342,51 @@ class Pipeline:
         sched = make_scheduler(cfg_["scheduler"], self.scheduler_config)
         seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
         cfg_["seed"] = seed
-        rng = np.random.default_rng(seed)
+        noise_rng = np.random.default_rng(seed) if rng is None else rng
+        # ancestral / LCM schedulers draw their per-step noise from a stream apart from the latents' (unless rng=)
+        step_rng = np.random.default_rng([seed, 1]) if rng is None else rng
         lat = self.manifest.latent
         shape = (batch, lat.channels, cfg_["height"] // lat.vae_scale_factor, cfg_["width"] // lat.vae_scale_factor)
-        if latents is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)  # (B, 4, H/8, W/8)
-        elif latents.shape != shape:
-            raise BadInput(f"latents have shape {latents.shape}, expected {shape}")
+        if init is None:
+            if latents is None:
+                latents = noise_rng.standard_normal(shape, dtype=np.float32)  # (B, 4, H/8, W/8)
+            elif latents.shape != shape:
+                raise BadInput(f"latents have shape {latents.shape}, expected {shape}")
 
         with self._lock:
             timings: dict[str, float] = {}
-            t0 = time.perf_counter()
-            ids = self.tokenizer((negatives + prompts) if do_cfg else prompts)  # (2B or B, 77)
-            timings["tokenize"] = time.perf_counter() - t0
+            # (2B or B, 77, D) and the pipeline's extra UNet inputs (SDXL: text_embeds, time_ids)
+            embeddings, extra = self.conditioning.encode(prompts, negatives, do_cfg,
+                                                         {**cfg_, "micro_conditioning": micro_conditioning}, timings)
 
-            t0 = time.perf_counter()
-            te = self._load("text_encoder")
-            embeddings = te.infer({"input_ids": ids})[0]  # (2B, 77, D)
-            self._release("text_encoder")
-            timings["text_encoder"] = time.perf_counter() - t0
-
+            sched.set_timesteps(cfg_["steps"], rng=step_rng)
+            if init is None:
+                timesteps = sched.timesteps
+                latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
+            else:
+                timesteps = strength_timesteps(sched, cfg_["steps"], init.strength)
+                t0 = time.perf_counter()
+                latents = self._init_latents(init, sched, timesteps, shape, do_cfg, noise_rng)
+                timings["vae_encoder"] = time.perf_counter() - t0
             unet = self._load("unet")
-            # ancestral / LCM schedulers draw their per-step noise from a stream apart from the latents'
-            sched.set_timesteps(cfg_["steps"], rng=np.random.default_rng([seed, 1]))
-            latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
             step_times = []
-            total = len(sched.timesteps)
-            for i, t in enumerate(sched.timesteps):
+            total = len(timesteps)
+            for i, t in enumerate(timesteps):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"cancelled after {i} of {total} steps")
                 s0 = time.perf_counter()
                 model_in = np.concatenate([latents, latents]) if do_cfg else latents  # (2B, 4, h, w)
                 model_in = sched.scale_model_input(model_in, t)
+                if init is not None and init.masked_latents is not None:  # (2B, 4 + 1 + 4, h, w)
+                    model_in = np.concatenate([model_in, init.unet_mask, init.masked_latents], axis=1)
                 tt = np.full((model_in.shape[0],), t, dtype=np.float32)
-                eps = unet.infer({"sample": model_in, "timestep": tt, "encoder_hidden_states": embeddings})[0]
+                eps = unet.infer({"sample": model_in, "timestep": tt, "encoder_hidden_states": embeddings, **extra})[0]
                 if do_cfg:
                     uncond, cond = eps[:batch], eps[batch:]
                     eps = uncond + np.float32(cfg_["guidance"]) * (cond - uncond)
                 latents = sched.step(eps, t, latents)
+                if init is not None and init.blend:
+                    latents = _blend(sched, init, latents, timesteps, i)
                 step_times.append(time.perf_counter() - s0)
                 if on_step is not None:
                     on_step(i + 1, total)
@@ -258,8 +400,25 @@ class Pipeline:
             timings["vae_decoder"] = time.perf_counter() - t0
 
         images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)  # (B, H, W, 3)
+        mark = None
+        if watermark:
+            from .provenance import watermark_images
+
+            t0 = time.perf_counter()
+            images, mark = watermark_images(self, images)
+            timings["watermark"] = time.perf_counter() - t0
         return GenerationResult(images=images, timings=timings, step_times=step_times,
-                                peak_rss_bytes=peak_rss_bytes(), settings=cfg_)
+                                peak_rss_bytes=peak_rss_bytes(), settings=cfg_, watermark=mark)
+
+
+def _blend(sched, init: InitImage, latents: np.ndarray, timesteps: np.ndarray, i: int) -> np.ndarray:
+    """A 4-channel UNet's inpainting (diffusers): keep the denoised latents under the mask, and elsewhere the image's
+    latents noised to the next timestep (unnoised after the last)."""
+    proper = init.image_latents
+    if i < len(timesteps) - 1:
+        proper = sched.add_noise(proper, init.noise, timesteps[i + 1])
+    m = init.latent_mask
+    return ((np.float32(1.0) - m) * proper + m * latents).astype(np.float32, copy=False)
 
 
 def _as_list(value, label: str) -> list[str]:

@@ -145,6 +145,10 @@ def print_parity(manifest) -> None:
         im = manifest.parity.image
         console.print(f"  parity image         {im.psnr_db:.1f} dB PSNR vs diffusers ({im.scheduler}, {im.steps} steps, "
                       f"{im.width}x{im.height})")
+    dp = manifest.parity.decoder
+    if dp is not None:
+        console.print(f"  decoder              {dp.kind} {dp.source}: {dp.psnr_vs_full_db:.1f} dB PSNR vs the base's full "
+                      f"VAE decoder ({dp.images} generations, {dp.width}x{dp.height})")
     pm = manifest.parity.prompt_match
     if pm is not None:
         fp32 = f" (fp32 bundle {pm.rate_fp32:.0%})" if pm.rate_fp32 is not None else ""
@@ -220,28 +224,35 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from sdedge.cli_provenance import stamper_for
+    from sdedge.runtime.files import atomic_write_bytes
     from sdedge.runtime.memory import format_bytes
     from sdedge.runtime.pipeline import Pipeline
+    from sdedge.runtime.provenance import encode_outputs, format_for
 
+    fmt = format_for(args.out)
     pipe = Pipeline.load(args.bundle, device=args.device, memory=args.memory, threads=args.threads,
                          backend=args.backend, verify=args.verify, public_key=args.public_key, identity=args.identity,
                          issuer=args.issuer)
+    stamper = stamper_for(args, pipe)  # the C2PA certificate is checked before any image is made
     limit = (pipe.manifest.shapes.width_max, pipe.manifest.shapes.height_max)
     image = _read_image(args.image, "--image", "RGB", limit) if args.image else None
     mask = _read_image(args.mask, "--mask", "L", limit) if args.mask else None
     result = pipe.generate(args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
                            width=args.width, height=args.height, scheduler=args.scheduler, num_images=args.n,
-                           image=image, mask=mask, strength=args.strength)
+                           image=image, mask=mask, strength=args.strength, watermark=not args.no_watermark)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.n)]
-    for image, path in zip(result.to_pil(), paths):
-        image.save(path)
+    for data, path in zip(encode_outputs(result, fmt, stamper, args.prompt, args.negative), paths):
+        atomic_write_bytes(path, data)
     s = result.settings
     console.print(f"{', '.join(map(str, paths))}: {s['width']}x{s['height']}, {s['steps']} steps {s['scheduler']}, "
                   f"guidance {s['guidance']}, seed {s['seed']}"
                   + (f", strength {s['strength']:g}" if "strength" in s else ""))
     console.print(f"  backend {pipe.backend} ({pipe.backend_reason})")
+    console.print(f"  watermark {result.watermark or 'none'}" + (f"; C2PA manifest signed by {stamper.subject}"
+                                                                   if stamper else ""))
     if args.verbose:
         for why in pipe.backend_skipped:
             console.print(f"  not used: {why}")
@@ -294,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("base", help="write a built-in base model (diffusers layout)")
-    b.add_argument("name", choices=["tiny", "tiny-random", "sd15-arch", "tiny-inpaint"],
+    b.add_argument("name", choices=["tiny", "tiny-random", "sd15-arch", "tiny-inpaint", "sdxl-tiny", "sdxl-arch"],
                    help="tiny: the trained tiny base (64×64 coloured shapes); tiny-random: its architecture with "
                         "seeded random weights; sd15-arch: SD1.5's architecture with seeded random weights; "
-                        "tiny-inpaint: tiny-random with an inpainting (9-channel) UNet")
+                        "tiny-inpaint: tiny-random with an inpainting (9-channel) UNet; sdxl-tiny: the SDXL topology "
+                        "at test size (128×128); sdxl-arch: SDXL's architecture (2.6 B-parameter UNet) with seeded random "
+                        "weights, written in fp16 (~7 GB)")
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=int, default=0, help="weights seed (tiny-random, sd15-arch, tiny-inpaint)")
     b.add_argument("--overwrite", action="store_true")
@@ -392,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--public-key", help="public key (PEM) the bundle must be signed with")
     g.add_argument("--identity", help="Sigstore identity (e.g. an e-mail) the bundle must be signed by")
     g.add_argument("--issuer", help="OIDC issuer of that identity")
+    from sdedge.cli_provenance import add_output_options
+
+    add_output_options(g)
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("quickstart", help="the main job end to end on the built-in tiny model")
@@ -399,12 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quickstart)
 
-    from sdedge import cli_bench, cli_serve, cli_sign, cli_train
+    from sdedge import cli_bench, cli_provenance, cli_serve, cli_sign, cli_train
 
     cli_train.register(sub)
     cli_sign.register(sub)
     cli_bench.register(sub)
     cli_serve.register(sub)
+    cli_provenance.register(sub)
     return p
 
 

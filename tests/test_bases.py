@@ -193,7 +193,7 @@ def test_seeded_writes_are_identical_and_overwrite(tiny_dir, work):
 def test_unknown_builtin(work):
     with pytest.raises(SdedgeError, match="tiny"):
         write_builtin_base("sdxl", work / "nope")
-    assert BUILTIN_BASES == ("tiny", "tiny-random", "sd15-arch")
+    assert BUILTIN_BASES == ("tiny", "tiny-random", "sd15-arch", "tiny-inpaint", "sdxl-tiny", "sdxl-arch")
 
 
 def test_sd15_arch_parameter_count_on_meta():

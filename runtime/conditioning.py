@@ -1,0 +1,56 @@
+"""Text conditioning strategies: prompts in, the UNet's conditioning out, one per bundle pipeline.
+
+`make_conditioning(pipeline)` picks one by the manifest's `pipeline`:
+- "sd15": `TextConditioning`, one CLIP text encoder's last hidden states (this module);
+- "sdxl": `sdedge.runtime.sdxl.SdxlConditioning`, two text encoders, the pooled embedding and the micro-conditioning.
+
+Each has `components` (the engines it runs, loaded up front with memory="normal"), `check(micro)` (its keyword
+options, refused where they do not apply) and `encode(prompts, negatives, do_cfg, settings, timings)` returning
+`(encoder_hidden_states, extra UNet inputs)`: the denoising loop of runtime/pipeline.py is the same for both.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import BadInput
+
+
+class TextConditioning:
+    """SD 1.5: `text_encoder(tokenizer(negatives ⊕ prompts))`, no extra UNet inputs."""
+
+    components = ("text_encoder",)
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def check(self, micro) -> None:
+        if micro is not None:
+            raise BadInput(f"micro-conditioning (original_size, crops_coords_top_left, target_size) is SDXL's; "
+                           f"this bundle's pipeline is {self.pipe.manifest.pipeline}")
+
+    def encode(self, prompts: list[str], negatives: list[str], do_cfg: bool, settings: dict,
+               timings: dict[str, float]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        pipe = self.pipe
+        t0 = time.perf_counter()
+        ids = pipe.tokenizer((negatives + prompts) if do_cfg else prompts)  # (2B or B, 77)
+        timings["tokenize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        embeddings = pipe._load("text_encoder").infer({"input_ids": ids})[0]  # (2B, 77, D)
+        pipe._release("text_encoder")
+        timings["text_encoder"] = time.perf_counter() - t0
+        return embeddings, {}
+
+
+def make_conditioning(pipe):
+    """The strategy for the bundle's pipeline (the manifest's `pipeline` field)."""
+    kind = pipe.manifest.pipeline
+    if kind == "sdxl":
+        from .sdxl import SdxlConditioning
+
+        return SdxlConditioning(pipe)
+    if kind == "sd15":
+        return TextConditioning(pipe)
+    raise BadInput(f"this sdedge cannot run a {kind!r} pipeline")
