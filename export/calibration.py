@@ -7,6 +7,9 @@ held in memory beyond the call in flight: for the SD1.5 UNet at 256×256 one cal
 
 `CalibrationSet` reads them back lazily, one file at a time, in an order that mixes prompts and timesteps,
 so quantisers that take the first N samples still see the whole range of timesteps.
+
+A NaN or an infinity in an activation (recorded or read back) is an error naming the file and the input: a
+quantiser would otherwise turn it into a scale of NaN and a silently broken bundle.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdedge.runtime.errors import BadInput
+from sdedge.runtime.errors import BadInput, SdedgeError
 
 log = logging.getLogger("sdedge.export")
 
@@ -60,6 +63,16 @@ def read_prompts(path: str | Path | None) -> tuple[tuple[str, ...], str]:
     return prompts, f"{p.name} ({len(prompts)} prompts)"
 
 
+def check_finite(feeds: dict[str, np.ndarray], where: str) -> None:
+    """SdedgeError naming the first floating-point input of `feeds` that holds a NaN or an infinity."""
+    for name, value in feeds.items():
+        a = np.asarray(value)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise SdedgeError(f"{where}: calibration activation {name!r} holds NaN or infinite values "
+                              f"({int(np.size(a) - np.isfinite(a).sum())} of {a.size}); the fp32 bundle produced "
+                              "them, so its weights or this prompt's inputs are broken")
+
+
 class _Enough(Exception):
     """Raised by the recorder after the last call it needs: the rest of the run (and the VAE decode) is skipped."""
 
@@ -86,6 +99,7 @@ class _Recorder:
     def infer(self, feeds):
         if self.keep is None or self.calls in self.keep:
             path = self.out_dir / f"{self.prefix}-{self.calls:03d}.npz"
+            check_finite(feeds, f"UNet call {self.calls} of {self.prefix}")
             np.savez(path, **{k: np.asarray(v) for k, v in feeds.items()})
             self.files.append(path)
         if self.calls == self.last:
@@ -104,8 +118,10 @@ class CalibrationSet:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for path in self.files:
-            with np.load(path) as data:
-                yield {k: data[k] for k in data.files}
+            with np.load(path, allow_pickle=False) as data:
+                feeds = {k: data[k] for k in data.files}
+            check_finite(feeds, str(path))
+            yield feeds
 
     def subset(self, n: int) -> CalibrationSet:
         """n samples spread evenly over the set (which interleaves prompts and timesteps)."""

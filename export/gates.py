@@ -106,9 +106,12 @@ def record_reference(pipe, out_dir: Path, *, prompt: str, latents: np.ndarray, s
 def unet_parity(engine, reference: Reference, guidance: float) -> tuple[float, float, int]:
     """(mean raw-output cosine, mean cosine after guidance, calls) of `engine` on the reference's UNet calls."""
     raw, gui = [], []
-    for s in reference.samples():
+    for i, s in enumerate(reference.samples()):
         ref = s.pop("out_sample")
         out = engine.infer(s)[0]
+        if not np.isfinite(out).all():  # a cosine of NaN compares false with everything: fail here, by name
+            raise GateFailed(f"the optimised UNet's output at reference call {i} holds "
+                             f"{int(np.size(out) - np.isfinite(out).sum())} NaN or infinite values")
         raw.append(cosine(out, ref))
         gui.append(cosine(guided(out, guidance), guided(ref, guidance)))
     return float(np.mean(raw)), float(np.mean(gui)), len(raw)

@@ -87,6 +87,16 @@ def consolidate_external_data(onnx_path: Path) -> list[Path]:
     return [onnx_path, folder / EXTERNAL_DATA_NAME]
 
 
+def _max_abs_err(component: str, output: str, out: np.ndarray, ref: np.ndarray, shape) -> float:
+    """Max abs difference; ExportError when either side holds NaN/Inf (`max(worst, nan)` would keep `worst`)."""
+    err = float(np.max(np.abs(out.astype(np.float32) - ref)))
+    if not np.isfinite(err):
+        bad_out, bad_ref = (int(np.size(a) - np.isfinite(a).sum()) for a in (out, ref))
+        raise ExportError(f"{component}: output {output} at {'x'.join(map(str, shape))} holds NaN or infinite values "
+                          f"({bad_out} from ONNX Runtime, {bad_ref} from PyTorch): the weights or the graph are broken")
+    return err
+
+
 def check_parity(spec: ComponentSpec, module: torch.nn.Module, onnx_path: Path, fixed: dict[str, int],
                  check_dims: list[dict[str, int]], vocab: int) -> ComponentParity:
     """Max abs error of ONNX Runtime against PyTorch on the same sample inputs, at each of `check_dims`."""
@@ -108,7 +118,7 @@ def check_parity(spec: ComponentSpec, module: torch.nn.Module, onnx_path: Path, 
             expected = concrete_shape(t.shape, {**fixed, **dims})
             if out.shape != expected:
                 raise ExportError(f"{spec.name}: ONNX output {t.name} has shape {out.shape}, expected {expected}")
-            worst = max(worst, float(np.max(np.abs(out.astype(np.float32) - ref.float().numpy()))))
+            worst = max(worst, _max_abs_err(spec.name, t.name, out, ref.float().numpy(), args[0].shape))
         shapes.append("x".join(str(s) for s in args[0].shape))
     del session
     if not worst <= spec.tolerance:

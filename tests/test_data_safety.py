@@ -395,3 +395,237 @@ def test_symlinks_out_of_the_input_and_bad_caption_files_are_skipped_with_a_reas
     meta = json.loads((tmp_path / "data" / "metadata.json").read_text())
     assert sorted(e["source"] for e in meta["items"]) == ["inside.png", "ok0.png", "ok1.png"]
     assert "secret" not in (tmp_path / "data" / "metadata.json").read_text()
+
+
+# -- 8. checkpoints survive power loss ---------------------------------------------------------------------------------
+def _tiny_state(step: int):
+    import torch
+
+    p = torch.nn.Parameter(torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    return {"unet.layer.lora_A.weight": p.detach().clone() + step}, opt.state_dict(), {"loss": 0.5}
+
+
+def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    from sdedge.trainer import checkpoint as ck
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b, **kw):
+        events.append(("rename", str(a), str(b)))
+        return real_replace(a, b, **kw)
+
+    def rename(a, b, **kw):
+        events.append(("rename", str(a), str(b)))
+        return real_rename(a, b, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    final = ck.save_checkpoint(tmp_path, 7, *_tiny_state(7))
+    into_place = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(final))
+    staged = Path(events[into_place][1])
+    before = [e[1] for e in events[:into_place] if e[0] == "fsync"]
+    for name in ("trainable.safetensors", "optimizer.safetensors", "state.json"):
+        assert any(Path(p).parent == staged and Path(p).name.startswith(f".{name}.") for p in before), name
+    assert str(staged) in before, "the checkpoint folder itself was not fsynced before the rename"
+    assert str(tmp_path) in [e[1] for e in events[into_place:] if e[0] == "fsync"], "the parent was not fsynced"
+    trainable, _, state = ck.load_checkpoint(final)
+    assert state["step"] == 7 and set(state["files"]) == {"trainable.safetensors", "optimizer.safetensors"}
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_older_ones_are_kept(tmp_path, caplog):
+    from sdedge.trainer import checkpoint as ck
+
+    for step in (1, 2, 3):
+        ck.save_checkpoint(tmp_path, step, *_tiny_state(step))
+    newest = tmp_path / "step-000003" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-8])  # a write the power cut left short
+    with caplog.at_level(logging.WARNING, logger="sdedge.trainer"):
+        assert ck.latest_checkpoint(tmp_path) == tmp_path / "step-000002"
+    assert "step-000003 is damaged" in caplog.text
+    ck.prune_checkpoints(tmp_path, keep=1)  # the damaged step 3 does not count: step 2 stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
+    # a flipped bit in a tensor that still parses is caught by the SHA-256 in state.json
+    second = tmp_path / "step-000002" / "optimizer.safetensors"
+    data = bytearray(second.read_bytes())
+    data[-1] ^= 1
+    second.write_bytes(bytes(data))
+    with pytest.raises(SdedgeError, match="optimizer.safetensors: damaged"):
+        ck.load_checkpoint(tmp_path / "step-000002")
+    assert ck.latest_checkpoint(tmp_path) is None
+
+
+# -- 7 and 8 on a real (tiny) training run ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    from sdedge.export.bases import write_builtin_base
+
+    root = tmp_path_factory.mktemp("train")
+    src = root / "src"
+    src.mkdir()
+    for i in range(4):
+        _textured(20 + i, (64, 64)).save(src / f"i{i}.png")
+        (src / f"i{i}.txt").write_text(f"picture {i}")
+    prepare_dataset(src, root / "data", PrepareOptions(resolution=64, dedup=None))
+    return write_builtin_base("tiny-random", root / "base", seed=0), root / "data"
+
+
+def _cfg(run_inputs, out, **kw):
+    from sdedge.trainer.config import TrainConfig
+
+    base, data = run_inputs
+    return TrainConfig(**{**dict(base=str(base), data=str(data), out=str(out), rank=4, batch_size=2,
+                                 progress=False, tensorboard=False, checkpoint_steps=1), **kw})
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(run_inputs, tmp_path):
+    from sdedge.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from sdedge.trainer.train import train
+
+    out = tmp_path / "run"
+    with pytest.raises(SdedgeError, match=r"training stopped at step \d+: the loss is (nan|inf)") as err:
+        train(_cfg(run_inputs, out, learning_rate=1e30, max_steps=8))  # diverges within a step or two
+    assert "the last good checkpoint" in str(err.value) or "no checkpoint" in str(err.value)
+    assert not (out / "adapter.safetensors").exists() and not (out / "adapter.json").exists()
+    last = latest_checkpoint(out / "checkpoints")
+    if last is not None:  # every checkpoint left is whole and finite
+        trainable, _, state = load_checkpoint(last)
+        assert np.isfinite(state["loss"])
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else ():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds a bare {c}"))
+
+
+@pytest.mark.slow
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged(run_inputs, tmp_path, caplog):
+    from sdedge.trainer.train import train
+
+    out = tmp_path / "run"
+    train(_cfg(run_inputs, out, max_steps=4, learning_rate=1e-3, checkpoints_total_limit=3), stop_after=3)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+    (out / "checkpoints" / "step-000003" / "trainable.safetensors").write_bytes(b"")  # lost to a power cut
+    with caplog.at_level(logging.WARNING, logger="sdedge.trainer"):
+        result = train(_cfg(run_inputs, out, max_steps=4, learning_rate=1e-3, resume="latest"))
+    assert result.resumed_from == 2 and "step-000003 is damaged" in caplog.text
+    doc = json.loads((out / "adapter.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert doc["resumed_from"] == 2 and np.isfinite(doc["final_loss"])
+
+
+# -- 7. non-finite numbers stop at the door ------------------------------------------------------------------------------
+_MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def _write_lora(path: Path, down, up, meta: dict | None = None, module: str = _MODULE) -> Path:
+    from safetensors.torch import save_file
+
+    header = {"lora_adapter_metadata": json.dumps(meta)} if meta is not None else None
+    save_file({f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up}, str(path), metadata=header)
+    return path
+
+
+def test_lora_with_nan_inf_rank_0_or_a_bad_alpha_is_refused(tmp_path):
+    import torch
+
+    from sdedge.export.lora import LoraError, read_lora
+
+    good = read_lora(_write_lora(tmp_path / "good.safetensors", torch.ones(4, 8), torch.ones(8, 4),
+                                 {"lora_alpha": 8, "alpha_pattern": {"attn1.to_q": 2}}))
+    assert [lay.alpha for lay in good.layers.values()] == [2.0]  # a dotted suffix of the module name
+    bad_down = torch.ones(4, 8)
+    bad_down[1, 2] = float("nan")
+    with pytest.raises(LoraError, match=rf"tensor 'unet.{_MODULE}.lora_A.weight' holds NaN"):
+        read_lora(_write_lora(tmp_path / "nan.safetensors", bad_down, torch.ones(8, 4)))
+    with pytest.raises(LoraError, match="holds NaN or infinite"):
+        read_lora(_write_lora(tmp_path / "inf.safetensors", torch.ones(4, 8), torch.full((8, 4), float("inf"))))
+    with pytest.raises(LoraError, match="rank 0"):
+        read_lora(_write_lora(tmp_path / "rank0.safetensors", torch.ones(0, 8), torch.ones(8, 0)))
+    with pytest.raises(LoraError, match="alpha .*not a finite number"):
+        read_lora(_write_lora(tmp_path / "alpha.safetensors", torch.ones(4, 8), torch.ones(8, 4),
+                              {"lora_alpha": 1e400}))
+    with pytest.raises(LoraError, match=r"alpha_pattern key '\(\['"):
+        read_lora(_write_lora(tmp_path / "re.safetensors", torch.ones(4, 8), torch.ones(8, 4),
+                              {"alpha_pattern": {"([": 1}}))
+
+
+_HOSTILE_PATTERN = r"""
+import json, sys, torch
+from safetensors.torch import save_file
+from sdedge.export.lora import LoraError, read_lora
+module = "a" * 40 + "b"
+meta = {"alpha_pattern": {"(a+)+c": 1.0, "(.*a){30}": 2.0}}
+save_file({f"unet.{module}.lora_A.weight": torch.ones(2, 4), f"unet.{module}.lora_B.weight": torch.ones(4, 2)},
+          sys.argv[1], metadata={"lora_adapter_metadata": json.dumps(meta)})
+try:
+    read_lora(sys.argv[1])
+except LoraError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_hostile_alpha_pattern_cannot_hang_the_load(tmp_path):
+    """(a+)+c against "aaa...ab" backtracks for hours with Python's re; sdedge never runs the key as a regex."""
+    run = subprocess.run([sys.executable, "-c", _HOSTILE_PATTERN, str(tmp_path / "evil.safetensors")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "refused:" in run.stdout and "not as regular expressions" in run.stdout
+
+
+def test_a_base_with_a_nan_weight_is_refused_naming_the_tensor(run_inputs, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdedge.export.bases import load_base
+
+    base = tmp_path / "base"
+    shutil.copytree(run_inputs[0], base)
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    with pytest.raises(SdedgeError, match=r"unet tensor 'conv_in.weight' holds NaN or infinite values"):
+        load_base(base)
+
+
+def test_a_non_finite_calibration_activation_is_an_error_naming_it(tmp_path):
+    from sdedge.export.calibration import CalibrationSet
+
+    good = tmp_path / "unet-p000-000.npz"
+    np.savez(good, sample=np.ones((2, 4, 8, 8), np.float32), timestep=np.zeros(2, np.float32))
+    bad = tmp_path / "unet-p000-001.npz"
+    sample = np.ones((2, 4, 8, 8), np.float32)
+    sample[1, 2, 3, 4] = np.inf
+    np.savez(bad, sample=sample, timestep=np.zeros(2, np.float32))
+    it = iter(CalibrationSet([good, bad]))
+    assert set(next(it)) == {"sample", "timestep"}
+    with pytest.raises(SdedgeError, match=r"unet-p000-001.npz: calibration activation 'sample' holds NaN or "
+                                          r"infinite values \(1 of 512\)"):
+        next(it)
+
+
+def test_the_component_parity_gate_fails_on_nan(tmp_path):
+    """A graph whose output is NaN where PyTorch's is too: the max abs error was max(0.0, nan) = 0.0, a pass."""
+    import torch
+
+    from sdedge.export.onnx_export import ExportError, check_parity
+    from sdedge.export.specs import ComponentSpec, TensorSpec
+
+    class Log(torch.nn.Module):
+        def forward(self, x):  # (B, 4) -> (B, 4): NaN where x < 0
+            return torch.log(x)
+
+    spec = ComponentSpec(name="toy", inputs=(TensorSpec("x", "float32", ("B", 4)),),
+                         outputs=(TensorSpec("y", "float32", ("B", 4)),), module=lambda pipe: Log())
+    path = tmp_path / "toy.onnx"
+    torch.onnx.export(Log(), (torch.ones(2, 4),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+    with pytest.raises(ExportError, match=r"toy: output y at 2x4 holds NaN or infinite values"):
+        check_parity(spec, Log(), path, {}, [{"B": 2}], vocab=10)

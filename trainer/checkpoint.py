@@ -5,28 +5,36 @@
         optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments and steps, ...)
         state.json              step, config, the optimizer's hyper-parameters and scalars, the grad scaler, ...
 
-A checkpoint is assembled in a hidden temporary folder and renamed into place, so a run killed at any moment
-leaves only whole checkpoints. Nothing else is needed to resume: the data order, noise and timesteps are pure
-functions of (seed, step) (see dataset.py), and the learning rate is a function of the step.
+A checkpoint is assembled in a hidden temporary folder (every file fsynced, then the folder) and renamed into
+place (runtime/files.py: replace_dir, which fsyncs the parent), so a run killed at any moment, or a power cut,
+leaves only whole checkpoints. state.json, written last, records every file's SHA-256: a checkpoint is *valid*
+when they match and its tensors are finite. `latest_checkpoint` returns the newest valid one (a damaged newer one
+is logged and passed over) and `prune_checkpoints` counts only valid ones, so the older checkpoint is never
+deleted before the newer one is known good. Nothing else is needed to resume: the data order, noise and
+timesteps are pure functions of (seed, step) (see dataset.py), and the learning rate is a function of the step.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import scratch_dir
+from sdedge.runtime.files import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir, scratch_dir
+
+from .hashing import sha256_bytes, sha256_file
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints",
            "optimizer_to_flat", "optimizer_from_flat"]
 
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)$")
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors")
+log = logging.getLogger("sdedge.trainer")
 
 
 def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -57,49 +65,80 @@ def optimizer_from_flat(tensors: dict[str, Any], rest: dict[str, Any]) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def check_finite(tensors: dict[str, Any], where: str) -> None:
+    """SdedgeError naming the first tensor holding a NaN or an infinity."""
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SdedgeError(f"{where}: tensor {name!r} holds NaN or infinite values")
+
+
 def save_checkpoint(root: Path, step: int, trainable: dict[str, Any], optimizer_state: dict, state: dict) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    trainable = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
+    check_finite(trainable, f"checkpoint of step {step}")  # a diverged run keeps its last good checkpoint
     tmp = scratch_dir(root, final.name)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_rest = optimizer_to_flat(optimizer_state)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        doc = {"version": CHECKPOINT_VERSION, "step": step, **state, "optimizer": opt_rest}
-        (tmp / "state.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        files = {}
+        for name, tensors in zip(TENSOR_FILES, (trainable, opt_tensors)):
+            data = save(tensors)
+            atomic_write_bytes(tmp / name, data)  # fsynced
+            files[name] = sha256_bytes(data)
+        doc = {"version": CHECKPOINT_VERSION, "step": step, **state, "optimizer": opt_rest, "files": files}
+        atomic_write_json(tmp / "state.json", doc)  # last: its presence says the rest is there
+        fsync_dir(tmp)
+        replace_dir(tmp, final)  # fsyncs the parent after the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    load_checkpoint(final)  # read back: known good before prune_checkpoints may drop an older one
     return final
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
-    """(trainable tensors, optimizer state dict, state.json) of a checkpoint folder."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
+def _read_state(folder: Path) -> dict:
     state_file = folder / "state.json"
     if not state_file.is_file():
         raise SdedgeError(f"--resume {folder}: not a checkpoint folder (no state.json)")
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SdedgeError(f"{state_file}: corrupt: {e}") from e
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise SdedgeError(f"{state_file}: checkpoint version {state.get('version')!r}, this sdedge reads {CHECKPOINT_VERSION}")
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise SdedgeError(f"{state_file}: checkpoint version {version!r}, this sdedge reads {CHECKPOINT_VERSION}")
+    for name, digest in (state.get("files") or {}).items():  # absent in checkpoints of earlier sdedge versions
+        path = folder / name
+        if name not in TENSOR_FILES or not path.is_file() or sha256_file(path) != digest:
+            raise SdedgeError(f"{path}: damaged (missing, or its SHA-256 differs from the one in state.json)")
+    return state
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """(trainable tensors, optimizer state dict, state.json) of a checkpoint folder; SdedgeError when it is
+    damaged (a file missing or changed, a tensor NaN/Inf)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state = _read_state(folder)
     try:
-        trainable = load_file(str(folder / "trainable.safetensors"))
-        opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+        trainable = load_file(str(folder / TENSOR_FILES[0]))
+        opt_tensors = load_file(str(folder / TENSOR_FILES[1]))
     except (OSError, SafetensorError) as e:
         raise SdedgeError(f"{folder}: cannot read the checkpoint tensors: {e}") from e
-    return trainable, optimizer_from_flat(opt_tensors, state["optimizer"]), state
+    check_finite(trainable, str(folder / TENSOR_FILES[0]))
+    check_finite(opt_tensors, str(folder / TENSOR_FILES[1]))
+    try:
+        optimizer = optimizer_from_flat(opt_tensors, state["optimizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SdedgeError(f"{folder / 'state.json'}: corrupt optimizer state: {e!r}") from e
+    return trainable, optimizer, state
 
 
 def _steps(root: Path) -> list[tuple[int, Path]]:
@@ -113,16 +152,32 @@ def _steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _valid(folder: Path) -> bool:
+    try:
+        load_checkpoint(folder)
+    except SdedgeError as e:
+        log.warning("checkpoint %s is damaged and passed over: %s", folder, e)
+        return False
+    return True
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    found = _steps(Path(root))
-    return found[-1][1] if found else None
+    """The newest valid checkpoint under `root` (newer damaged ones are logged and passed over), or None."""
+    return next((p for _, p in reversed(_steps(Path(root))) if _valid(p)), None)
 
 
 def prune_checkpoints(root: Path, keep: int | None) -> None:
+    """Keep the newest `keep` valid checkpoints: only older ones are removed, never one that a damaged newer one
+    would have to stand in for."""
     root = Path(root)
     for p in root.glob(".step-*.tmp"):  # leftovers of a run killed while writing
         shutil.rmtree(p, ignore_errors=True)
     if keep is None:
         return
-    for _, p in _steps(root)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    valid = [p for _, p in reversed(_steps(root)) if _valid(p)]
+    if len(valid) <= keep:
+        return
+    oldest_kept = valid[keep - 1]
+    for _, p in _steps(root):
+        if p.name < oldest_kept.name:
+            shutil.rmtree(p, ignore_errors=True)
