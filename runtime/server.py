@@ -373,10 +373,16 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
         job.steps_total = job.params["steps"]
         return run_job(pipeline, job.params, on_step=on_step, cancel=job.cancel_event, watermark=settings.watermark)
 
+    def finished(job: Job) -> None:
+        metrics.job_finished(job)
+        if isinstance(job.params, dict):  # a finished job stays in the history: without its uploads
+            job.params.pop("image", None)
+            job.params.pop("mask", None)
+
     if queue_factory is None:
-        queue = JobQueue(run, max_waiting=settings.max_queue, on_finish=metrics.job_finished)
+        queue = JobQueue(run, max_waiting=settings.max_queue, on_finish=finished)
     else:
-        queue = queue_factory(max_waiting=settings.max_queue, on_finish=metrics.job_finished)
+        queue = queue_factory(max_waiting=settings.max_queue, on_finish=finished)
 
     # -- app --------------------------------------------------------------------------------------------------
     from contextlib import asynccontextmanager

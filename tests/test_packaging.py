@@ -30,7 +30,7 @@ def _expected() -> tuple[set[str], set[str]]:
                 continue
             if path.suffix == ".py" and (path.parent / "__init__.py").is_file():
                 modules.add(f"{prefix}/{rel.as_posix()}")
-            elif "data" in rel.parts or "static" in rel.parts:
+            elif "data" in rel.parts or "static" in rel.parts or "web" in rel.parts:
                 if path.suffix in DATA_SUFFIXES:
                     data.add(f"{prefix}/{rel.as_posix()}")
     return modules, data

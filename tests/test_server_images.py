@@ -80,6 +80,8 @@ def test_img2img_and_inpaint_answer_the_pipelines_images(server, pipe):
 
         r = post(c, "/v1/inpaint", image=encode(image), mask=encode(mask))
         assert r.status_code == 200, r.text
+        kept = server.server.config.app.state.queue.get(r.headers["x-job-id"]).params
+        assert kept["kind"] == "inpaint" and "image" not in kept and "mask" not in kept  # history keeps no upload
         direct = pipe.generate("a red circle", steps=4, seed=3, image=image, mask=mask).to_pil()[0]
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(direct))
 
