@@ -12,7 +12,9 @@
 
 Every scheduler has `set_timesteps(num_inference_steps, rng=None)`, `timesteps` (int64; float32 for the
 Euler family, as diffusers), `init_noise_sigma` (float), `scale_model_input(sample, timestep)`,
-`step(model_output, timestep, sample, noise=None) -> float32 ndarray` and `order`. Stochastic schedulers
+`step(model_output, timestep, sample, noise=None) -> float32 ndarray` and `order`; for image-to-image,
+`add_noise(x0, noise, timestep)` (the forward process to `timestep`'s noise level) and `set_begin_index(i)` (denoising
+starts at `timesteps[i]`), as diffusers' (runtime/init_image.py: strength_timesteps). Stochastic schedulers
 (euler_a, lcm, ddim with eta > 0) take their standard-normal noise from `noise` when given, else from the
 `rng` given to the latest `set_timesteps` (a fresh unseeded generator when none was given).
 Schedulers are stateful (multistep history, step index): one generation at a time per object;

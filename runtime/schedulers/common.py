@@ -70,6 +70,17 @@ def index_for_timestep(timesteps: np.ndarray, timestep, missing: int | None = No
     return int(places[1] if len(places) > 1 else places[0])
 
 
+def noise_index(scheduler, timestep) -> int:
+    """The sigma index `add_noise` uses, as diffusers' sigma schedulers: the timestep's place when no begin index is
+    set; the current step once stepping started (inpainting re-noises the image after each step); else the begin
+    index (img2img's initial noise)."""
+    if scheduler.begin_index is None:
+        return index_for_timestep(scheduler.timesteps, timestep)
+    if scheduler.step_index is not None:
+        return scheduler.step_index
+    return scheduler.begin_index
+
+
 def as_f32(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
@@ -99,4 +110,15 @@ class AlphaBarScheduler:
         self.betas, self.alphas_cumprod = noise_schedule(config)
         self.final_alpha_cumprod = np.float32(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
         self.num_inference_steps: int | None = None
+        self.begin_index: int | None = None
         self.timesteps = np.arange(config.num_train_timesteps, dtype=np.int64)[::-1].copy()
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where in `timesteps` denoising starts (img2img); `set_timesteps` clears it. Only LCM's step reads it."""
+        self.begin_index = int(begin_index)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        """The forward process q(x_t | x_0): sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) z (DDPM eq. 4)."""
+        alpha_prod = self.alphas_cumprod[int(timestep)]
+        out = np.sqrt(alpha_prod) * as_f32(original) + np.sqrt(np.float32(1.0) - alpha_prod) * as_f32(noise)
+        return out.astype(np.float32, copy=False)

@@ -54,6 +54,7 @@ class DDIMScheduler(AlphaBarScheduler):
             timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
         self.timesteps = timesteps.copy()
         self.num_inference_steps = n
+        self.begin_index = None
         self.rng = rng
 
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:

@@ -37,6 +37,7 @@ from .common import (
     index_for_timestep,
     karras_sigmas,
     log32,
+    noise_index,
     sigma_to_t,
     vp_sigmas,
 )
@@ -62,6 +63,20 @@ class DPMSolverMultistepScheduler:
         self.model_outputs: list[np.ndarray | None] = [None] * self.solver_order
         self.lower_order_nums = 0
         self.step_index: int | None = None
+        self.begin_index: int | None = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where in `timesteps` denoising starts (img2img): the first step's index; `set_timesteps` clears it."""
+        self.begin_index = int(begin_index)
+
+    def _index(self, timestep) -> int:
+        return index_for_timestep(self.timesteps, timestep, missing=len(self.timesteps) - 1)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        """x_0 noised to the level of `timestep`: alpha_t x_0 + sigma_t z."""
+        index = self._index(timestep) if self.begin_index is None else noise_index(self, timestep)
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
+        return (alpha_t * as_f32(original) + sigma_t * as_f32(noise)).astype(np.float32, copy=False)
 
     def set_timesteps(self, num_inference_steps: int, rng: np.random.Generator | None = None) -> None:
         T = self.config.num_train_timesteps
@@ -116,7 +131,7 @@ class DPMSolverMultistepScheduler:
         if self.num_inference_steps is None:
             raise RuntimeError("DPM-Solver++: call set_timesteps before step")
         if self.step_index is None:
-            self.step_index = index_for_timestep(self.timesteps, timestep, missing=len(self.timesteps) - 1)
+            self.step_index = self._index(timestep) if self.begin_index is None else self.begin_index
         model_output, sample = as_f32(model_output), as_f32(sample)
         # final_sigmas_type "zero": the last step is always first order.
         last_step = self.step_index == len(self.timesteps) - 1

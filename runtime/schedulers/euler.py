@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BadInput
-from .common import as_f32, index_for_timestep, karras_sigmas, sigma_to_t, vp_sigmas
+from .common import as_f32, index_for_timestep, karras_sigmas, noise_index, sigma_to_t, vp_sigmas
 from .config import SchedulerConfig, noise_schedule
 
 
@@ -43,6 +43,7 @@ class EulerDiscreteScheduler:
         self.timesteps = np.linspace(0, T - 1, T, dtype=np.float32)[::-1].copy()
         self.sigmas = np.concatenate([vp_sigmas(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)
         self.step_index: int | None = None
+        self.begin_index: int | None = None
 
     @property
     def init_noise_sigma(self) -> float:
@@ -74,10 +75,21 @@ class EulerDiscreteScheduler:
         self.timesteps = timesteps.astype(np.float32)
         self.num_inference_steps = n
         self.step_index = None
+        self.begin_index = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where in `timesteps` denoising starts (img2img): the first step's sigma index; `set_timesteps` clears it."""
+        self.begin_index = int(begin_index)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep) -> np.ndarray:
+        """x_0 noised to the level of `timestep`: x_0 + sigma z (the "variance exploding" scale of `sample`)."""
+        sigma = self.sigmas[noise_index(self, np.float32(timestep))]
+        return (as_f32(original) + as_f32(noise) * sigma).astype(np.float32, copy=False)
 
     def _init_step_index(self, timestep) -> None:
         if self.step_index is None:
-            self.step_index = index_for_timestep(self.timesteps, np.float32(timestep))
+            self.step_index = (index_for_timestep(self.timesteps, np.float32(timestep)) if self.begin_index is None
+                               else self.begin_index)
 
     def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
         self._init_step_index(timestep)

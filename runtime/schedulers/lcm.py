@@ -57,6 +57,7 @@ class LCMScheduler(AlphaBarScheduler):
         self.timesteps = lcm_origin_timesteps[inference_indices].astype(np.int64)
         self.num_inference_steps = num_inference_steps
         self.step_index = None
+        self.begin_index = None
         self.rng = rng
 
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
@@ -74,7 +75,8 @@ class LCMScheduler(AlphaBarScheduler):
             raise RuntimeError("LCM: call set_timesteps before step")
         timestep = int(timestep)
         if self.step_index is None:
-            self.step_index = index_for_timestep(self.timesteps, timestep)
+            self.step_index = (index_for_timestep(self.timesteps, timestep) if self.begin_index is None
+                               else self.begin_index)
         model_output, sample = as_f32(model_output), as_f32(sample)
 
         prev_step_index = self.step_index + 1

@@ -65,6 +65,7 @@ class PNDMScheduler(AlphaBarScheduler):
         # PLMS order: descending, with the second-highest timestep repeated for the warm-up correction.
         self.timesteps = np.concatenate([grid[:-1], grid[-2:-1], grid[-1:]])[::-1].astype(np.int64).copy()
         self.num_inference_steps = n
+        self.begin_index = None
         self._reset()
 
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
