@@ -119,7 +119,10 @@ class EngineSpec:
     memory: str = "normal"  # normal | low
     device: str | None = None  # default: settings.device
     threads: int | None = None  # default: settings.threads
-    verify: str = "if-signed"
+    verify: str = "if-signed"  # a public_key or identity given makes it "required" (runtime/signing.py)
+    public_key: str | None = None  # PEM public key the bundle must be signed with
+    identity: str | None = None  # or a Sigstore identity and its OIDC issuer
+    issuer: str | None = None
     build_hint: str | None = None  # how to make the bundle when it is missing (shown in the error)
 
 

@@ -47,7 +47,8 @@ class _SdedgeWorker:
         t1 = time.perf_counter()
         s = self.settings
         kw = {"device": self.spec["device"], "memory": self.spec["memory"], "threads": self.spec["threads"],
-              "verify": self.spec["verify"]}
+              "verify": self.spec["verify"], **{k: self.spec[k] for k in ("public_key", "identity", "issuer")
+                                                if self.spec.get(k)}}
         if self.spec.get("backend", "auto") != "auto":
             kw["backend"] = self.spec["backend"]
         self.pipe = Pipeline.load(self.spec["bundle"], **kw)

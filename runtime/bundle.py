@@ -6,7 +6,10 @@ parses are the bytes that were checked, so a file swapped on disk after the chec
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,57 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_nofollow(root: Path, rel: str, size: int) -> bytes:
+    """Up to `size + 1` bytes of `root/rel`, opening each component of `rel` relative to the folder before it with
+    O_NOFOLLOW: a symbolic link (file or folder) inside the bundle is a BundleError, and nothing is read past
+    one byte more than expected (a swapped-in huge file cannot exhaust memory)."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    parts = rel.split("/")
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | nofollow | (0 if last else getattr(os, "O_DIRECTORY", 0))
+            try:
+                nxt = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) or os.path.islink(root / "/".join(parts[: i + 1])):
+                    raise BundleError(f"{root / rel}: {'/'.join(parts[: i + 1])} is a symbolic link (or not a "
+                                      "folder); a bundle holds only regular files and folders") from None
+                raise BundleError(f"{root / rel}: cannot be read ({exc.strerror})") from None
+            os.close(fd)
+            fd = nxt
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{root / rel}: not a regular file")
+        return _read_fd(fd, size + 1)
+    finally:
+        os.close(fd)
+
+
+_MAX_READ = 0x7FFFF000  # the most one read(2) returns on Linux
+
+
+def _read_fd(fd: int, limit: int) -> bytes | bytearray:
+    """Up to `limit` bytes from `fd`, without a second copy: `bytes` from one read when it fits (the usual case
+    for a regular file under 2 GB), else a `bytearray` filled in place (weights of several GB)."""
+    if limit <= _MAX_READ:
+        first = os.read(fd, limit)
+        if len(first) == limit or not first:
+            return first
+        rest = _read_fd(fd, limit - len(first))
+        return first + rest if rest else first
+    buf = bytearray(limit)
+    view, n = memoryview(buf), 0
+    while n < limit:
+        k = os.readv(fd, [view[n:n + _MAX_READ]])
+        if k == 0:
+            break
+        n += k
+    view.release()
+    del buf[n:]
+    return buf
 
 
 @dataclass(frozen=True)
@@ -57,14 +111,18 @@ class Bundle:
                 )
 
     def read(self, rel: str) -> bytes:
-        """The file's bytes, after checking their SHA-256 against the manifest."""
+        """The file's bytes, after checking their SHA-256 against the manifest.
+
+        The file is opened one path component at a time without following symbolic links (a link anywhere
+        on the way is refused), read once into memory up to its recorded size, and those bytes are hashed and
+        returned: what a backend parses is what was checked, whatever happens on disk afterwards."""
         entry = self.manifest.files.get(rel)
         if entry is None:
             raise BundleError(f"{self.root / rel}: not listed in {MANIFEST_NAME}")
-        try:
-            data = (self.root / rel).read_bytes()
-        except OSError as exc:
-            raise BundleError(f"{self.root / rel}: cannot be read ({exc.strerror})") from None
+        data = read_nofollow(self.root, rel, entry.bytes)
+        if len(data) != entry.bytes:
+            raise BundleError(f"{self.root / rel}: {len(data)} bytes or more on disk but {entry.bytes} in "
+                              f"{MANIFEST_NAME}; the file is truncated or was changed")
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise BundleError(
                 f"{self.root / rel}: SHA-256 differs from {MANIFEST_NAME}; the file is corrupt or was changed"

@@ -35,7 +35,8 @@ from typing import Any
 
 from .bundle import Bundle, sha256_file
 from .errors import BundleError, MissingDependency, SdedgeError
-from .manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
+from .manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest_bytes
+from .strict import ConfigError, parse_json, read_capped
 
 POLICIES = ("required", "if-signed", "off")
 METHODS = ("key", "certificate", "sigstore")
@@ -150,37 +151,71 @@ class SignatureFile:
         return tuple(str(p).rstrip("/") for p in self.serialization.get("ignore_paths", ()) or ())
 
 
+MAX_SIGNATURE_BYTES = 4 << 20  # a Sigstore bundle over a dozen files is a few KiB; certificates add a few more
+
+
 def read_signature(bundle_dir: str | os.PathLike, raw: bytes | None = None) -> SignatureFile:
-    """Parse `model.sig` (a Sigstore bundle holding a DSSE envelope) without verifying it."""
+    """Parse `model.sig` (a Sigstore bundle holding a DSSE envelope) without verifying it: size capped (4 MiB),
+    nesting capped, and every field sdedge reads checked for its type, so a hostile file is a BundleError that
+    names it, never a traceback."""
     path = Path(bundle_dir) / SIGNATURE_NAME
     if raw is None:
         try:
-            raw = path.read_bytes()
+            raw = read_capped(path, MAX_SIGNATURE_BYTES)
         except FileNotFoundError:
             raise BundleError(f"{path}: missing; the bundle is not signed (sign it with `sdedge sign`)") from None
+        except ConfigError as exc:
+            raise BundleError(f"{exc}; re-sign the bundle with `sdedge sign`") from None
         except OSError as exc:
             raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
     try:
-        doc = json.loads(raw.decode("utf-8"))
-        material = doc["verificationMaterial"]
-        envelope = doc["dsseEnvelope"]
-        statement = json.loads(base64.b64decode(envelope["payload"], validate=True))
-        if not isinstance(statement, dict) or not envelope.get("signatures"):
+        doc = parse_json(raw, str(path), MAX_SIGNATURE_BYTES)
+        material, envelope = _field(doc, "verificationMaterial", dict), _field(doc, "dsseEnvelope", dict)
+        payload = base64.b64decode(_field(envelope, "payload", str), validate=True)
+        statement = parse_json(payload, f"{path} (signed payload)", MAX_SIGNATURE_BYTES)
+        if not isinstance(statement, dict) or not _field(envelope, "signatures", list):
             raise ValueError("no signed in-toto statement")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+        _check_statement(statement)
+    except (ConfigError, KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise BundleError(
             f"{path}: truncated or corrupt signature ({len(raw)} bytes; not a readable Sigstore bundle: "
             f"{type(exc).__name__}: {exc}); re-sign the bundle with `sdedge sign`"
         ) from None
-    if "publicKey" in material:
+    if isinstance(material.get("publicKey"), dict):
         method = "key"
-    elif "x509CertificateChain" in material:
+    elif isinstance(material.get("x509CertificateChain"), dict):
         method = "certificate"
-    elif "certificate" in material:
+    elif isinstance(material.get("certificate"), dict):
         method = "sigstore"
     else:
         raise BundleError(f"{path}: the signature holds no public key hint, certificate chain or Sigstore certificate")
     return SignatureFile(raw=raw, method=method, material=material, statement=statement)
+
+
+def _field(doc: Any, key: str, kind: type) -> Any:
+    if not isinstance(doc, dict) or key not in doc:
+        raise KeyError(key)
+    if not isinstance(doc[key], kind):
+        raise TypeError(f"{key!r} is a {type(doc[key]).__name__}, not a {kind.__name__}")
+    return doc[key]
+
+
+def _check_statement(statement: dict) -> None:
+    """The parts of the in-toto statement sdedge reads: a predicate mapping, a list of {name, digest} strings."""
+    predicate = statement.get("predicate", {})
+    if not isinstance(predicate, dict):
+        raise TypeError("'predicate' is not a mapping")
+    if not isinstance(predicate.get("serialization", {}) or {}, dict):
+        raise TypeError("'predicate.serialization' is not a mapping")
+    ignore = (predicate.get("serialization") or {}).get("ignore_paths", ()) or ()
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        raise TypeError("'serialization.ignore_paths' is not a list of strings")
+    resources = predicate.get("resources", []) or []
+    if not isinstance(resources, list):
+        raise TypeError("'predicate.resources' is not a list")
+    for res in resources:
+        if not (isinstance(res, dict) and isinstance(res.get("name"), str) and isinstance(res.get("digest"), str)):
+            raise TypeError("a resource is not a {name, digest} pair of strings")
 
 
 def _load_der_cert(b64: str):
@@ -446,9 +481,13 @@ def verify_bundle(bundle_dir: str | os.PathLike, *, public_key: str | os.PathLik
     method = _choose_method(sig, path, public_key, certificate_chain, identity, issuer)
     verifying = _require_model_signing()
     try:
-        manifest_bytes = (root / MANIFEST_NAME).read_bytes()  # read once: hashed here, parsed below
+        manifest_bytes = read_capped(root / MANIFEST_NAME)  # read once: hashed here, parsed below
     except FileNotFoundError:
         manifest_bytes = None
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
+    except OSError as exc:
+        raise BundleError(f"{root / MANIFEST_NAME}: cannot be read ({exc.strerror})") from None
 
     config = verifying.Config()
     try:
@@ -513,11 +552,7 @@ def _tie_to_manifest(root: Path, sig: SignatureFile, manifest_bytes: bytes | Non
     if manifest_sha != signed[MANIFEST_NAME]:
         raise _mismatch_error(root, [f"{root / MANIFEST_NAME}: changed since it was signed (signed SHA-256 "
                                      f"{signed[MANIFEST_NAME][:16]}…, read {manifest_sha[:16]}…)"])
-    try:
-        data = json.loads(manifest_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{root / MANIFEST_NAME}: not valid JSON ({exc})") from None
-    manifest = parse_manifest(data, str(root / MANIFEST_NAME))
+    manifest = parse_manifest_bytes(manifest_bytes, str(root / MANIFEST_NAME))
     msgs = []
     for rel in sorted(set(signed) | set(manifest.files)):
         if rel == MANIFEST_NAME:
@@ -552,19 +587,28 @@ def check_signature(bundle_dir: str | os.PathLike, policy: str = "if-signed", *,
     - "if-signed": verify when model.sig exists; warn (UnsignedBundleWarning) when it does not, or when it exists
       but no key/chain/identity was given to check it with;
     - "off": no check (None).
+    A key, certificate chain or identity given means "verify": the policy is then "required" whatever was asked
+    ("if-signed" applies only when no trust material is given), and "off" with trust material is refused as a
+    contradiction.
     Returns the SignerInfo of a verified signature, else None.
     """
     if policy not in POLICIES:
         raise SdedgeError(f"verify={policy!r}: choose one of {', '.join(POLICIES)}")
+    root = Path(bundle_dir)
+    trust_given = bool(public_key or certificate_chain or identity or issuer)
+    if trust_given and policy == "off":
+        raise SdedgeError(f"{root}: verify='off' but a public key, certificate chain or identity was given to verify "
+                          "with; drop one of the two (a key given means the signature must verify)")
     if policy == "off":
         return None
-    root = Path(bundle_dir)
+    if trust_given:
+        policy = "required"
     signed = (root / SIGNATURE_NAME).is_file()
-    trust_given = bool(public_key or certificate_chain or identity or issuer)
     if not signed:
         if policy == "required":
-            raise BundleError(f"{root}: unsigned bundle (no {SIGNATURE_NAME}) and verify='required'; "
-                              "sign it with `sdedge sign`")
+            why = "a key, certificate chain or identity was given" if trust_given else "verify='required'"
+            raise BundleError(f"{root / SIGNATURE_NAME}: missing (unsigned bundle) and {why}, so it must verify: "
+                              "refusing to load it; sign it with `sdedge sign`")
         warnings.warn(f"{root}: unsigned bundle (no {SIGNATURE_NAME}): only its files' SHA-256 against "
                       f"{MANIFEST_NAME} are checked; sign it with `sdedge sign`", UnsignedBundleWarning, stacklevel=2)
         return None

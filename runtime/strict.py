@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -21,6 +22,59 @@ T = TypeVar("T")
 
 class ConfigError(SdedgeError):
     """A config or manifest dict that does not match its schema."""
+
+
+# Caps on the documents sdedge parses before anything is verified (sdedge.json, model.sig, cache records): far
+# above any real one, far below what would exhaust memory or the parser's stack.
+MAX_DOCUMENT_BYTES = 16 << 20
+MAX_DEPTH = 64
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]}… overflows to infinity")
+    return value
+
+
+def read_capped(path, max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """A document's bytes, refusing one over `max_bytes` before it is read whole (and a symbolic link at the
+    last component). Raises ConfigError naming the file and the cap; FileNotFoundError passes through."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ConfigError(f"{path}: over {max_bytes} bytes, far larger than any such document; refusing to parse it")
+    return data
+
+
+def parse_json(raw: bytes, where: str, max_bytes: int = MAX_DOCUMENT_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse an untrusted JSON document: size capped, UTF-8, no NaN/Infinity, nesting at most `max_depth` deep.
+    Any failure is a ConfigError naming `where`, never a traceback."""
+    import json
+
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{where}: {len(raw)} bytes, over the {max_bytes}-byte cap for this document")
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a real document (over {max_depth} levels)") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, over-long integers, NaN
+        raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise ConfigError(f"{where}: nested over {max_depth} levels deep; not a real document")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return doc
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:

@@ -1,14 +1,17 @@
 """ONNX Runtime engine with an explicit lifecycle: load → infer → unload.
 
-One `OrtEngine` per component. `load()` reads the model's bytes through the bundle (hash-checked) and builds
-an `InferenceSession` from them; a model with external data (over 2 GB) has its data files hash-checked and
-is then opened by path, since ONNX Runtime resolves external data relative to the model file. On the CPU the
-optimised graph is cached per machine (ort_cache.py): the first load saves it, later loads open it with
-optimisation off (the bundle's files are still hash-checked).
+One `OrtEngine` per component. `load()` reads the model's bytes through the bundle (hash-checked, no symbolic
+links), checks every external-data location the model names against the files the manifest lists for this
+component (onnx_refs.py), reads those files the same way, and builds the `InferenceSession` from those bytes,
+handing the external data over from memory (`add_external_initializers_from_files_in_memory`): ONNX Runtime never
+opens a bundle file itself, so nothing swapped on disk between the check and the load can run. On the CPU the
+optimised graph is cached per machine (ort_cache.py): the first load saves it, later loads run it, from bytes
+checked against a sealed record bound to the verified model, with optimisation off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -21,7 +24,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import BundleError, MissingDependency
 from ..manifest import ComponentInfo
-from . import ort_cache
+from . import onnx_refs, ort_cache
 
 log = logging.getLogger("sdedge.runtime")
 
@@ -62,16 +65,29 @@ def choose_providers(device: str, have: list[str] | None = None) -> tuple[list[s
 def provider_entries(providers: list[str], key: str) -> list[Any]:
     """Providers as InferenceSession takes them: TensorRT's with its engine and timing caches under
     `$SDEDGE_CACHE_DIR/onnxruntime-trt/<key>` (key: component and model hash; no cache when SDEDGE_CACHE_DIR
-    is set empty), so that a second load does not rebuild engines for minutes; the others by name."""
-    root = ort_cache.cache_root("onnxruntime-trt")
+    is set empty or the root is not private), so that a second load does not rebuild engines for minutes; the
+    others by name. The folder's files are checked against their sealed record first and the folder emptied on
+    any mismatch; `OrtEngine` seals it again after a load and at unload (ort_cache.prepare_folder/seal_folder)."""
+    root = ort_cache.private_root(ort_cache.cache_root("onnxruntime-trt")) if "TensorrtExecutionProvider" in \
+        providers else None
     entries: list[Any] = []
     for p in providers:
         if p == "TensorrtExecutionProvider" and root is not None:
-            entries.append((p, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(root / key),
-                                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(root)}))
+            folder = ort_cache.prepare_folder(root, key)  # emptied unless its files match their sealed record
+            entries.append((p, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(folder),
+                                "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(folder)}))
         else:
             entries.append(p)
     return entries
+
+
+def _session(ort, model: bytes, data: dict, opts, providers):
+    """An InferenceSession on `model`'s bytes, its external data handed over from memory ({location: bytes})."""
+    if data:
+        names = list(data)
+        opts.add_external_initializers_from_files_in_memory(names, [data[n] for n in names],
+                                                            [len(data[n]) for n in names])
+    return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
 
 @dataclass
@@ -106,24 +122,23 @@ class OrtEngine:
             opts.enable_cpu_mem_arena = False
             opts.add_session_config_entry("session.disable_prepacking", "1")
         entry = self._cache_entry()
-        model_sha = self.bundle.manifest.files[self.info.file].sha256
-        providers = provider_entries(self.providers, f"{self.name}-{model_sha[:16]}")
+        providers = provider_entries(self.providers, self._trt_key())
         work = None
         try:
-            if entry is not None and ort_cache.lookup(entry):
+            cached = ort_cache.lookup(entry) if entry is not None else None
+            if cached is not None:
                 self._verify_files()  # the bundle is checked as on any load
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                self.session = ort.InferenceSession(str(entry.model), sess_options=opts, providers=providers)
-                self.cache_hit = True
-            else:
+                graph = cached.pop(entry.model.name)
+                if set(onnx_refs.external_locations(graph)) <= set(cached):
+                    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                    self.session = _session(ort, graph, cached, opts, providers)
+                    self.cache_hit = True
+            if self.session is None:
+                model, data = self._checked_model()
                 if entry is not None:
                     work = ort_cache.saving_into(opts, entry)
-                if self.info.external_data:
-                    self._verify_files()
-                    model: Any = str(self.bundle.path(self.info.file))
-                else:
-                    model = self.bundle.read(self.info.file)
-                self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+                self.session = _session(ort, model, data, opts, providers)
+                del model, data
                 if work is not None:
                     try:
                         ort_cache.commit(work, entry)
@@ -139,11 +154,20 @@ class OrtEngine:
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
         self._check_io()
+        self._seal_trt()
         log.debug("loaded %s with %s", self.name, self.session.get_providers())
 
+    def _checked_model(self) -> tuple[bytes, dict[str, bytes | bytearray]]:
+        """The model's bytes and its external data files' bytes ({location: bytes}), each read once and checked
+        against the manifest, after checking every external location against the files listed for this
+        component: ONNX Runtime gets these very bytes and never opens a bundle file itself."""
+        model = self.bundle.read(self.info.file)
+        files = onnx_refs.checked_external_files(self.bundle, self.info, model, "ONNX Runtime", self.name)
+        return model, {loc: self.bundle.read(rel) for loc, rel in files.items()}
+
     def _verify_files(self) -> None:
-        """Hash-check the model and its external data files against the manifest (what `bundle.read` does for
-        a model read as bytes)."""
+        """Hash-check the model and its external data files against the manifest (on a cache hit, where the
+        engine runs the cached graph and not these files)."""
         for rel in (self.info.file, *self.info.external_data):
             self.bundle.verify_hash(rel)
 
@@ -152,6 +176,7 @@ class OrtEngine:
         if self.cache_dir is False or self.cache_dir is None or self.providers != ["CPUExecutionProvider"]:
             return None
         root = ort_cache.cache_root("onnxruntime") if self.cache_dir is True else Path(self.cache_dir)
+        root = ort_cache.private_root(root)
         if root is None:
             return None
         files = self.bundle.manifest.files
@@ -173,5 +198,23 @@ class OrtEngine:
         typed = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.info.inputs}
         return self.session.run(None, typed)
 
+    def _trt_key(self) -> str:
+        """The TensorRT engine folder's name, bound to the verified digests of the model and its data."""
+        files = self.bundle.manifest.files
+        shas = "".join(files[rel].sha256 for rel in (self.info.file, *self.info.external_data))
+        return f"{self.name}-{hashlib.sha256(shas.encode()).hexdigest()[:32]}"
+
+    def _seal_trt(self) -> None:
+        if "TensorrtExecutionProvider" not in self.providers:
+            return
+        root = ort_cache.private_root(ort_cache.cache_root("onnxruntime-trt"))
+        if root is not None and (root / self._trt_key()).is_dir():
+            try:
+                ort_cache.seal_folder(root, self._trt_key())
+            except OSError as exc:
+                log.warning("onnxruntime %s: could not seal the TensorRT engine cache (%s)", self.name, exc)
+
     def unload(self) -> None:
+        if self.session is not None:
+            self._seal_trt()
         self.session = None

@@ -1,8 +1,10 @@
 """OpenVINO engine with the same lifecycle as `OrtEngine`: load → infer → unload (extra `sdedge[openvino]`).
 
 One `OvEngine` per component. The model is read from the bundle's hash-checked bytes: OpenVINO's own IR
-(`openvino_ir` in the manifest, written by export when it helps) when there is one, else the ONNX file. A model
-with external data (over 2 GB) has every file hash-checked and is then read by path.
+(`openvino_ir` in the manifest, written by export when it helps) when there is one, else the ONNX file. An ONNX
+model with external data (over 2 GB) has its external locations checked against the manifest's list for the
+component, and its checked bytes are copied into a private temporary folder that OpenVINO reads (it reads
+external data only by path), so a file swapped in the bundle after the check is never read.
 
 Shapes: the model is compiled for the exact input shapes of the first call (a static reshape: OpenVINO's CPU
 plugin runs static shapes faster than dynamic ones), and again, lazily, for each new shape; the last
@@ -11,7 +13,9 @@ plugin runs static shapes faster than dynamic ones), and again, lazily, for each
 Compiled-model cache: each compiled model is exported (`CompiledModel.export_model`) into
 `$SDEDGE_CACHE_DIR/openvino` (default `~/.cache/sdedge/openvino`) under a key made of the SHA-256 of the
 model files (from the manifest, checked on read), the OpenVINO version, the device, the compile properties
-and the input shapes; the blob's own SHA-256 is kept beside it and checked before import. A second load of
+and the input shapes; the blob's own SHA-256 is kept beside it in a record sealed with the per-user cache key
+and bound to that cache key (ort_cache.seal), the blob is read once, checked, and those bytes are imported; a
+cache root that others can write to is not used (ort_cache.private_root). A second load of
 the same bundle at the same size imports the blob instead of compiling: seconds instead of a minute for the
 SD1.5 UNet.
 
@@ -27,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
@@ -38,7 +43,10 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BundleError, MissingDependency
+from ..files import atomic_write_bytes
 from ..manifest import ComponentInfo, Precision
+from . import onnx_refs
+from .ort_cache import describe, open_sealed, private_root, seal
 
 log = logging.getLogger("sdedge.runtime")
 
@@ -156,17 +164,34 @@ class OvEngine:
             if self.info.openvino_ir:
                 xml, weights = files
                 self.model = ov_core.read_model(self.bundle.read(xml), _ov_tensor(self.bundle.read(weights)))
-            elif self.info.external_data:
-                for rel in files:
-                    self.bundle.verify_hash(rel)
-                self.model = ov_core.read_model(str(self.bundle.path(self.info.file)))
             else:
-                self.model = ov_core.read_model(self.bundle.read(self.info.file))
+                model = self.bundle.read(self.info.file)
+                external = onnx_refs.checked_external_files(self.bundle, self.info, model, "OpenVINO", self.name)
+                if external:
+                    self.model = self._read_private_copy(model, external)
+                else:
+                    self.model = ov_core.read_model(model)
         except BundleError:
             raise
         except Exception as exc:
             raise BundleError(f"{self.bundle.path(files[0])}: OpenVINO cannot read the {self.name} model: {exc}") from None
         return self.model
+
+    def _read_private_copy(self, model: bytes, external: dict[str, str]):
+        """An ONNX model with external data, which OpenVINO reads only by path: the checked bytes are written into
+        a folder only this process's user can open (mode 0700) and read from there, so a file swapped in the
+        bundle after the check is never what OpenVINO reads. The copy is removed once the model is read."""
+        folder = Path(tempfile.mkdtemp(prefix=f"sdedge-ov-{self.name}-"))
+        try:
+            name = Path(self.info.file).name
+            atomic_write_bytes(folder / name, model, mode=0o600)
+            for loc, rel in external.items():
+                data = self.bundle.read(rel)
+                atomic_write_bytes(folder / loc, data, mode=0o600)
+                del data
+            return core().read_model(str(folder / name))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _check_io_names(self) -> None:
         """Input names from the manifest must match the model's (checked on the first compile)."""
@@ -188,18 +213,19 @@ class OvEngine:
     def _compile(self, shapes: tuple):
         ov_core = core()
         blob = sidecar = None
-        if self.cache_dir is not None:
-            key = self._cache_key(shapes)
-            blob = Path(self.cache_dir) / f"{self.name}-{key}.blob"
-            sidecar = blob.with_suffix(".sha256")
-            if blob.is_file() and sidecar.is_file():
+        root = private_root(Path(self.cache_dir)) if self.cache_dir is not None else None
+        if root is not None:
+            key = f"{self.name}-{self._cache_key(shapes)}"
+            blob = root / f"{key}.blob"
+            sidecar = blob.with_suffix(".sha256")  # the sealed record: the blob's SHA-256, bound to `key`
+            if sidecar.is_file():
                 # the bundle's own files are still hash-checked, so a changed bundle never meets a stale blob
                 for rel in self._source_files():
                     self.bundle.verify_hash(rel)
-                data = blob.read_bytes()
-                if hashlib.sha256(data).hexdigest() == sidecar.read_text().strip():
+                files = open_sealed(sidecar, key)  # the blob read once, checked, and those bytes imported
+                if files is not None and blob.name in files:
                     try:
-                        compiled = ov_core.import_model(data, self.device, self.config)
+                        compiled = ov_core.import_model(bytes(files[blob.name]), self.device, self.config)
                         self.cache_hits += 1
                         log.debug("openvino %s: compiled model imported from the cache %s", self.name, blob)
                         return compiled
@@ -256,20 +282,12 @@ def _ov_tensor(data: bytes):
 
 
 def _write_blob(blob: Path, sidecar: Path, compiled) -> None:
-    """Write the compiled model atomically; a cache that cannot be written is only a slower next load."""
-    tmp = None
+    """Write the compiled model atomically, then its sealed record; a cache that cannot be written is only a
+    slower next load."""
     try:
-        blob.parent.mkdir(parents=True, exist_ok=True)
         data = compiled.export_model()
         data = data.getvalue() if hasattr(data, "getvalue") else bytes(data)  # a BytesIO in OpenVINO 2026
-        fd, tmp = tempfile.mkstemp(prefix=f".{blob.name}.", dir=blob.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, blob)
-        tmp = None
-        sidecar.write_text(hashlib.sha256(data).hexdigest() + "\n")
+        atomic_write_bytes(blob, data, mode=0o600)
+        seal(sidecar, blob.stem, describe({blob.name: data}))
     except Exception as exc:
         log.warning("openvino: could not write the compiled-model cache %s (%s)", blob, exc)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
