@@ -121,8 +121,9 @@ class Bundle:
             raise BundleError(f"{self.root / rel}: not listed in {MANIFEST_NAME}")
         data = read_nofollow(self.root, rel, entry.bytes)
         if len(data) != entry.bytes:
-            raise BundleError(f"{self.root / rel}: {len(data)} bytes or more on disk but {entry.bytes} in "
-                              f"{MANIFEST_NAME}; the file is truncated or was changed")
+            size = f"more than {entry.bytes}" if len(data) > entry.bytes else str(len(data))
+            raise BundleError(f"{self.root / rel}: {size} bytes on disk but {entry.bytes} in {MANIFEST_NAME}; "
+                              "the file is truncated or was changed")
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise BundleError(
                 f"{self.root / rel}: SHA-256 differs from {MANIFEST_NAME}; the file is corrupt or was changed"

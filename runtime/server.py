@@ -139,8 +139,8 @@ def _require_fastapi():
 
 
 def load_pipeline(path: str | os.PathLike, settings: ServeSettings):
-    """Load a bundle for serving: the signature is required unless `allow_unsigned` (then it is still checked
-    when the bundle is signed and a key is given)."""
+    """Load a bundle for serving: the signature is required unless `allow_unsigned`; a key or identity given
+    still makes it required (an unsigned bundle is then refused: runtime/signing.check_signature)."""
     from .pipeline import Pipeline
 
     verify, trust = verify_policy(settings)

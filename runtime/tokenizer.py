@@ -10,7 +10,6 @@ Only numpy and tokenizers here: never torch or transformers (the edge runtime ha
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput, BundleError
+from .strict import ConfigError, parse_json
 
 __all__ = ["ClipTokenizer", "PromptTruncatedWarning", "TOKENIZER_FILE", "TOKENIZER_CONFIG_FILE"]
 
@@ -126,10 +126,11 @@ class ClipTokenizer:
 
         config: dict = {}
         if config_json is not None:
+            raw = config_json.encode("utf-8") if isinstance(config_json, str) else bytes(config_json)
             try:
-                config = json.loads(config_json)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise BundleError(f"tokenizer config is corrupt or unreadable: {config_source}: {e}") from e
+                config = parse_json(raw, config_source)  # size, nesting and strict-JSON caps (runtime/strict.py)
+            except ConfigError as e:
+                raise BundleError(f"tokenizer config is corrupt or unreadable: {e}") from None
             if not isinstance(config, dict):
                 raise BundleError(f"tokenizer config is not a JSON object: {config_source}")
 

@@ -231,6 +231,16 @@ def test_cache_root_owned_by_another_user_is_not_used(tiny_bundle, tmp_path, ref
     assert not list(cache.iterdir()) and "owned by another user" in caplog.text
 
 
+def test_cache_key_that_is_not_private_means_no_cache_not_a_failure(tiny_bundle, tmp_path, reference, caplog):
+    cache = tmp_path / "cache"
+    _run(_engine(tiny_bundle, cache))
+    os.chmod(tmp_path / ort_cache.KEY_NAME, 0o644)  # readable by others: a record could be forged with it
+    engine = _engine(tiny_bundle, cache)
+    with caplog.at_level(logging.WARNING, logger="sdedge.runtime"):
+        np.testing.assert_array_equal(_run(engine), reference)
+    assert not engine.cache_hit and "not a private cache key" in caplog.text
+
+
 def test_tensorrt_engine_folder_is_emptied_when_it_does_not_match_its_record(tmp_path):
     root = ort_cache.private_root(tmp_path / "trt")
     folder = ort_cache.prepare_folder(root, "unet-abc")
@@ -486,3 +496,12 @@ def test_hostile_safetensors_header_is_a_clear_error(tmp_path, case):
     path = _safetensors(tmp_path / "x.safetensors", header, n=(1 << 62) if case == "huge-length" else None)
     with pytest.raises(SdedgeError, match=str(path).replace(".", r"\.")):
         read_safetensors_header(path)
+
+
+def test_hostile_tokenizer_config_is_a_clear_error(tiny_bundle):
+    from sdedge.runtime.tokenizer import ClipTokenizer
+
+    tok = (tiny_bundle / "tokenizer" / "tokenizer.json").read_bytes()
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"model_max_length": NaN}'):
+        with pytest.raises(BundleError, match="tokenizer config is corrupt or unreadable: .*tokenizer_config.json"):
+            ClipTokenizer.from_bytes(tok, raw, source=str(tiny_bundle / "tokenizer" / "tokenizer.json"))

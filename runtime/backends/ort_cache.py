@@ -77,15 +77,18 @@ def cpu_identity() -> str:
 _WARNED: set[str] = set()
 
 
-def _unsafe(path: Path) -> str | None:
-    """Why `path` (an existing folder) is not private to this user, or None."""
+def _unsafe(path: Path, parent: bool = False) -> str | None:
+    """Why `path` (an existing folder) is not private to this user, or None. A parent may also be root's, or
+    a sticky folder like /tmp (where no one else can rename what is ours)."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         return "it is a symbolic link"
     if not stat.S_ISDIR(st.st_mode):
         return "it is not a folder"
-    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+    if hasattr(os, "geteuid") and st.st_uid not in ((os.geteuid(), 0) if parent else (os.geteuid(),)):
         return f"it is owned by another user (uid {st.st_uid})"
+    if parent and st.st_mode & stat.S_ISVTX:
+        return None
     if st.st_mode & 0o022:
         return f"it is writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'group' if st.st_mode & 0o020 else 'others'} (mode {stat.S_IMODE(st.st_mode):o})"
     return None
@@ -100,7 +103,7 @@ def private_root(root: Path | None) -> Path | None:
     root = Path(root)
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        why = next(((p, w) for p in (root.parent, root) if (w := _unsafe(p))), None)
+        why = next(((p, w) for p, up in ((root.parent, True), (root, False)) if (w := _unsafe(p, up))), None)
     except OSError as exc:
         why = (root, f"it cannot be created or read ({exc.strerror})")
     if why is None:
@@ -130,9 +133,9 @@ def _secret(root: Path) -> bytes:
             st = os.fstat(f.fileno())
             key = f.read(64)
         if (hasattr(os, "geteuid") and st.st_uid != os.geteuid()) or st.st_mode & 0o077 or len(key) != 32:
-            raise BundleError(f"{path}: not a private cache key of this user (owner, mode 0600, 32 bytes)")
+            raise OSError(f"{path}: not a private cache key of this user (owner, mode 0600, 32 bytes)")
         return key
-    raise BundleError(f"{path}: cannot create the cache key")
+    raise OSError(f"{path}: cannot create the cache key")
 
 
 def _mac(root: Path, bound_to: str, files: dict) -> str:
