@@ -133,7 +133,8 @@ class Pipeline:
 
         verify: "required" refuses an unsigned bundle or one whose signature fails; "if-signed" (default)
         verifies when bundle/model.sig exists and warns when it does not; "off" skips the signature (the
-        manifest's SHA-256 of every file is still checked as each file is read).
+        manifest's SHA-256 of every file is still checked as each file is read). A public_key, identity or
+        certificate_chain given means verify: the policy is then "required" (docs/security.md).
         memory: "low" holds one component in memory at a time (slower, smaller peak).
         """
         bundle, signer = open_bundle(path, verify, public_key=public_key, identity=identity, issuer=issuer,
