@@ -42,6 +42,10 @@ class QueueClosed(SdedgeError):
     """The queue is shutting down and accepts no new job."""
 
 
+class JobLost(SdedgeError):
+    """The worker running the job went away before it finished (a Ray Serve replica died); try again."""
+
+
 @dataclass
 class Job:
     id: str
@@ -54,6 +58,7 @@ class Job:
     steps_total: int = 0
     cancel_event: threading.Event = field(default_factory=threading.Event)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (the replica that ran it)
 
     def status(self) -> dict[str, Any]:
         """What a client may see about a job: never its prompt."""
