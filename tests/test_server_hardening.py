@@ -15,11 +15,14 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'sdedge[serve]'")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'sdedge[serve]'")
 
+import test_server
 from conftest import REPO
-from sdedge.runtime.errors import BadInput
-from sdedge.runtime.server import KNOWN_METHODS, ServeSettings, check_bind, create_app, is_loopback, serve, server_config
+from test_server import ThreadServer, free_port
 
-from test_server import ThreadServer, free_port, pipe, unsigned_bundle  # noqa: F401 (the tiny bundle's fixtures)
+from sdedge.runtime.errors import BadInput
+from sdedge.runtime.server import KNOWN_METHODS, ServeSettings, check_bind, create_app, is_loopback, serve
+
+unsigned_bundle, pipe = test_server.unsigned_bundle, test_server.pipe  # the tiny bundle's fixtures
 
 GENERATE = b'{"prompt": "a red circle", "steps": 1, "seed": 1}'
 

@@ -17,12 +17,14 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'sdedge[serve]'")
 httpx = pytest.importorskip("httpx", reason="the tests talk to the server with httpx")
-from PIL import Image
-
+import test_server
 from conftest import bundle_without
+from PIL import Image
+from test_server import SLOW, ThreadServer, png_size
+
 from sdedge.runtime.server import ServeSettings, create_app
 
-from test_server import SLOW, ThreadServer, pipe, png_size, unsigned_bundle  # noqa: F401 (the tiny bundle's fixtures)
+unsigned_bundle, pipe = test_server.unsigned_bundle, test_server.pipe  # the tiny bundle's fixtures
 
 LIMITS = {"max_upload_bytes": 200_000, "max_upload_pixels": 1_000_000}
 

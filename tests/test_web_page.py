@@ -3,7 +3,6 @@ against a real server on 127.0.0.1 with the tiny bundle. Nothing is downloaded a
 
 from __future__ import annotations
 
-import io
 import shutil
 import threading
 import time
@@ -18,29 +17,20 @@ if not (CHROMIUM and DRIVER):
                 allow_module_level=True)
 pytest.importorskip("selenium", reason="selenium is not installed (the dev extra: pip install 'sdedge[dev]')")
 
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
+import test_server
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from test_server import SLOW, TOKEN, ThreadServer
 
+from sdedge.benchmarks.page import launch_chromium
 from sdedge.runtime.server import ServeSettings, create_app
 
-from test_server import SLOW, TOKEN, ThreadServer, pipe, unsigned_bundle  # noqa: F401 (the tiny bundle's fixtures)
-
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                  "--window-size=1000,1400")
+unsigned_bundle, pipe = test_server.unsigned_bundle, test_server.pipe  # the tiny bundle's fixtures
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
-    driver.set_script_timeout(30)
+    driver = launch_chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 
@@ -147,7 +137,7 @@ def test_page_generates_shows_progress_cancels_its_job_and_shows_the_servers_err
     for bad, message in ((72, "multiple of 16"), (1024, "less than or equal to 128")):
         fill(browser, "width", bad)
         el(browser, "generate").click()
-        wait(browser, lambda d: message in el(d, "error").text, what=f"no message for width {bad}")
+        wait(browser, lambda d, m=message: m in el(d, "error").text, what=f"no message for width {bad}")
         assert "width" in el(browser, "error").text
 
     urls = requested_urls(browser)
