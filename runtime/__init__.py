@@ -5,10 +5,14 @@
     images = pipe("a red circle", steps=20, seed=7)
 """
 
-__all__ = ["Pipeline", "GenerationResult", "Cancelled"]
+__all__ = ["Pipeline", "GenerationResult", "Cancelled", "ray_app"]
 
 
 def __getattr__(name):  # lazy, so importing sdedge.runtime.errors does not load ONNX Runtime
+    if name == "ray_app":  # Ray Serve (the `ray` extra), imported when called
+        from .ray_serve import ray_app
+
+        return ray_app
     if name in __all__:
         from . import pipeline
 
