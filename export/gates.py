@@ -89,8 +89,9 @@ def record_reference(pipe, out_dir: Path, *, prompt: str, latents: np.ndarray, s
         out = output[0] if isinstance(output, tuple) else output.sample
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
         path = out_dir / f"ref-{len(files):03d}.npz"
+        added = {k: v.float().numpy() for k, v in (kwargs.get("added_cond_kwargs") or {}).items()}  # SDXL's
         np.savez(path, sample=sample.float().numpy(), timestep=t.numpy().astype(np.float32),
-                 encoder_hidden_states=ehs.float().numpy(), out_sample=out.float().numpy())
+                 encoder_hidden_states=ehs.float().numpy(), out_sample=out.float().numpy(), **added)
         files.append(path)
 
     handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
@@ -127,7 +128,7 @@ def image_psnr(bundle_dir: Path, backend: str, reference: Reference) -> float:
     try:
         ours = pipe.generate(reference.prompt, "", steps=reference.steps, guidance=reference.guidance,
                              width=reference.size, height=reference.size, scheduler=reference.scheduler,
-                             latents=reference.latents).images
+                             latents=reference.latents, watermark=False).images
     finally:
         pipe.close()
     return float(min(psnr(ours, reference.image), 999.0))
@@ -274,7 +275,7 @@ def record_reference_bundle(bundle_dir: Path, out_dir: Path, *, prompt: str, lat
     pipe = Pipeline(bundle, device="cpu", engine_factory=factory)
     size = latents.shape[-1] * bundle.manifest.latent.vae_scale_factor
     image = pipe.generate(prompt, "", steps=steps, guidance=guidance, width=size, height=size, scheduler=scheduler,
-                          latents=latents).images
+                          latents=latents, watermark=False).images
     pipe.close()
     return Reference(files=files, image=image, latents=latents, prompt=prompt, steps=steps, guidance=guidance,
                      scheduler=scheduler, size=size)

@@ -59,12 +59,16 @@ UNET_GROUPS = ("/unet/conv_in", "/unet/time_embedding", "/unet/down_blocks.0", "
                "/unet/up_blocks.1", "/unet/up_blocks.2", "/unet/up_blocks.3", "/unet/conv_norm_out", "/unet/conv_out")
 
 
-def component_plan(precision: Precision) -> dict[str, Precision]:
-    """The precision each component gets in a bundle of `precision`."""
-    names = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+def component_plan(precision: Precision, pipeline: str = "sd15") -> dict[str, Precision]:
+    """The precision each component gets in a bundle of `precision` (SDXL's VAE stays fp32 in an fp16 bundle: it
+    overflows in fp16)."""
+    names = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
     if precision is Precision.INT8:
         return {n: Precision.INT8 if n == "unet" else Precision.INT8_WEIGHTS for n in names}
-    return {n: precision for n in names}
+    plan = {n: precision for n in names}
+    if pipeline == "sdxl" and precision is Precision.FP16:
+        plan.update(vae_decoder=Precision.FP32, vae_encoder=Precision.FP32)
+    return plan
 
 
 # -- model files ---------------------------------------------------------------------------------------------
@@ -221,7 +225,7 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
 
     stages = stages or _NoStages()
     fp32_manifest = manifest
-    plan = component_plan(precision)
+    plan = component_plan(precision, manifest.pipeline)
     work = scratch_dir(stage_dir.parent, "quant")
     try:
         calibration = None
@@ -239,6 +243,9 @@ def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *
                 os.replace(stage_dir / rel, work / "fp32" / rel)
             for name, info in manifest.components.items():
                 p = plan[name]
+                if p is Precision.FP32:  # kept as exported
+                    components[name] = replace(info, precision=p)
+                    continue
                 src = (work / "fp32" / info.file) if name == "unet" else stage_dir / info.file
                 with stages(f"{p.value} {name}"):
                     model = transform(name, p, src, work, calibration=calibration, int8_method=int8_method,

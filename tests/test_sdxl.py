@@ -369,3 +369,33 @@ def test_loras_of_the_other_architecture_refused(pipe, work):
     sd15_lora = _write_lora(work / "sd15.safetensors", sd15_layers, 2, 2, kohya=False)
     with pytest.raises(LoraError, match=r"sd15\.safetensors: key 'unet\..*SD 1\.x LoRA on an SDXL base"):
         fuse_loras(pipe, [(sd15_lora, 1.0)])
+
+
+# -- precision and signing -----------------------------------------------------------------------------------------
+@pytest.mark.slow  # a bf16 export with its gates: ~50 s
+def test_bf16_sdxl_bundle_gated_against_fp32(base, work):
+    from sdedge.export.build import ExportOptions, export_bundle
+    from sdedge.runtime.manifest import Precision
+
+    m = export_bundle(base, work / "bf16", ExportOptions(precision=Precision.BF16, parity_steps=4, speed_calls=1,
+                                                         speed_backends=("onnxruntime",)))
+    assert m.pipeline == "sdxl" and m.precision is Precision.BF16
+    assert m.parity.precision.guided_cosine >= 0.99 and m.parity.precision.image_psnr_db >= 35.0
+    rt = Pipeline.load(work / "bf16", verify="off", backend="onnxruntime")
+    assert np.isfinite(rt.generate(PROMPTS[0], steps=2, watermark=False).images).all()
+
+
+@pytest.mark.slow
+def test_signed_sdxl_bundle_verified_before_load(bundle, work):
+    from sdedge.export.signing import keygen, sign
+
+    keys = keygen(work / "keys")
+    signed = work / "signed"
+    shutil.copytree(bundle, signed)
+    sign(signed, key=keys.private)
+    rt = Pipeline.load(signed, verify="required", public_key=keys.public, memory="low")
+    assert rt.signer is not None and rt.manifest.pipeline == "sdxl"
+    tok2 = signed / "tokenizer_2" / "tokenizer_config.json"
+    tok2.write_text(tok2.read_text().replace('"!"', '"<|endoftext|>"'))  # tampered: the second tokenizer's pad
+    with pytest.raises(SdedgeError, match="tokenizer_2/tokenizer_config.json"):
+        Pipeline.load(signed, verify="required", public_key=keys.public)
