@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import run_cli
 from onnx import TensorProto, helper
 
 from sdedge.runtime.backends import ort_cache
@@ -26,8 +27,6 @@ from sdedge.runtime.backends.onnxruntime import OrtEngine
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.errors import BundleError, SdedgeError
 from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest
-
-from conftest import run_cli
 
 CPU = ["CPUExecutionProvider"]
 VAE = "vae_decoder"

@@ -89,8 +89,9 @@ def _unsafe(path: Path, parent: bool = False) -> str | None:
         return f"it is owned by another user (uid {st.st_uid})"
     if parent and st.st_mode & stat.S_ISVTX:
         return None
-    if st.st_mode & 0o022:
-        return f"it is writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'group' if st.st_mode & 0o020 else 'others'} (mode {stat.S_IMODE(st.st_mode):o})"
+    writers = {0o022: "group and others", 0o020: "group", 0o002: "others"}.get(st.st_mode & 0o022)
+    if writers:
+        return f"it is writable by {writers} (mode {stat.S_IMODE(st.st_mode):o})"
     return None
 
 
