@@ -271,8 +271,8 @@ def _is_ray(p) -> bool:
         return False
 
 
-def test_without_ray_the_cli_says_how_to_install(signed_bundle):
-    code = ("import sys; sys.modules['ray'] = None; from sdedge.cli import main; "
-            f"sys.exit(main(['serve', {str(signed_bundle)!r}, '--ray', '--allow-unsigned']))")
+def test_without_ray_the_cli_says_how_to_install(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from sdedge.cli import main; "  # as if not installed
+            f"sys.exit(main(['serve', {str(tmp_path)!r}, '--ray', '--allow-unsigned']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 2 and "pip install 'sdedge[ray]'" in r.stderr, (r.returncode, r.stderr)
