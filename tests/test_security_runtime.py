@@ -252,6 +252,28 @@ def test_tensorrt_engine_folder_is_emptied_when_it_does_not_match_its_record(tmp
     assert not list(ort_cache.prepare_folder(root, "unet-abc").iterdir())
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'TensorrtExecutionProvider'")
+def test_tensorrt_engines_built_while_running_are_sealed_and_kept(tiny_bundle, tmp_path, monkeypatch):
+    """The engine's own bookkeeping around ONNX Runtime's TensorRT provider (here absent: ONNX Runtime runs the CPU
+    provider and warns): an engine file that appears while running is sealed, kept by the next load, and
+    thrown away once changed behind its back."""
+    monkeypatch.setenv("SDEDGE_CACHE_DIR", str(tmp_path / "c"))
+    providers = ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    bundle = Bundle.open(tiny_bundle)
+    engine = OrtEngine(bundle, VAE, bundle.manifest.components[VAE], providers, threads=1)
+    engine.load()
+    folder = tmp_path / "c" / "onnxruntime-trt" / engine._trt_key()
+    (folder / "TensorrtExecutionProvider_cache.engine").write_bytes(b"built while running")  # as TensorRT would
+    engine.infer({"latent_sample": LATENT})  # no unload after it: as if the process were killed here
+    again = OrtEngine(bundle, VAE, bundle.manifest.components[VAE], providers, threads=1)
+    again.load()
+    assert (folder / "TensorrtExecutionProvider_cache.engine").read_bytes() == b"built while running"
+    again.unload()
+    (folder / "TensorrtExecutionProvider_cache.engine").write_bytes(b"planted")
+    OrtEngine(bundle, VAE, bundle.manifest.components[VAE], providers, threads=1).load()
+    assert not (folder / "TensorrtExecutionProvider_cache.engine").exists()
+
+
 def _ov_engine(bundle_dir, cache, name=VAE):
     from sdedge.runtime.backends.openvino import OvEngine
 

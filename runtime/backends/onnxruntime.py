@@ -101,6 +101,7 @@ class OrtEngine:
     cache_dir: Path | None | bool = True  # optimised-graph cache (ort_cache.py); True: the default folder
     session: Any = field(default=None, repr=False)
     cache_hit: bool = False  # the last load opened the cached optimised graph
+    _trt_state: list | None = field(default=None, repr=False)  # the TensorRT folder as last sealed
 
     @property
     def loaded(self) -> bool:
@@ -196,7 +197,9 @@ class OrtEngine:
         if self.session is None:
             raise RuntimeError(f"engine {self.name!r} used before load()")
         typed = {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.info.inputs}
-        return self.session.run(None, typed)
+        out = self.session.run(None, typed)
+        self._seal_trt()  # TensorRT builds an engine on the first run at a new shape: seal it now
+        return out
 
     def _trt_key(self) -> str:
         """The TensorRT engine folder's name, bound to the verified digests of the model and its data."""
@@ -205,14 +208,22 @@ class OrtEngine:
         return f"{self.name}-{hashlib.sha256(shas.encode()).hexdigest()[:32]}"
 
     def _seal_trt(self) -> None:
+        """Seal the TensorRT engine folder when its files changed since the last seal (names, sizes, mtimes: one
+        listing per call, a hash only after TensorRT wrote something), so a process killed later keeps them."""
         if "TensorrtExecutionProvider" not in self.providers:
             return
         root = ort_cache.private_root(ort_cache.cache_root("onnxruntime-trt"))
-        if root is not None and (root / self._trt_key()).is_dir():
-            try:
-                ort_cache.seal_folder(root, self._trt_key())
-            except OSError as exc:
-                log.warning("onnxruntime %s: could not seal the TensorRT engine cache (%s)", self.name, exc)
+        folder = root / self._trt_key() if root is not None else None
+        if folder is None or not folder.is_dir():
+            return
+        state = sorted((p.name, p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.iterdir())
+        if state == self._trt_state:
+            return
+        try:
+            ort_cache.seal_folder(root, self._trt_key())
+            self._trt_state = state
+        except OSError as exc:
+            log.warning("onnxruntime %s: could not seal the TensorRT engine cache (%s)", self.name, exc)
 
     def unload(self) -> None:
         if self.session is not None:
