@@ -174,6 +174,8 @@ class _DiffusersWorker:
 
         for name in ("text_encoder", "unet"):
             timed(name, getattr(pipe, name))
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: both encoders count as the text encoder
+            timed("text_encoder", pipe.text_encoder_2)
         self.tokenizer_timed = timed("tokenize", pipe.tokenizer, sync=False)
         decode = pipe.vae.decode
 
@@ -200,7 +202,10 @@ class _DiffusersWorker:
         self._sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.pipe([prompt] * b, negative_prompt=[s["negative"]] * b, num_inference_steps=s["steps"],
+            # SDXL: an empty negative prompt is none (zero embeddings), as the runtime reads it (runtime/sdxl.py)
+            sdxl_none = getattr(self.pipe, "text_encoder_2", None) is not None and s["negative"] == ""
+            out = self.pipe([prompt] * b, negative_prompt=None if sdxl_none else [s["negative"]] * b,
+                            num_inference_steps=s["steps"],
                             guidance_scale=s["guidance"], latents=lat, height=s["size"], width=s["size"],
                             output_type="np")
         self._sync()
@@ -233,6 +238,12 @@ def _time_calls(obj, start, end) -> bool:
     """Make `obj(...)` call start() before and end() after (also on error), by giving obj a subclass of its
     own class with a timed __call__. False when the class refuses it (its time then lands in "other")."""
     base_cls = type(obj)
+    import torch
+
+    if isinstance(obj, torch.nn.Module):  # hooks: a swapped class loses transformers 5's output_hidden_states
+        obj.register_forward_pre_hook(lambda *a: start())
+        obj.register_forward_hook(lambda *a: end(), always_call=True)
+        return True
 
     def call(this, *args, **kwargs):
         start()
