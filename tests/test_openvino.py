@@ -32,7 +32,7 @@ def _generate(bundle_dir, backend, **kw):
 
     pipe = Pipeline.load(bundle_dir, backend=backend, verify="off", **kw)
     lat = np.random.default_rng(3).standard_normal((1, 4, 16, 16), dtype=np.float32)
-    result = pipe.generate("a red circle", steps=4, guidance=7.5, scheduler="ddim", latents=lat)
+    result = pipe.generate("a red circle", steps=4, guidance=7.5, scheduler="ddim", latents=lat, watermark=False)
     return pipe, result
 
 
