@@ -27,10 +27,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_nofollow(root: Path, rel: str, size: int) -> bytes:
-    """Up to `size + 1` bytes of `root/rel`, opening each component of `rel` relative to the folder before it with
-    O_NOFOLLOW: a symbolic link (file or folder) inside the bundle is a BundleError, and nothing is read past
-    one byte more than expected (a swapped-in huge file cannot exhaust memory)."""
+def open_nofollow(root: Path, rel: str) -> int:
+    """A read-only descriptor of the regular file `root/rel`, opening each component of `rel` relative to the
+    folder before it with O_NOFOLLOW: a symbolic link (file or folder) inside the bundle is a BundleError."""
     nofollow = getattr(os, "O_NOFOLLOW", 0)
     parts = rel.split("/")
     fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -49,6 +48,17 @@ def read_nofollow(root: Path, rel: str, size: int) -> bytes:
             fd = nxt
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BundleError(f"{root / rel}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_nofollow(root: Path, rel: str, size: int) -> bytes | bytearray:
+    """Up to `size + 1` bytes of `root/rel` (opened with `open_nofollow`): nothing is read past one byte more than
+    expected, so a swapped-in huge file cannot exhaust memory."""
+    fd = open_nofollow(root, rel)
+    try:
         return _read_fd(fd, size + 1)
     finally:
         os.close(fd)
@@ -131,9 +141,13 @@ class Bundle:
         return data
 
     def verify_hash(self, rel: str) -> None:
-        """Hash a (large) file in chunks without holding it in memory."""
+        """Hash a (large) file in chunks without holding it in memory (no symbolic links, as `read`)."""
         entry = self.manifest.files[rel]
-        if sha256_file(self.root / rel) != entry.sha256:
+        digest = hashlib.sha256()
+        with os.fdopen(open_nofollow(self.root, rel), "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != entry.sha256:
             raise BundleError(
                 f"{self.root / rel}: SHA-256 differs from {MANIFEST_NAME}; the file is corrupt or was changed"
             )
