@@ -274,3 +274,11 @@ def test_a_non_loopback_address_needs_a_token_or_insecure_no_auth(unsigned_bundl
         check_bind(host, ServeSettings())
     check_bind("0.0.0.0", ServeSettings(token="t" * 16))
     check_bind("0.0.0.0", ServeSettings(insecure_no_auth=True))
+
+
+def test_unfinished_headers_are_not_buffered_past_16_kib(pipe):
+    with start(pipe, header_timeout=30.0) as srv, srv.connect() as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20_000)  # no end of headers yet
+        code, _, _ = read_response(s, 5)
+        assert code == 400
+        assert closed_within(s, 2)

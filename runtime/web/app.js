@@ -56,6 +56,10 @@ async function loadInfo() {
   $("init").hidden = !(info.abilities.img2img || info.abilities.inpaint);
   $("mask-row").hidden = !info.abilities.inpaint;
   $("auth").hidden = !info.auth || Boolean(token);
+  if (!info.abilities.txt2img) {  // an inpainting bundle (9-channel UNet): an image and a mask are needed
+    $("init").querySelector("legend").textContent = "Image and mask (this bundle inpaints)";
+    setStatus("give an image and a mask: this is an inpainting bundle");
+  }
   const kinds = Object.entries(info.abilities).filter(([, ok]) => ok).map(([k]) => k).join(", ");
   $("server").textContent = `${kinds} · sizes ${l.width.join("–")} × ${l.height.join("–")} (multiples of ${l.multiple})` +
     (info.auth ? " · token required" : "");
