@@ -1,11 +1,5 @@
-"""`sdedge bench`: a bundle timed against diffusers on the same weights, prompts, seeds and latents.
-
-    sdedge bench bundle/ --reference tiny-base/ --runs 5 --warmup 1 --steps 20 --size 512 --target-seconds 5 --out report/
-    sdedge bench --suite benchmarks/cpu-tiny.yaml --build --out /tmp/cpu-tiny
-
-`register(subparsers)` adds the command to sdedge's parser (sdedge/cli.py). Heavy imports happen when the
-command runs.
-"""
+"""`sdedge bench`: `register(subparsers)` adds the command to sdedge's parser (sdedge/cli.py); heavy imports
+happen when the command runs. What a user sees in `sdedge bench --help` is USAGE."""
 
 from __future__ import annotations
 
@@ -19,6 +13,13 @@ from rich.markup import escape
 
 console = Console(stderr=True, soft_wrap=True)
 
+USAGE = """Time a bundle against diffusers' eager pipeline on the same weights, prompts, seeds and initial latents,
+and write report.json, report.md, report.png and samples.png (docs/bench.md).
+
+    sdedge bench bundle/ --reference tiny-base/ --runs 5 --warmup 1 --steps 20 --size 512 --target-seconds 5 --out report/
+    sdedge bench --suite benchmarks/cpu-tiny.yaml --build --out /tmp/cpu-tiny
+"""
+
 
 def _name_path(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
@@ -29,7 +30,7 @@ def _name_path(text: str) -> tuple[str, str]:
 
 def _suite_from_args(args):
     """The resolved suite to run, and whether it came from a file."""
-    from sdedge.benchmarks.bench import BenchError, bench_from_args
+    from sdedge.benchmarks.suite import BenchError
     from sdedge.benchmarks.suite import (
         check_inputs,
         load_suite,
@@ -52,6 +53,9 @@ def _suite_from_args(args):
         if args.bundle or args.reference:
             raise BenchError("give either a suite (--suite FILE) or a bundle (BUNDLE [--reference BASE]), not both; "
                              "use --path NAME=PATH to point a suite entry elsewhere")
+        if args.public_key or args.identity or args.issuer:
+            raise BenchError("--public-key/--identity/--issuer apply to a single bundle; in a suite give each engine "
+                             "its public_key (or identity and issuer)")
         suite = load_suite(args.suite)
         suite = dataclasses.replace(suite, settings=dataclasses.replace(suite.settings, **overrides))
         validate_suite(suite)
@@ -73,7 +77,8 @@ def _suite_from_args(args):
                                                           if k in overrides}, **overrides)
     engine = suite.engines[0]
     engine = dataclasses.replace(engine, memory=args.memory or engine.memory, backend=args.backend or engine.backend,
-                                 verify=args.verify or engine.verify)
+                                 verify=args.verify or engine.verify, public_key=args.public_key or engine.public_key,
+                                 identity=args.identity or engine.identity, issuer=args.issuer or engine.issuer)
     suite = dataclasses.replace(suite, engines=(engine,))
     validate_suite(suite)
     return suite
@@ -117,7 +122,7 @@ def cmd_bench(args) -> int:
 def register(subparsers) -> None:
     """Add `bench` to an argparse subparsers action."""
     b = subparsers.add_parser("bench", help="time a bundle against diffusers; report.json/.md/.png, pass/fail vs a target",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("bundle", nargs="?", help="an sdedge bundle folder (or use --suite)")
     b.add_argument("--reference", metavar="BASE", help="diffusers folder of the same architecture: run diffusers' eager "
                    "pipeline on it too, for speed-up and PSNR/SSIM per image")
@@ -140,6 +145,10 @@ def register(subparsers) -> None:
     g.add_argument("--memory", choices=["normal", "low"], help="runtime memory mode (single bundle)")
     g.add_argument("--backend", choices=["auto", "onnxruntime", "openvino"], help="runtime backend (single bundle)")
     g.add_argument("--verify", choices=["required", "if-signed", "off"], help="signature policy (single bundle)")
+    g.add_argument("--public-key", help="public key (PEM) the bundle must be signed with (single bundle; a key "
+                   "given means the signature must verify)")
+    g.add_argument("--identity", help="Sigstore identity the bundle must be signed by (single bundle)")
+    g.add_argument("--issuer", help="OIDC issuer of that identity")
     g.add_argument("--target-seconds", type=float, metavar="S", help="pass when every engine's median s/image ≤ S")
     g.add_argument("--target-statistic", choices=["min", "median", "p95", "max"])
     g.add_argument("--fail-on-miss", action="store_true", help="exit 1 when the target is missed")
@@ -156,3 +165,24 @@ def register(subparsers) -> None:
                    help="use PATH for the engine (or reference) called NAME")
     s.add_argument("--only", metavar="A,B", help="measure only these engines of the suite (the reference stays)")
     b.set_defaults(func=cmd_bench)
+
+
+def bench_from_args(bundle: str, reference: str | None, *, runs: int = 3, warmup: int = 1, steps: int = 20,
+                    size: int | None = None, target_seconds: float | None = None, **settings_kw):
+    """The suite a plain `sdedge bench BUNDLE [--reference BASE] ...` runs."""
+    from sdedge.benchmarks.suite import BenchError, EngineSpec, ReferenceSpec, Settings, Suite, SuiteError
+
+    if not Path(bundle).exists():
+        raise BenchError(f"bundle not found: {bundle}")
+    if not (Path(bundle) / "sdedge.json").is_file():
+        raise BenchError(f"{bundle}: no sdedge.json; is it an sdedge bundle (made by `sdedge export`)?")
+    if reference is not None and not Path(reference).exists():
+        raise BenchError(f"reference base not found: {reference}")
+    try:
+        settings = Settings(runs=runs, warmup=warmup, steps=steps, size=size, target_seconds=target_seconds,
+                            **{k: v for k, v in settings_kw.items() if v is not None})
+    except TypeError as exc:
+        raise SuiteError(str(exc)) from None
+    return Suite(name="bench", settings=settings,
+                 reference=ReferenceSpec(base=str(Path(reference).resolve())) if reference else None,
+                 engines=(EngineSpec(name="sdedge", bundle=str(Path(bundle).resolve())),))
