@@ -50,7 +50,7 @@ INSTALL_HINT = "pip install 'sdedge[serve]' (fastapi and uvicorn)"
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{8,64}$"
 ROUTES = ("/v1/generate", "/v1/img2img", "/v1/inpaint", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/info",
-          "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/", "/static/app.js", "/static/app.css")
+          "/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/static/app.js", "/static/app.css")
 KINDS = {"/v1/generate": "txt2img", "/v1/img2img": "img2img", "/v1/inpaint": "inpaint"}
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/static/app.js": ("app.js", "text/javascript"),
               "/static/app.css": ("app.css", "text/css")}
@@ -396,7 +396,8 @@ def create_app(pipeline_or_path, settings: ServeSettings | None = None, *, queue
         if owned:
             pipeline.close()
 
-    app = FastAPI(title="sdedge", version=_version(), lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's Swagger UI and ReDoc load from a CDN (nothing here may need the internet).
+    app = FastAPI(title="sdedge", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Text to image with a signed sdedge bundle. Limits in the request schema are "
                               "this bundle's exported range.")
     app.state.pipeline, app.state.queue, app.state.metrics, app.state.settings = pipeline, queue, metrics, settings

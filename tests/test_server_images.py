@@ -214,3 +214,18 @@ def test_what_the_bundle_cannot_do_is_named(unsigned_bundle, tmp_path):
                 assert r.status_code == 422 and "vae_encoder" in r.json()["detail"], r.text
     finally:
         p.close()
+
+
+def test_the_page_is_served_and_names_no_other_host(server):
+    import re
+
+    with server.client() as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "connect-src 'self' blob:" in csp and "script-src 'self'" in csp
+        for path in ("/", "/static/app.js", "/static/app.css"):
+            text = c.get(path).text
+            assert not re.search(r"(https?:)?//[a-z0-9]", text.replace("http://127.0.0.1:7860/", "")), path
+        assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404  # they load from a CDN
+        assert c.get("/v1/info").json()["limits"]["upload_pixels"] == LIMITS["max_upload_pixels"]
