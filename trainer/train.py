@@ -89,8 +89,8 @@ def _non_finite(step: int, loss: float, checkpoints: Path) -> SdedgeError:
     kept = (f"the last good checkpoint {last} is kept (resume from it with --resume {last} and a lower "
             "learning rate)") if last else "no checkpoint was written before it (set checkpoint_steps)"
     return SdedgeError(f"training stopped at step {step}: the loss is {loss} (not finite), so the weights have "
-                       f"diverged; no adapter was written and {kept}. Lower learning_rate or raise max_grad_norm "
-                       "clipping (max_grad_norm)")
+                       f"diverged; no adapter was written and {kept}. Lower learning_rate, or clip the gradients "
+                       "with max_grad_norm")
 
 
 def _toolchain() -> dict[str, str]:
