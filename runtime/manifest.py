@@ -5,7 +5,8 @@ A bundle is a folder:
     sdedge.json               this manifest
     text_encoder/model.onnx   input_ids (B, 77) int64            -> last_hidden_state (B, 77, D)
     unet/model.onnx           sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, 77, D)
-                              -> out_sample (B, 4, h, w)
+                              -> out_sample (B, 4, h, w); an inpainting UNet's sample has 9 channels
+                              (latents ⊕ mask ⊕ masked-image latents): Pipeline.is_inpaint
     vae_decoder/model.onnx    latent_sample (B, 4, h, w)         -> sample (B, 3, 8h, 8w) in [-1, 1]
     vae_encoder/model.onnx    sample (B, 3, 8h, 8w)              -> latent_moments (B, 8, h, w)
     tokenizer/tokenizer.json

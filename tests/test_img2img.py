@@ -246,7 +246,7 @@ def test_cli_generate_with_image_and_mask(tiny_bundle, inpaint_bundle, tmp_path)
     r = run_cli("generate", str(tiny_bundle), PROMPT, "--image", str(tmp_path / "in.webp"), "--strength", "0.5",
                 "--steps", "4", "--out", str(tmp_path / "out.png"))
     assert r.returncode == 0, r.stderr
-    assert "strength 0.5" in r.stdout and Image.open(tmp_path / "out.png").size == (64, 64)
+    assert "strength 0.5" in r.stderr and Image.open(tmp_path / "out.png").size == (64, 64)
     r = run_cli("generate", str(inpaint_bundle), PROMPT, "--image", str(tmp_path / "in.png"), "--mask",
                 str(tmp_path / "mask.png"), "--steps", "3", "--out", str(tmp_path / "inpainted.png"))
     assert r.returncode == 0, r.stderr
