@@ -397,7 +397,8 @@ def _judge(path, kind, c2, mark, anchored: bool, bundles) -> Report:
             code = UNTRUSTED
             reasons.append("C2PA signature valid, but its certificate does not chain to --trust-anchors")
         else:
-            reasons.append(f"C2PA manifest valid ({'trusted signer' if c2['state'] == 'Trusted' else 'signer not checked against a trust list'})")
+            who = "trusted signer" if c2["state"] == "Trusted" else "signer not checked against a trust list"
+            reasons.append(f"C2PA manifest valid ({who})")
     if mark.present:
         reasons.append(f"sdedge watermark found: bundle manifest sha256 {mark.digest_prefix}…")
         if digest and not digest.startswith(mark.digest_prefix):

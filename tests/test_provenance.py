@@ -4,21 +4,31 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import io
 import json
-import hashlib
 import struct
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from sdedge.benchmarks.watermark import ATTACKS, procedural
 from sdedge.runtime import watermark as wm
 from sdedge.runtime.errors import BadInput
-from sdedge.runtime.provenance import (ABSENT, TAMPERED, UNTRUSTED, VALID, C2paConfig, Stamper, encode_image,
-                                       inspect, manifest_sha256, metadata_blocks)
+from sdedge.runtime.provenance import (
+    ABSENT,
+    TAMPERED,
+    UNTRUSTED,
+    VALID,
+    C2paConfig,
+    Stamper,
+    encode_image,
+    inspect,
+    manifest_sha256,
+    metadata_blocks,
+)
 
 DIGEST = "3f" * 32
 PROMPT = "a red circle, private words 7c1d"
@@ -314,3 +324,14 @@ def test_a_signed_bundle_names_its_signer_in_the_manifest(tiny_bundle, chain, tm
     claims = inspect(tmp_path / "s.png", trust_anchors=root).bundle["claims"]
     assert claims["bundle"]["signer"]["method"] == "key"
     assert claims["bundle"]["signer"]["fingerprint"] == keys.fingerprint
+
+
+def test_serve_options_reach_the_server_settings():
+    from sdedge.cli import build_parser
+    from sdedge.cli_serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "b/", "--allow-unsigned", "--no-watermark", "--c2pa-cert", "c.pem",
+                                      "--c2pa-key", "k.pem", "--c2pa-include-prompt"])
+    s = settings_from_args(args)
+    assert s.watermark is False and s.c2pa == C2paConfig("c.pem", "k.pem", include_prompt=True)
+    assert settings_from_args(build_parser().parse_args(["serve", "b/", "--allow-unsigned"])).c2pa is None
