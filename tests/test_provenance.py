@@ -135,9 +135,17 @@ def test_watermark_on_64px_images_and_float_input():
     assert wm.embed(tiny, data) is tiny and not wm.detect(tiny).present  # below MIN_SIDE: left alone
 
 
+def test_crc_aided_correction_recovers_a_few_wrong_bits():
+    data = wm.payload(DIGEST)
+    shifted = wm.embed(picture(512, 1), data)[1:, 1:]  # a 1-pixel shift: one bit comes out wrong here
+    found = wm.detect(shifted)
+    assert found.present and found.digest_prefix == DIGEST[:12] and found.corrected >= 1
+    assert np.array_equal(found.bits, np.unpackbits(np.frombuffer(data, np.uint8)))
+
+
 def test_unmarked_images_and_damaged_payloads_are_not_detected():
-    for seed in range(6):
-        found = wm.detect(picture(256, 10 + seed))
+    for seed in range(40):
+        found = wm.detect(picture(64 if seed % 2 else 256, 10 + seed))
         assert not found.present and found.digest_prefix is None and found.strength < 0.5
     good = wm.payload(DIGEST)
     assert wm.parse_payload(good) == DIGEST[:12]
