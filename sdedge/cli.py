@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from sdedge import __version__
+from sdedge.cli_options import add_engine_options, add_trust_options
 from sdedge.runtime.errors import SdedgeError
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps: messages stay greppable
@@ -240,7 +241,8 @@ def cmd_generate(args) -> int:
     mask = _read_image(args.mask, "--mask", "L", limit) if args.mask else None
     result = pipe.generate(args.prompt, args.negative, steps=args.steps, guidance=args.guidance, seed=args.seed,
                            width=args.width, height=args.height, scheduler=args.scheduler, num_images=args.n,
-                           image=image, mask=mask, strength=args.strength, watermark=not args.no_watermark)
+                           image=image, mask=mask, strength=args.strength, watermark=not args.no_watermark,
+                           micro_conditioning=_micro_conditioning(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if args.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.n)]
@@ -287,6 +289,26 @@ def _read_image(path: str, label: str, mode: str, limit: tuple[int, int]):
         raise BadInput(f"{label} {path}: not a readable PNG, JPEG or WebP image ({e})") from None
     except OSError as e:
         raise BadInput(f"{label} {path}: cannot be read ({e})") from None
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """'1024,768' -> (1024, 768)."""
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two integers A,B, e.g. 1024,1024") from None
+    return a, b
+
+
+def _micro_conditioning(args):
+    """SDXL's size and crop conditioning from --original-size / --crops-top-left / --target-size; None if none."""
+    given = {k: getattr(args, k) for k in ("original_size", "crops_coords_top_left", "target_size")
+             if getattr(args, k, None) is not None}
+    if not given:
+        return None
+    from sdedge.runtime.sdxl import MicroConditioning
+
+    return MicroConditioning(**given)
 
 
 def cmd_quickstart(args) -> int:
@@ -388,23 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
+    g.add_argument("--original-size", type=_pair, metavar="H,W", help="SDXL micro-conditioning (default: the image size)")
+    g.add_argument("--crops-top-left", dest="crops_coords_top_left", type=_pair, metavar="TOP,LEFT",
+                   help="SDXL micro-conditioning (default: 0,0)")
+    g.add_argument("--target-size", type=_pair, metavar="H,W", help="SDXL micro-conditioning (default: the image size)")
     g.add_argument("--n", type=int, default=1, help="images per call")
     g.add_argument("--image", help="image-to-image: the init image (PNG, JPEG or WebP; the output takes its size)")
     g.add_argument("--strength", type=float, help="with --image: how much of the schedule runs, in (0, 1] "
                    "(default 0.8; 1.0 with --mask)")
     g.add_argument("--mask", help="with --image: inpaint where the mask (PNG, JPEG or WebP, the image's size) is white")
     g.add_argument("--out", default="out.png")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino", "trt"],
-                   help="inference engine (auto: the documented rule, logged with its reason; see docs/cpu-engines.md)")
-    g.add_argument("--memory", default="normal", choices=["normal", "low"])
-    g.add_argument("--threads", type=int)
+    add_engine_options(g)
     g.add_argument("--verbose", "-v", action="store_true", help="per-stage times and peak RSS")
-    g.add_argument("--verify", default="if-signed", choices=["required", "if-signed", "off"],
-                   help="signature policy (default: verify when signed, warn when not)")
-    g.add_argument("--public-key", help="public key (PEM) the bundle must be signed with")
-    g.add_argument("--identity", help="Sigstore identity (e.g. an e-mail) the bundle must be signed by")
-    g.add_argument("--issuer", help="OIDC issuer of that identity")
+    add_trust_options(g)
     from sdedge.cli_provenance import add_output_options
 
     add_output_options(g)

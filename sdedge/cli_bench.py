@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from sdedge.cli_options import add_engine_options, add_trust_options
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -30,8 +31,8 @@ def _name_path(text: str) -> tuple[str, str]:
 
 def _suite_from_args(args):
     """The resolved suite to run, and whether it came from a file."""
-    from sdedge.benchmarks.suite import BenchError
     from sdedge.benchmarks.suite import (
+        BenchError,
         check_inputs,
         load_suite,
         resolve_suite,
@@ -140,15 +141,8 @@ def register(subparsers) -> None:
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several; runs cycle through them)")
     g.add_argument("--negative", help="negative prompt")
     g.add_argument("--batch", type=int, help="images per call")
-    g.add_argument("--threads", type=int, help="CPU threads for every engine (default: all cores)")
-    g.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    g.add_argument("--memory", choices=["normal", "low"], help="runtime memory mode (single bundle)")
-    g.add_argument("--backend", choices=["auto", "onnxruntime", "openvino"], help="runtime backend (single bundle)")
-    g.add_argument("--verify", choices=["required", "if-signed", "off"], help="signature policy (single bundle)")
-    g.add_argument("--public-key", help="public key (PEM) the bundle must be signed with (single bundle; a key "
-                   "given means the signature must verify)")
-    g.add_argument("--identity", help="Sigstore identity the bundle must be signed by (single bundle)")
-    g.add_argument("--issuer", help="OIDC issuer of that identity")
+    add_engine_options(g, defaults=False, scope=" (for every sdedge engine of the run)")
+    add_trust_options(g, verify=None, scope=" (for every sdedge engine of the run)")
     g.add_argument("--target-seconds", type=float, metavar="S", help="pass when every engine's median s/image ≤ S")
     g.add_argument("--target-statistic", choices=["min", "median", "p95", "max"])
     g.add_argument("--fail-on-miss", action="store_true", help="exit 1 when the target is missed")

@@ -12,6 +12,7 @@ import os
 
 from rich.console import Console
 
+from sdedge.cli_options import add_engine_options, add_trust_options
 from sdedge.runtime.errors import SdedgeError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -92,9 +93,9 @@ def cmd_serve(args) -> int:
 
 def cmd_serve_ray(args, settings) -> int:
     """`sdedge serve --ray`: the same API on Ray Serve replicas (runtime/ray_serve.py)."""
-    from sdedge.runtime.ray_serve import RayOptions, require_ray, serve_on_ray
+    from sdedge.runtime.ray_serve import RayOptions, ray_installed, serve_on_ray
 
-    require_ray()  # without ray: how to install it, exit 2
+    ray_installed()  # without ray: how to install it, exit 2 (not imported yet: start_ray sets its environment)
     options = RayOptions(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                          target_ongoing_requests=args.target_ongoing, num_cpus=args.replica_cpus,
                          num_gpus=args.replica_gpus)
@@ -144,19 +145,13 @@ def register(subparsers) -> None:
     s.add_argument("--max-steps", type=int, default=150, help="largest steps a request may ask for")
     s.add_argument("--max-prompt-chars", type=int, default=2000)
     s.add_argument("--max-images", type=int, help="largest n (default: what the bundle's batch range allows)")
-    s.add_argument("--public-key", default=os.environ.get("SDEDGE_PUBLIC_KEY") or None,
-                   help="public key (PEM) the bundle must be signed with (default $SDEDGE_PUBLIC_KEY)")
-    s.add_argument("--identity", help="Sigstore identity the bundle must be signed by")
-    s.add_argument("--issuer", help="OIDC issuer of that identity")
+    add_trust_options(s, policy=False, key_env="SDEDGE_PUBLIC_KEY")
     s.add_argument("--allow-unsigned", action="store_true",
                    help="serve a bundle without a verified signature (only its files' SHA-256 are checked)")
     s.add_argument("--token-env", default="SDEDGE_TOKEN", metavar="VAR",
                    help="require 'Authorization: Bearer <token>' when this environment variable is set "
                         "(default SDEDGE_TOKEN)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
-    s.add_argument("--memory", default="normal", choices=["normal", "low"])
-    s.add_argument("--threads", type=int)
+    add_engine_options(s)
     s.add_argument("--log-prompts", action="store_true", help="log prompts (off by default: they may be private)")
     add_output_options(s)  # --no-watermark, --c2pa-cert/--c2pa-key (docs/provenance.md)
     s.add_argument("--insecure-no-auth", action="store_true",

@@ -40,6 +40,7 @@ from ..manifest import ComponentInfo, Manifest, Precision
 log = logging.getLogger("sdedge.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "trt")
+DEVICES = ("auto", "cpu", "cuda")
 OPENVINO_PRECISIONS = (Precision.BF16, Precision.INT8_WEIGHTS, Precision.INT8, Precision.FP16)
 
 
@@ -79,8 +80,8 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
 
     if backend not in BACKENDS:
         raise BadInput(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise BadInput(f"device {device!r}: choose one of auto, cpu, cuda")
+    if device not in DEVICES:
+        raise BadInput(f"device {device!r}: choose one of {', '.join(DEVICES)}")
     if backend == "trt":
         from .tensorrt_probe import require_tensorrt
 
