@@ -16,6 +16,7 @@ from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.files import atomic_write_json
+from sdedge.runtime.grid import write_grid
 
 from .suite import PEER_KINDS
 
@@ -329,7 +330,7 @@ def markdown(report: dict) -> str:
 
 # -- pictures ------------------------------------------------------------------------------------------------
 CHART_W, CHART_LEFT, CHART_RIGHT, CHART_TOP, BAR_H, BAR_GAP, AXIS_H, LEGEND_H = 960, 210, 110, 64, 30, 16, 40, 40
-GRID_LABEL_W, GRID_HEADER, GRID_CAPTION, GRID_PAD, GRID_MAX_ROWS = 230, 34, 18, 8, 8
+GRID_LABEL_W, GRID_MAX_ROWS = 230, 8
 
 
 def chart_size(n_engines: int) -> tuple[int, int]:
@@ -342,19 +343,23 @@ def grid_cell(image_size: int) -> int:
     return max(128, min(256, image_size))
 
 
+def _grid_layout(cell: int):
+    from sdedge.runtime.grid import GridLayout
+
+    return GridLayout(cell=cell, label_w=GRID_LABEL_W, header_lines=2, caption_lines=1, font_size=12, pad=8)
+
+
 def grid_size(rows: int, cols: int, cell: int) -> tuple[int, int]:
     """(width, height) of samples.png for rows (runs, at most GRID_MAX_ROWS) × cols (engines)."""
-    rows = min(rows, GRID_MAX_ROWS)
-    return GRID_LABEL_W + cols * (cell + GRID_PAD) + GRID_PAD, GRID_HEADER + rows * (cell + GRID_CAPTION + GRID_PAD) + GRID_PAD
+    from sdedge.runtime.grid import grid_size as size
+
+    return size(min(rows, GRID_MAX_ROWS), cols, _grid_layout(cell))
 
 
 def _font(size: int):
-    from PIL import ImageFont
+    from sdedge.runtime.grid import font
 
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    return font(size)
 
 
 def _nice_step(span: float) -> float:
@@ -441,56 +446,26 @@ def render_chart(report: dict):
     return img
 
 
-def _wrap(text: str, width: int, lines: int) -> list[str]:
-    words, out, cur = text.split(), [], ""
-    for word in words:
-        if len(cur) + len(word) + 1 > width and cur:
-            out.append(cur)
-            cur = word
-        else:
-            cur = f"{cur} {word}".strip()
-    if cur:
-        out.append(cur)
-    if len(out) > lines:
-        out = out[:lines]
-        out[-1] = out[-1][: width - 1] + "…"
-    return out
-
-
 def render_samples(report: dict, samples: dict):
-    """The first image of each run (rows, at most GRID_MAX_ROWS) for each engine (columns, reference first),
-    with PSNR/SSIM against the reference under each engine image."""
-    from PIL import Image, ImageDraw
+    """The first image of each run (rows, at most GRID_MAX_ROWS, labelled with run, seed and prompt) for each
+    engine (columns, reference first), with PSNR/SSIM against the reference under each engine image."""
+    from sdedge.runtime.grid import labelled_grid
 
     engines = report["engines"]
-    rows = min(report["settings"]["runs"], GRID_MAX_ROWS)
-    side = report["settings"]["width"]
-    cell = grid_cell(side)
-    w, h = grid_size(rows, len(engines), cell)
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    f, fb = _font(12), _font(14)
     st = report["settings"]
-    for c, e in enumerate(engines):
-        x = GRID_LABEL_W + GRID_PAD + c * (cell + GRID_PAD)
-        d.text((x, 8), (e["name"] + (" (ref)" if e["role"] == "reference" else ""))[: max(8, cell // 8)], fill="black", font=fb)
-        parity = {im["run"]: im for im in (e.get("parity") or {}).get("images", []) if im["image"] == 0}
-        for r in range(rows):
-            y = GRID_HEADER + r * (cell + GRID_CAPTION + GRID_PAD)
-            arrays = samples.get(e["name"], [])
-            if r < len(arrays):
-                tile = Image.fromarray(arrays[r]).resize((cell, cell), Image.NEAREST if cell >= side else Image.LANCZOS)
-                img.paste(tile, (x, y))
-            p = parity.get(r)
-            caption = "reference" if e["role"] == "reference" else (
-                f"{p['psnr_db']:.1f} dB · SSIM {p['ssim']:.3f}" if p else "")
-            d.text((x, y + cell + 2), caption, fill=(60, 60, 60), font=f)
+    rows = min(st["runs"], GRID_MAX_ROWS)
+    cols = [e["name"] + (" (reference)" if e["role"] == "reference" else "") for e in engines]
+    cells, captions = [], []
     for r in range(rows):
-        y = GRID_HEADER + r * (cell + GRID_CAPTION + GRID_PAD)
-        d.text((8, y), f"run {r} · seed {st['seed'] + r}", fill="black", font=fb)
-        for i, line in enumerate(_wrap(st["prompts"][r % len(st["prompts"])], 30, max(1, (cell - 24) // 16))):
-            d.text((8, y + 20 + 16 * i), line, fill=(70, 70, 70), font=f)
-    return img
+        cells.append([samples.get(e["name"], [])[r] if r < len(samples.get(e["name"], [])) else None for e in engines])
+        row_caps = []
+        for e in engines:
+            p = {im["run"]: im for im in (e.get("parity") or {}).get("images", []) if im["image"] == 0}.get(r)
+            row_caps.append("reference" if e["role"] == "reference" else
+                            f"{p['psnr_db']:.1f} dB · SSIM {p['ssim']:.3f}" if p else "")
+        captions.append(row_caps)
+    labels = [f"run {r} · seed {st['seed'] + r}\n{st['prompts'][r % len(st['prompts'])]}" for r in range(rows)]
+    return labelled_grid(cells, labels, cols, _grid_layout(grid_cell(st["width"])), captions)
 
 
 # -- writing -------------------------------------------------------------------------------------------------
@@ -502,7 +477,7 @@ def write_report(report: dict, out_dir: str | os.PathLike, samples: dict) -> dic
                        "samples_png": "samples.png"}
     validate(report)
     render_chart(report).save(out / "report.png")
-    render_samples(report, samples).save(out / "samples.png")
+    write_grid(render_samples(report, samples), out / "samples.png")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
     atomic_write_json(out / "report.json", report)
     return report

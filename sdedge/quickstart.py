@@ -49,18 +49,13 @@ def _generate(pipe, prompts: list[str], seeds=SEEDS) -> np.ndarray:
     return np.stack(out)
 
 
-def _grid_png(rows: list[tuple[str, np.ndarray]], path: Path, scale: int = 2) -> None:
-    """Images side by side per row (one row per label), upscaled, with a 2-px gap."""
-    from PIL import Image
+def _grid_png(rows: list[tuple[str, np.ndarray]], prompts: list[str], path: Path, scale: int = 2) -> None:
+    """One row per (label, images), one column per prompt, labelled (sdedge.runtime.grid), upscaled `scale`×."""
+    from sdedge.runtime.grid import GridLayout, labelled_grid, write_grid
 
-    h, w = rows[0][1].shape[1:3]
-    n = max(len(r[1]) for r in rows)
-    canvas = Image.new("RGB", (n * (w + 2) * scale, len(rows) * (h + 2) * scale), (255, 255, 255))
-    for i, (_, imgs) in enumerate(rows):
-        for j, img in enumerate(imgs):
-            tile = Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-            canvas.paste(tile, (j * (w + 2) * scale, i * (h + 2) * scale))
-    canvas.save(path)
+    cell = rows[0][1].shape[1] * scale  # images (N, H, W, 3), square
+    write_grid(labelled_grid([list(imgs) for _, imgs in rows], [label for label, _ in rows], prompts,
+                             GridLayout(cell=cell, label_w=110)), path)
 
 
 def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict:
@@ -134,9 +129,9 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
         match_int8 = match_rate(classifier, imgs["int8"], tag(prompts))
         int8_psnr = float(np.mean([psnr(a / 255.0, b / 255.0) for a, b in zip(imgs["int8"], imgs["fp32"])]))
         first = slice(0, None, len(SEEDS))  # one image per prompt in the grid
-        _grid_png([("base", before[first]), ("lora fp32", imgs["fp32"][first]), ("lora int8", imgs["int8"][first])],
-                  images_dir / "before-after.png")
-        _grid_png([("base", base_imgs)], images_dir / "base.png", scale=3)
+        _grid_png([("base", before[first]), ("LoRA fp32", imgs["fp32"][first]), ("LoRA int8", imgs["int8"][first])],
+                  prompts, images_dir / "before-after.png")
+        _grid_png([("base", base_imgs)], base_prompts(), images_dir / "base.png", scale=3)
     with stages("9/9 bench the base bundle against diffusers on the same weights and latents"):
         from sdedge.benchmarks.bench import quick_bench
 

@@ -204,7 +204,10 @@ def test_run_outputs(trained, tiny_base, data):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 25)) and [r["loss"] for r in rows] == result.losses
     assert any((out / "logs").glob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000012-00.png", "step-000024-00.png"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["grid.png", "step-000012-00.png",
+                                                                      "step-000024-00.png"]
+    with Image.open(out / "validation" / "grid.png") as im:  # labelled: sdedge.runtime.grid (tests/test_grids.py)
+        assert json.loads(im.info["sdedge-grid"]) == {"rows": ["step 12", "step 24"], "columns": ["a red circle"]}
     with Image.open(out / "validation" / "step-000024-00.png") as im:
         assert im.size == (64, 64)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000012"]
