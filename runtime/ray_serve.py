@@ -90,6 +90,14 @@ class RayOptions:
             "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests}}
 
 
+def ray_installed() -> None:
+    """MissingDependency without Ray, without importing it (start_ray sets Ray's environment first)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise MissingDependency(f"--ray needs ray: {INSTALL_HINT}")
+
+
 def require_ray():
     try:
         import ray
@@ -484,19 +492,25 @@ def serve_on_ray(bundle: str, settings, options: RayOptions, *, host: str, port:
     down however this ends. ready(): called once the application answers."""
     import signal
 
-    ray, serve = require_ray()
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    ray_installed()
+    stop, previous = threading.Event(), {}
     try:
         start_ray(address, num_cpus=num_cpus)
+        # after ray.init, which installs its own SIGTERM handler (it aborts the process)
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         start_serve(host, port)
         deploy(ray_app(bundle, settings, options), options.name)
         if ready is not None:
             ready()
-        stop.wait()
+        while not stop.wait(0.5):
+            pass
     finally:
+        import ray
+        from ray import serve
+
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             ray.shutdown()
             for s, handler in previous.items():
