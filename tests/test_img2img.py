@@ -25,7 +25,7 @@ IMAGE, MASK = parity_picture(64)
 
 
 def _loaded(bundle):
-    p = Pipeline.load(bundle, device="cpu")
+    p = Pipeline.load(bundle, device="cpu", backend="onnxruntime")  # fp32 parity: auto may pick bf16
     yield p
     p.close()
 
