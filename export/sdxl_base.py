@@ -34,7 +34,6 @@ __all__ = [
     "write_sdxl_base",
     "folder_kind",
     "checkpoint_kind",
-    "is_sdxl_pipeline",
     "load_sdxl_folder",
     "load_sdxl_single_file",
     "sdxl_ldm_key_shapes",
@@ -314,7 +313,7 @@ def write_sdxl_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, ove
     return out_dir
 
 
-def build_sdxl_pipeline(name: str, seed: int = 0, *, add_watermarker: bool = False):
+def build_sdxl_pipeline(name: str, seed: int = 0):
     """A built-in SDXL base as an in-memory fp32 CPU `StableDiffusionXLPipeline` (through a scratch folder)."""
     import tempfile
 
@@ -392,10 +391,6 @@ def check_checkpoint_matches(source: Path, keys, config_dir: Path) -> str:
     return ckpt
 
 
-def is_sdxl_pipeline(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
-
-
 # --- single-file keys ---------------------------------------------------------------------------------
 
 _OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
@@ -450,7 +445,7 @@ def _sd_parts_items(unet, vae, text_encoder):
     """The UNet, VAE and first text encoder in the original layout (SD's writer; the text encoder moved)."""
     from .single_file import TEXT_ENCODER_PREFIX, _component_items
 
-    for ldm, key, t, reshape in _component_items(unet, vae, text_encoder):
+    for ldm, _key, t, reshape in _component_items(unet, vae, text_encoder):
         if ldm.startswith(TEXT_ENCODER_PREFIX):
             ldm = TE1_PREFIX + ldm.removeprefix(TEXT_ENCODER_PREFIX)
         yield ldm, t, reshape

@@ -234,7 +234,7 @@ def cmd_generate(args) -> int:
     fmt = format_for(args.out)
     pipe = Pipeline.load(args.bundle, device=args.device, memory=args.memory, threads=args.threads,
                          backend=args.backend, verify=args.verify, public_key=args.public_key, identity=args.identity,
-                         issuer=args.issuer)
+                         issuer=args.issuer, precision_hint=args.precision_hint)
     stamper = stamper_for(args, pipe)  # the C2PA certificate is checked before any image is made
     limit = (pipe.manifest.shapes.width_max, pipe.manifest.shapes.height_max)
     image = _read_image(args.image, "--image", "RGB", limit) if args.image else None
@@ -421,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", help="with --image: inpaint where the mask (PNG, JPEG or WebP, the image's size) is white")
     g.add_argument("--out", default="out.png")
     add_engine_options(g)
+    from sdedge.runtime.backends.select import PRECISION_HINTS
+
+    g.add_argument("--precision-hint", default="auto", choices=PRECISION_HINTS,
+                   help="compute precision: auto (bf16 on OpenVINO where the CPU has AVX-512 BF16 or AMX; "
+                        "docs/cpu-engines.md), fp32 (exact fp32 compute, also on OpenVINO), bf16 (OpenVINO)")
     g.add_argument("--verbose", "-v", action="store_true", help="per-stage times and peak RSS")
     add_trust_options(g)
     from sdedge.cli_provenance import add_output_options

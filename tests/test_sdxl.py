@@ -58,7 +58,7 @@ def bundle(base, work):
 
 @pytest.fixture(scope="module")
 def runtime(bundle):
-    rt = Pipeline.load(bundle, verify="off")
+    rt = Pipeline.load(bundle, verify="off", backend="onnxruntime")  # fp32 parity: auto may pick bf16
     yield rt
     rt.close()
 
@@ -242,7 +242,7 @@ def test_defaults_empty_negative_and_micro_conditioning(runtime, pipe):
 def test_low_memory_gives_the_same_image(bundle, runtime):
     lat = _latents(2)
     kw = dict(steps=2, guidance=5.0, latents=lat, watermark=False)
-    low = Pipeline.load(bundle, verify="off", memory="low")
+    low = Pipeline.load(bundle, verify="off", memory="low", backend="onnxruntime")
     assert not any(e.loaded for e in low.engines.values())
     a = low.generate(PROMPTS, NEGATIVES, **kw).images
     assert np.array_equal(a, runtime.generate(PROMPTS, NEGATIVES, **kw).images)
@@ -261,6 +261,9 @@ def test_bad_requests_named(runtime, bundle):
 
     out = run_cli("generate", str(bundle), "x", "--width", "136", "--verify", "off", "--steps", "1")
     assert out.returncode == 2 and "width=136" in out.stderr and "multiple of 16" in out.stderr
+    out = run_cli("generate", str(bundle), "x", "--original-size", "512,512", "--crops-top-left", "0,8", "--verify",
+                  "off", "--steps", "1", "--out", str(bundle.parent / "micro.png"))
+    assert out.returncode == 0, out.stderr
 
 
 # -- LoRA ----------------------------------------------------------------------------------------------------------
@@ -399,3 +402,20 @@ def test_signed_sdxl_bundle_verified_before_load(bundle, work):
     tok2.write_text(tok2.read_text().replace('"!"', '"<|endoftext|>"'))  # tampered: the second tokenizer's pad
     with pytest.raises(SdedgeError, match="tokenizer_2/tokenizer_config.json"):
         Pipeline.load(signed, verify="required", public_key=keys.public)
+
+
+@pytest.mark.slow
+def test_sdxl_img2img_matches_diffusers(runtime, pipe):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    img = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
+    ours = runtime.generate(PROMPTS[0], steps=4, image=img, strength=0.6, scheduler="euler", rng=TorchNoise(2),
+                            watermark=False).images
+    i2i = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    i2i.scheduler = diffusers_scheduler("euler", runtime.manifest.scheduler)
+    i2i.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        ref = i2i(PROMPTS[0], image=Image.fromarray(img), strength=0.6, num_inference_steps=4, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(2), output_type="np").images
+    assert psnr(ours, ref) >= 40.0
