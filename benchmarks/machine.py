@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sdedge.runtime.environment import cpu_model, package_versions
+from sdedge.runtime.environment import cpu_model, engine_flags, package_versions
 
 VERSION_PACKAGES = ("sdedge", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "torch", "diffusers",
                     "transformers", "numpy")
@@ -18,14 +18,7 @@ VERSION_PACKAGES = ("sdedge", "onnxruntime", "onnxruntime-gpu", "openvino", "ten
 
 # == the machine ============================================================================================
 def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in have]
-    except OSError:
-        pass
-    return []
+    return list(engine_flags())
 
 
 def _gpus() -> list[dict[str, Any]]:

@@ -192,18 +192,10 @@ def machine_name() -> str:
 
 
 def cpu_features() -> str:
-    """The SIMD features that decide int8/bf16 speed: avx2, avx512f, avx512_vnni, avx512_bf16, amx."""
-    try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        return "unknown ISA"
-    names = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-             if f in flags]
-    return "+".join(names) or "no AVX2"
+    """The SIMD features that decide int8/bf16 speed: avx2, avx512f, VNNI, BF16, AMX (runtime.environment)."""
+    from sdedge.runtime.environment import engine_flags
+
+    return "+".join(engine_flags()) or "no AVX2"
 
 
 def component_bytes(manifest: Manifest) -> dict[str, int]:

@@ -96,15 +96,16 @@ class Pipeline:
     """A loaded bundle. `Pipeline.load(path)`, then call it with a prompt."""
 
     def __init__(self, bundle: Bundle, *, device: str = "auto", memory: str = "normal", threads: int | None = None,
-                 backend: str = "auto", engine_factory: EngineFactory | None = None):
+                 backend: str = "auto", engine_factory: EngineFactory | None = None, precision_hint: str = "auto"):
         """backend: "auto" (the documented rule of runtime/backends/select.py), "onnxruntime" or "openvino".
-        engine_factory: (bundle, component name, component info) -> engine; replaces the backend's own."""
+        engine_factory: (bundle, component name, component info) -> engine; replaces the backend's own.
+        precision_hint: "auto", "fp32" (exact fp32 compute, also on OpenVINO) or "bf16" (select.py)."""
         if memory not in MEMORY_MODES:
             raise BadInput(f"memory={memory!r}: choose one of {', '.join(MEMORY_MODES)}")
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.memory = memory
-        choice = choose_backend(self.manifest, backend, device)
+        choice = choose_backend(self.manifest, backend, device, precision_hint=precision_hint)
         log.info("backend %s (%s)", choice.label, choice.reason)
         for why in choice.skipped:
             log.info("not used: %s", why)
@@ -128,7 +129,7 @@ class Pipeline:
     def load(cls, path: str | Path, *, device: str = "auto", memory: str = "normal", threads: int | None = None,
              backend: str = "auto", engine_factory: EngineFactory | None = None,
              verify: str = "if-signed", public_key: str | Path | None = None, identity: str | None = None,
-             issuer: str | None = None, certificate_chain=None) -> Pipeline:
+             issuer: str | None = None, certificate_chain=None, precision_hint: str = "auto") -> Pipeline:
         """Open a bundle, verifying its signature first (before any model file is parsed).
 
         verify: "required" refuses an unsigned bundle or one whose signature fails; "if-signed" (default)
@@ -140,7 +141,7 @@ class Pipeline:
         bundle, signer = open_bundle(path, verify, public_key=public_key, identity=identity, issuer=issuer,
                                      certificate_chain=certificate_chain)
         pipe = cls(bundle, device=device, memory=memory, threads=threads, backend=backend,
-                   engine_factory=engine_factory)
+                   engine_factory=engine_factory, precision_hint=precision_hint)
         pipe.signer = signer
         return pipe
 

@@ -1,17 +1,27 @@
-"""The GPU side of backend choice that runs on any machine: engine shape profiles from --shapes/--batch, ONNX
+"""Backend choice. The GPU side that runs on any machine: engine shape profiles from --shapes/--batch, ONNX
 Runtime's provider order and TensorRT-provider options, and the `auto` rule saying why it passed over TensorRT
-and CUDA. Nothing here is mocked: the probe, onnxruntime and the CLI run for real on this (GPU-less) machine."""
+and CUDA. The CPU side: the `auto` rule by the CPU's flags (injected with SDEDGE_CPU_FLAGS / cpu_flags= for
+BF16, VNNI-only and AVX2-only CPUs, each choice and its reason asserted), the export's measured preference
+only on a CPU with the same flags, --precision-hint, and one real run of the rule's choice on this machine
+(OpenVINO bf16 where the CPU has it) against the fp32 ONNX Runtime image. Nothing here is mocked: the probe,
+onnxruntime, OpenVINO and the CLI run for real."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 from conftest import run_cli
 
 from sdedge.runtime.backends import profiles
 from sdedge.runtime.backends.onnxruntime import available_providers, choose_providers, provider_entries
-from sdedge.runtime.backends.select import choose_backend
+from sdedge.runtime.backends.openvino import openvino_available
+from sdedge.runtime.backends.select import choose_backend, engine_factory
 from sdedge.runtime.bundle import Bundle
+from sdedge.runtime.environment import cpu_flags
 from sdedge.runtime.errors import BadInput, MissingDependency
+from sdedge.runtime.manifest import BackendHint, Precision, SpeedReport
 
 NO_CUDA = "CUDAExecutionProvider" not in available_providers()
 
@@ -101,7 +111,7 @@ def test_auto_says_why_it_passed_over_the_gpu(tiny_bundle, monkeypatch, tmp_path
 @pytest.mark.skipif(not NO_CUDA, reason="this onnxruntime has a CUDA provider")
 def test_cli_generate_prints_the_backend_and_what_it_passed_over(tiny_bundle, tmp_path):
     r = run_cli("generate", str(tiny_bundle), "a red circle", "--steps", "2", "--out", str(tmp_path / "a.png"),
-                "--verbose")
+                "--verbose", env={"SDEDGE_CPU_FLAGS": "avx2 fma"})  # an AVX2-only CPU: fp32 stays on ONNX Runtime
     assert r.returncode == 0, r.stderr
     assert "backend onnxruntime:CPUExecutionProvider (rule" in r.stderr
     assert "not used: TensorRT: missing" in r.stderr and "not used: ONNX Runtime on CUDA" in r.stderr
@@ -114,3 +124,138 @@ def test_build_engines_checks_the_request_against_the_bundle_first(tiny_bundle):
     assert "TensorRT" not in r.stderr  # the size is wrong on any machine: said before the GPU check
     r = run_cli("build-engines", str(tiny_bundle), "--shapes", "64x64", "--batch", "1-x")
     assert r.returncode == 2 and "--batch '1-x'" in r.stderr, r.stderr
+
+
+# == the CPU rule, by the CPU's flags ==========================================================================
+BF16_CPU = "avx2 avx512f avx512_vnni avx512_bf16"  # this machine's kind (AMD EPYC, AVX-512 VNNI + BF16)
+AMX_CPU = "avx2 avx512f avx512_vnni amx_tile amx_bf16 amx_int8"  # a Sapphire Rapids without avx512_bf16 listed
+VNNI_CPU = "avx2 avx512f avx512_vnni"
+AVX2_CPU = "avx2 fma"
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="OpenVINO not installed (sdedge[openvino])")
+
+
+def _choose(manifest, flags: str, precision=None, **kw):
+    m = manifest if precision is None else dataclasses.replace(manifest, precision=precision)
+    return choose_backend(m, "auto", "cpu", cpu_flags=frozenset(flags.split()), **kw)
+
+
+def _with_openvino_ir(manifest):
+    unet = dataclasses.replace(manifest.components["unet"], openvino_ir=("unet/model.xml", "unet/model.bin"))
+    return dataclasses.replace(manifest, precision=Precision.INT8, components={**manifest.components, "unet": unet})
+
+
+@needs_openvino
+def test_bf16_cpu_runs_fp32_and_bf16_bundles_on_openvino_bf16(tiny_bundle, monkeypatch):
+    m = Bundle.open(tiny_bundle).manifest
+    monkeypatch.setenv("SDEDGE_CPU_FLAGS", BF16_CPU)  # the env var the rule reads when no cpu_flags= is given
+    c = choose_backend(m, "auto", "cpu")
+    assert (c.backend, c.precision_hint) == ("openvino", "bf16")
+    assert c.reason.startswith("rule 5: avx512_bf16: OpenVINO runs bf16 compute") and "issue 19" in c.reason
+    assert "--precision-hint fp32" in c.reason
+    engine = engine_factory(c, m)(Bundle.open(tiny_bundle), "unet", m.components["unet"])
+    assert engine.precision_hint == "bf16"  # what OpenVINO is compiled with
+    b = _choose(m, BF16_CPU, Precision.BF16)
+    assert (b.backend, b.precision_hint) == ("openvino", "bf16") and "avx512_bf16" in b.reason
+    amx = _choose(m, AMX_CPU)
+    assert (amx.backend, amx.precision_hint) == ("openvino", "bf16") and amx.reason.startswith("rule 5: amx_bf16")
+    w8 = _choose(m, BF16_CPU, Precision.INT8_WEIGHTS)
+    assert (w8.backend, w8.precision_hint) == ("openvino", "bf16") and "bf16 compute (avx512_bf16)" in w8.reason
+    # exact fp32 on request: ONNX Runtime under auto, OpenVINO compiled f32 when asked for
+    exact = _choose(m, BF16_CPU, precision_hint="fp32")
+    assert exact.backend == "onnxruntime" and "--precision-hint fp32: exact fp32 compute" in exact.reason
+    ov = choose_backend(m, "openvino", "cpu", precision_hint="fp32")
+    assert (ov.backend, ov.precision_hint, ov.reason) == ("openvino", "f32", "asked for openvino, fp32 compute")
+    assert choose_backend(m, "openvino", "cpu").precision_hint is None  # the bundle's own: f32 for fp32
+    with pytest.raises(BadInput, match="--precision-hint bf16 needs OpenVINO"):
+        choose_backend(m, "onnxruntime", "cpu", precision_hint="bf16")
+    with pytest.raises(BadInput, match="precision hint 'fp16'"):
+        choose_backend(m, "auto", "cpu", precision_hint="fp16")
+
+
+@needs_openvino
+def test_vnni_cpu_runs_int8_on_openvino_only_with_its_ir(tiny_bundle):
+    m = Bundle.open(tiny_bundle).manifest
+    fp32 = _choose(m, VNNI_CPU)
+    assert fp32.backend == "onnxruntime" and "no native bf16 (avx512_bf16, amx)" in fp32.reason
+    ir = _choose(_with_openvino_ir(m), VNNI_CPU)
+    assert ir.backend == "openvino" and ir.reason.startswith("rule 5: avx512_vnni: OpenVINO's int8 kernels")
+    assert _choose(_with_openvino_ir(m), "avx2 avx_vnni").reason.startswith("rule 5: avx_vnni")
+    qdq = _choose(m, VNNI_CPU, Precision.INT8)
+    assert qdq.backend == "onnxruntime" and "QDQ ONNX without an OpenVINO IR" in qdq.reason and "0.63" in qdq.reason
+    bf16 = _choose(m, VNNI_CPU, Precision.BF16)
+    assert (bf16.backend, bf16.precision_hint) == ("openvino", "f32") and "fp32 compute" in bf16.reason
+
+
+@needs_openvino
+def test_avx2_cpu_keeps_fp32_on_onnxruntime_and_says_int8_is_not_fast_there(tiny_bundle):
+    m = Bundle.open(tiny_bundle).manifest
+    fp32 = _choose(m, AVX2_CPU)
+    assert (fp32.backend, fp32.providers) == ("onnxruntime", ("CPUExecutionProvider",))
+    assert "no native bf16" in fp32.reason
+    for manifest in (dataclasses.replace(m, precision=Precision.INT8), _with_openvino_ir(m)):
+        c = _choose(manifest, AVX2_CPU)
+        assert c.backend == "onnxruntime" and "no VNNI (avx512_vnni, avx_vnni, amx_int8): int8 is not the fast " \
+            "path on this CPU" in c.reason and "saturate" in c.reason
+    assert _choose(m, AVX2_CPU, Precision.BF16).precision_hint == "f32"
+
+
+@needs_openvino
+def test_the_exports_measurement_wins_only_on_a_cpu_with_the_same_flags(tiny_bundle):
+    m = Bundle.open(tiny_bundle).manifest
+    report = SpeedReport(backend="openvino", fp32_seconds=1.0, seconds=0.5, ratio=2.0, calls=3, shape="2x4x32x32",
+                         threads=2, machine="AMD EPYC 9R14, 2 cores, avx2+avx512f+avx512_vnni")
+    measured = dataclasses.replace(m, precision=Precision.INT8, speed=(report,),
+                                   backend=BackendHint(preferred="openvino", reason="openvino 0.500 s per UNet call"))
+    same = _choose(measured, VNNI_CPU + " fma sse4_2")  # flags that do not decide the engine do not matter
+    assert same.backend == "openvino"
+    assert same.reason == ("rule 4: measured fastest at export on a CPU with the same flags (avx2+avx512f+avx512_vnni):"
+                           " openvino 0.500 s per UNet call")
+    other = _choose(measured, AVX2_CPU)
+    assert other.backend == "onnxruntime"
+    assert other.reason.startswith("rule 5: the export measured openvino fastest on another CPU (AMD EPYC 9R14, 2 "
+                                   "cores, avx2+avx512f+avx512_vnni), this one has avx2; no VNNI")
+    unrecorded = _choose(dataclasses.replace(measured, speed=()), VNNI_CPU)
+    assert "on another CPU (a CPU the bundle does not record)" in unrecorded.reason
+
+
+@needs_openvino
+def test_cli_precision_hint(tiny_bundle, tmp_path):
+    flags = {"SDEDGE_CPU_FLAGS": BF16_CPU}
+    r = run_cli("generate", str(tiny_bundle), "a red circle", "--steps", "2", "--out", str(tmp_path / "a.png"),
+                "--precision-hint", "fp32", env=flags)
+    assert r.returncode == 0, r.stderr
+    assert "backend onnxruntime:CPUExecutionProvider (rule 5: --precision-hint fp32: exact fp32 compute" in r.stdout + r.stderr
+    r = run_cli("generate", str(tiny_bundle), "a red circle", "--steps", "2", "--out", str(tmp_path / "b.png"),
+                "--precision-hint", "fp16")
+    assert r.returncode == 2 and "--precision-hint" in r.stderr
+
+
+REAL_BF16 = next((f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in cpu_flags()), None)
+
+
+@pytest.mark.slow  # three pipelines on the tiny bundle, OpenVINO compiles included: ~15 s
+@pytest.mark.skipif(not openvino_available() or REAL_BF16 is None, reason="needs OpenVINO and a CPU with native bf16")
+def test_auto_runs_the_fp32_bundle_in_bf16_on_this_cpu_within_parity(tiny_bundle, monkeypatch):
+    """The rule's real choice here (no injected flags): OpenVINO bf16, and its image against the fp32 ONNX
+    Runtime one. Measured on the tiny base (AMD EPYC, avx512_bf16): 46.8 dB; OpenVINO f32 121.6 dB."""
+    from sdedge.export.reference import psnr
+    from sdedge.runtime.pipeline import Pipeline
+
+    monkeypatch.delenv("SDEDGE_CPU_FLAGS", raising=False)
+    m = Bundle.open(tiny_bundle).manifest
+    f, size = m.latent.vae_scale_factor, m.shapes.default_width
+    lat = np.random.default_rng(3).standard_normal((1, m.latent.channels, size // f, size // f),
+                                                   dtype=np.float32)  # (B, C, H/f, W/f)
+    kw = dict(steps=12, guidance=7.5, latents=lat, watermark=False)
+    images = {}
+    for name, opts in {"auto": {}, "ort": {"backend": "onnxruntime"},
+                       "ov-f32": {"backend": "openvino", "precision_hint": "fp32"}}.items():
+        pipe = Pipeline.load(tiny_bundle, device="cpu", verify="off", **opts)
+        images[name] = pipe.generate("a red circle", "", **kw).images
+        if name == "auto":
+            assert pipe.backend == "openvino:CPU" and pipe.backend_reason.startswith(f"rule 5: {REAL_BF16}")
+            assert pipe.engines["unet"].config["INFERENCE_PRECISION_HINT"] == "bf16"
+        pipe.close()
+    bf16_db, f32_db = psnr(images["auto"], images["ort"]), psnr(images["ov-f32"], images["ort"])
+    assert 35.0 <= bf16_db < 90.0, bf16_db  # within parity, and bf16 really ran (not the fp32 result)
+    assert f32_db >= 90.0, f32_db  # --precision-hint fp32 keeps OpenVINO exact

@@ -305,7 +305,7 @@ def test_exported_bundle_with_loras_matches_diffusers_unfused(tiny_base, loras, 
     r = run_cli("export", "--base", str(tiny_base), "--out", str(out), "--no-vae-encoder", "--parity-steps", "2",
                 "--lora", f"{loras['a']}:0.8", "--lora", f"{loras['b']}:0.5")
     assert r.returncode == 0, r.stderr[-3000:]
-    runtime = Pipeline.load(out, device="cpu", verify="off")
+    runtime = Pipeline.load(out, device="cpu", verify="off", backend="onnxruntime")
     adapters = runtime.manifest.provenance.adapters
     assert [(a.file, a.scale) for a in adapters] == [("a.safetensors", 0.8), ("b.safetensors", 0.5)]
     ours = runtime.generate("a red circle on a blue background", "", latents=LATENTS, steps=6, guidance=7.5,

@@ -22,7 +22,7 @@ DETERMINISTIC = ["ddim", "pndm", "euler", "dpm++2m", "dpm++2m-karras"]
 
 @pytest.fixture(scope="module")
 def pipe(tiny_bundle):
-    p = Pipeline.load(tiny_bundle, device="cpu")
+    p = Pipeline.load(tiny_bundle, device="cpu", backend="onnxruntime")  # fp32 parity: auto may pick bf16
     yield p
     p.close()
 

@@ -11,22 +11,38 @@ the reason for it and for every candidate passed over (`BackendChoice.skipped`; 
 2. A CUDA provider in onnxruntime (onnxruntime-gpu on a CUDA machine), or device "cuda": ONNX Runtime on the
    GPU, through its TensorRT provider first when the build has it (it builds and caches engines itself), then
    CUDA, then the CPU for any node neither takes.
-3. OpenVINO not installed: ONNX Runtime on the CPU, with a hint to install `sdedge[openvino]` for
-   reduced-precision bundles.
-4. The bundle records a backend measured fastest at export (`backend.preferred`, from the speed gate on the
-   exporting machine): that one.
-5. By precision: fp32 → ONNX Runtime (as fast as OpenVINO in fp32 and a smaller peak RSS); bf16, weight-only
-   int8 and static int8 → OpenVINO (ONNX Runtime has no bf16 CPU kernels, decompresses int8 weights per
-   call rather than in its kernels, and runs static int8 slower than OpenVINO); fp16 → OpenVINO (ONNX
-   Runtime's CPU provider has few fp16 kernels and casts around the rest).
+3. OpenVINO not installed: ONNX Runtime on the CPU, with a hint to install `sdedge[openvino]` (naming the
+   CPU's bf16 flag and the measured gain where it has one).
+4. The bundle records a backend measured fastest at export (`backend.preferred`, from the speed and parity
+   gates on the exporting machine) and every speed report's machine (`speed[].machine`, "model, N cores,
+   avx2+avx512f+...") has the same engine flags as this CPU (native bf16, VNNI, AVX-512F, AVX2): that one.
+   Measured on a CPU with other flags (or an unrecorded one), rule 5 decides and its reason says so.
+5. By the CPU's flags (runtime/environment.py: BF16_FLAGS, VNNI_FLAGS) and the bundle's precision:
+   - fp32 and bf16 bundles on a CPU with native bf16 (avx512_bf16, amx_bf16, amx_tile) → OpenVINO with
+     INFERENCE_PRECISION_HINT "bf16": measured 5.2x ONNX Runtime fp32 on sd15-arch (one guided 256x256 UNet
+     call on 2 AVX-512 BF16 cores, 0.91 s against 4.7 s, image 47.9 dB against fp32: issue 19,
+     docs/cpu-engines.md); tiny base 46.8 dB against the fp32 image (tests/test_backend_choice.py);
+   - fp32 elsewhere → ONNX Runtime (as fast as OpenVINO in fp32, smaller peak RSS); bf16 elsewhere →
+     OpenVINO in f32 (at fp32 speed);
+   - static int8 → OpenVINO only on a CPU with VNNI (avx512_vnni, avx_vnni, amx_int8) and a UNet carrying an
+     OpenVINO IR (NNCF on the OpenVINO model); a QDQ ONNX UNet ran wrong on OpenVINO even with VNNI (cosine
+     after guidance 0.63, issue 19) and without VNNI OpenVINO's u8xs8 kernels saturate: ONNX Runtime then,
+     and the reason says int8 is not the fast path there;
+   - weight-only int8 → OpenVINO (ONNX Runtime decompresses the weights per call), bf16 compute where the
+     CPU has it; fp16 → OpenVINO (ONNX Runtime's CPU provider has few fp16 kernels).
 With device "cpu" rules 1 and 2 are passed over. An explicit `onnxruntime` or `openvino` is obeyed, or refused
 with the reason (never a silent fallback); `trt` is refused with exit code 2 naming what is missing.
+`precision_hint` (`sdedge generate --precision-hint`): "fp32" keeps exact fp32 compute (rule 5 as on a CPU
+without bf16; `--backend openvino` compiles f32), "bf16" asks OpenVINO for bf16 compute.
+Tests inject the CPU's flags with `cpu_flags=` or SDEDGE_CPU_FLAGS (rule_flags; for tests only: nothing
+computes differently, OpenVINO still asks the real CPU, and provenance records the real flags).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,6 +50,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..bundle import Bundle
+from ..environment import BF16_FLAGS, VNNI_FLAGS, cpu_flags, engine_flags
 from ..errors import BadInput, MissingDependency
 from ..manifest import ComponentInfo, Manifest, Precision
 
@@ -41,7 +58,9 @@ log = logging.getLogger("sdedge.runtime")
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "trt")
 DEVICES = ("auto", "cpu", "cuda")
-OPENVINO_PRECISIONS = (Precision.BF16, Precision.INT8_WEIGHTS, Precision.INT8, Precision.FP16)
+PRECISION_HINTS = ("auto", "fp32", "bf16")
+OV_HINTS = {"fp32": "f32", "bf16": "bf16"}  # --precision-hint -> OpenVINO INFERENCE_PRECISION_HINT
+CPU = ("CPUExecutionProvider",)
 
 
 class Engine(Protocol):
@@ -67,14 +86,19 @@ class BackendChoice:
     reason: str
     providers: tuple[str, ...] = ()  # onnxruntime's execution providers
     skipped: tuple[str, ...] = ()  # the candidates `auto` passed over, each with why
+    precision_hint: str | None = None  # OpenVINO's INFERENCE_PRECISION_HINT, "bf16" | "f32"; None: the bundle's
 
     @property
     def label(self) -> str:
         return f"onnxruntime:{self.providers[0]}" if self.backend == "onnxruntime" else f"openvino:{self.device.upper()}"
 
 
-def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "auto") -> BackendChoice:
-    """Apply the documented rule (module docstring) for this bundle and device."""
+def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "auto", *,
+                   precision_hint: str = "auto", cpu_flags: frozenset[str] | None = None) -> BackendChoice:
+    """Apply the documented rule (module docstring) for this bundle and device.
+
+    precision_hint: "auto" (the rule's), "fp32" (exact fp32 compute, also on OpenVINO) or "bf16" (OpenVINO bf16
+    compute where the CPU has it). cpu_flags: the CPU's flags for the rule (default: rule_flags())."""
     from .onnxruntime import available_providers, choose_providers
     from .openvino import openvino_available
 
@@ -82,6 +106,8 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
         raise BadInput(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise BadInput(f"device {device!r}: choose one of {', '.join(DEVICES)}")
+    if precision_hint not in PRECISION_HINTS:
+        raise BadInput(f"precision hint {precision_hint!r}: choose one of {', '.join(PRECISION_HINTS)}")
     if backend == "trt":
         from .tensorrt_probe import require_tensorrt
 
@@ -93,8 +119,13 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
             raise BadInput("backend 'openvino' runs on the CPU here; use --backend onnxruntime for --device cuda")
         if not openvino_available():
             raise MissingDependency("backend 'openvino' needs the OpenVINO runtime: pip install 'sdedge[openvino]'")
-        return BackendChoice("openvino", "cpu", "asked for openvino")
+        hint = OV_HINTS.get(precision_hint)
+        return BackendChoice("openvino", "cpu", "asked for openvino" + (f", {precision_hint} compute" if hint else ""),
+                             precision_hint=hint)
     if backend == "onnxruntime":
+        if precision_hint == "bf16":
+            raise BadInput("--precision-hint bf16 needs OpenVINO (ONNX Runtime has no bf16 CPU kernels): "
+                           "use --backend openvino or auto")
         providers, why = choose_providers(device)
         on_gpu = providers[0] != "CPUExecutionProvider"
         return BackendChoice("onnxruntime", "cuda" if on_gpu else "cpu", f"asked for onnxruntime; {why}",
@@ -109,7 +140,7 @@ def choose_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
     if device == "auto":
         skipped.append(f"ONNX Runtime on CUDA: this onnxruntime build has no CUDA provider "
                        f"({', '.join(have)}); on a CUDA machine: pip install 'sdedge[gpu]'")
-    choice = _cpu_choice(manifest)
+    choice = _cpu_choice(manifest, rule_flags(cpu_flags), precision_hint)
     return dataclasses.replace(choice, skipped=tuple(skipped))
 
 
@@ -125,24 +156,112 @@ def _gpu_passed_over(device: str) -> list[str]:
     return ["TensorRT: usable here, but this sdedge version builds no TensorRT engines, so the bundle has none"]
 
 
-def _cpu_choice(manifest: Manifest) -> BackendChoice:
-    """Rules 3 to 5: the CPU backend for this bundle."""
+def rule_flags(flags: frozenset[str] | None = None) -> frozenset[str]:
+    """The CPU flags the rule reads: `flags` when given, else SDEDGE_CPU_FLAGS (tests only: "avx2 avx512_bf16",
+    space- or comma-separated, stands in for the CPU's flags), else /proc/cpuinfo's. Only the choice reads the
+    injected flags: OpenVINO still asks the real CPU, and provenance and benchmarks record the real flags."""
+    if flags is not None:
+        return frozenset(flags)
+    injected = os.environ.get("SDEDGE_CPU_FLAGS")
+    return frozenset(injected.replace(",", " ").split()) if injected is not None else cpu_flags()
+
+
+def _isa(flags: frozenset[str]) -> tuple[bool, bool, bool, bool]:
+    """What decides the engine: native bf16, VNNI, AVX-512F, AVX2."""
+    return (any(f in flags for f in BF16_FLAGS), any(f in flags for f in VNNI_FLAGS), "avx512f" in flags,
+            "avx2" in flags)
+
+
+def _flags_text(flags: frozenset[str]) -> str:
+    return "+".join(engine_flags(flags)) or "no AVX2"
+
+
+def _measured_at_export(manifest: Manifest, flags: frozenset[str], hint: str | None) -> tuple[BackendChoice | None, str]:
+    """Rule 4: the backend export measured fastest (within parity), when it measured on a CPU with the same flags;
+    else (None, why the measurement does not apply here). The speed reports record the machine as
+    "model, N cores, avx2+avx512f+..." (export/gates.py machine_name)."""
+    pref = manifest.backend
+    if pref.preferred not in ("onnxruntime", "openvino"):
+        return None, ""
+    machines = sorted({r.machine for r in manifest.speed})
+    recorded = [frozenset(m.rsplit(", ", 1)[-1].split("+")) for m in machines]
+    if recorded and all(_isa(r) == _isa(flags) for r in recorded):
+        why = f"rule 4: measured fastest at export on a CPU with the same flags ({_flags_text(flags)})"
+        return BackendChoice(pref.preferred, "cpu", f"{why}: {pref.reason}" if pref.reason else why,
+                             ("CPUExecutionProvider",) if pref.preferred == "onnxruntime" else (),
+                             precision_hint=hint if pref.preferred == "openvino" else None), ""
+    where = "; ".join(machines) or "a CPU the bundle does not record"
+    return None, (f"the export measured {pref.preferred} fastest on another CPU ({where}), this one has "
+                  f"{_flags_text(flags)}; ")
+
+
+def _cpu_choice(manifest: Manifest, flags: frozenset[str], precision_hint: str = "auto") -> BackendChoice:
+    """Rules 3 to 5: the CPU backend for this bundle on a CPU with these flags."""
     from .openvino import openvino_available
 
     precision = manifest.precision
-    cpu = ("CPUExecutionProvider",)
+    bf16 = next((f for f in BF16_FLAGS if f in flags), None) if precision_hint != "fp32" else None
+    vnni = next((f for f in VNNI_FLAGS if f in flags), None)
     if not openvino_available():
-        hint = "" if precision is Precision.FP32 else (
-            f"; a {precision.value} bundle runs faster on OpenVINO: pip install 'sdedge[openvino]'")
-        return BackendChoice("onnxruntime", "cpu", f"rule 3: OpenVINO is not installed{hint}", cpu)
-    hint = manifest.backend
-    if hint.preferred in ("onnxruntime", "openvino"):
-        why = f"rule 4: measured fastest at export ({hint.reason})" if hint.reason else "rule 4: the bundle's preference"
-        return BackendChoice(hint.preferred, "cpu", why, cpu if hint.preferred == "onnxruntime" else ())
-    if precision in OPENVINO_PRECISIONS:
-        return BackendChoice("openvino", "cpu", f"rule 5: a {precision.value} bundle runs fastest on OpenVINO")
-    return BackendChoice("onnxruntime", "cpu", "rule 5: an fp32 bundle; ONNX Runtime is as fast as OpenVINO in fp32 "
-                         "with a smaller peak memory", cpu)
+        hint = ""
+        if bf16 and precision in (Precision.FP32, Precision.BF16):
+            hint = f"; this CPU has {bf16}: OpenVINO bf16 runs {BF16_MEASURED}: pip install 'sdedge[openvino]'"
+        elif precision is not Precision.FP32:
+            hint = f"; a {precision.value} bundle runs faster on OpenVINO: pip install 'sdedge[openvino]'"
+        return BackendChoice("onnxruntime", "cpu", f"rule 3: OpenVINO is not installed{hint}", CPU)
+    ov_hint = OV_HINTS.get(precision_hint)
+    measured, elsewhere = _measured_at_export(manifest, flags, ov_hint)
+    if measured is not None:
+        return measured
+    choice = _by_flags(manifest, bf16, vnni, precision_hint, flags)
+    return dataclasses.replace(choice, reason=f"rule 5: {elsewhere}{choice.reason}")
+
+
+BF16_MEASURED = ("5.2x ONNX Runtime fp32 on sd15-arch (one guided 256x256 UNet call on 2 AVX-512 BF16 cores: 0.91 s "
+                 "against 4.7 s, image 47.9 dB against fp32; measured for issue 19, docs/cpu-engines.md)")
+NO_VNNI = ("without VNNI OpenVINO's u8xs8 int8 kernels saturate 16-bit sums (sd15 QDQ UNet: cosine after guidance "
+           "0.29 on an AVX2 CPU) and ONNX Runtime runs static int8 slower than fp32 (docs/cpu-engines.md)")
+
+
+def _by_flags(manifest: Manifest, bf16: str | None, vnni: str | None, precision_hint: str,
+              flags: frozenset[str]) -> BackendChoice:
+    """Rule 5: by the bundle's precision and the CPU's flags (bf16: the first of BF16_FLAGS it has, None when
+    it has none or --precision-hint fp32 was given; vnni likewise)."""
+    precision = manifest.precision
+    exact = ("--precision-hint fp32: exact fp32 compute; " if precision_hint == "fp32" and _isa(flags)[0] else "")
+    if precision is Precision.FP32:
+        if bf16 or precision_hint == "bf16":
+            return BackendChoice("openvino", "cpu", f"{bf16 or 'asked for bf16'}: OpenVINO runs bf16 compute, "
+                                 f"measured {BF16_MEASURED}; --precision-hint fp32 keeps exact fp32",
+                                 precision_hint="bf16")
+        return BackendChoice("onnxruntime", "cpu", f"{exact or 'no native bf16 (avx512_bf16, amx): '}an fp32 "
+                             "bundle runs on ONNX Runtime, as fast as OpenVINO in fp32 with a smaller peak memory", CPU)
+    if precision is Precision.BF16:
+        if bf16:
+            return BackendChoice("openvino", "cpu", f"{bf16}: OpenVINO runs the bf16 bundle in bf16 compute, "
+                                 f"measured {BF16_MEASURED}", precision_hint="bf16")
+        return BackendChoice("openvino", "cpu", f"{exact or 'no native bf16 (avx512_bf16, amx): '}OpenVINO runs "
+                             "the bf16 bundle in fp32 compute, at fp32 speed", precision_hint="f32")
+    if precision is Precision.INT8:
+        unet = manifest.components.get("unet")
+        if vnni and unet is not None and unet.openvino_ir:
+            return BackendChoice("openvino", "cpu", f"{vnni}: OpenVINO's int8 kernels run the bundle's OpenVINO IR "
+                                 "UNet (NNCF on the OpenVINO model: 1.60x OpenVINO bf16 at cosine after guidance "
+                                 "0.984 on sd15-arch, measured for issue 19)")
+        if vnni:
+            why = (f"{vnni}, but the UNet is a QDQ ONNX without an OpenVINO IR, which OpenVINO ran at cosine after "
+                   "guidance 0.63 on a VNNI CPU (issue 19); ONNX Runtime runs it at its export parity, slower than "
+                   "fp32 there: a bf16 or fp32 bundle is the fast path")
+        else:
+            why = f"no VNNI (avx512_vnni, avx_vnni, amx_int8): int8 is not the fast path on this CPU: {NO_VNNI}; " \
+                  "ONNX Runtime runs it at its export parity, and an fp32 bundle is faster here"
+        return BackendChoice("onnxruntime", "cpu", why, CPU)
+    if precision is Precision.INT8_WEIGHTS:
+        return BackendChoice("openvino", "cpu", "weight-only int8 runs fastest on OpenVINO (ONNX Runtime decompresses "
+                             f"the weights per call), in {'bf16 compute (' + bf16 + ')' if bf16 else exact + 'fp32 compute'}",
+                             precision_hint="bf16" if bf16 else "f32")
+    return BackendChoice("openvino", "cpu", f"a {precision.value} bundle runs fastest on OpenVINO "
+                         "(ONNX Runtime's CPU provider has few fp16 kernels)")
 
 
 def engine_factory(choice: BackendChoice, manifest: Manifest, *, threads: int | None = None,
@@ -151,7 +270,7 @@ def engine_factory(choice: BackendChoice, manifest: Manifest, *, threads: int | 
     if choice.backend == "openvino":
         from .openvino import OvEngine
 
-        hint = manifest.backend.openvino_inference_precision
+        hint = choice.precision_hint or manifest.backend.openvino_inference_precision
 
         def make_ov(bundle: Bundle, name: str, info: ComponentInfo):
             return OvEngine(bundle, name, info, threads=threads, precision_hint=hint, cache_dir=cache_dir,
