@@ -19,8 +19,9 @@ cache root that others can write to is not used (ort_cache.private_root). A seco
 the same bundle at the same size imports the blob instead of compiling: seconds instead of a minute for the
 SD1.5 UNet.
 
-Precision: the compile property INFERENCE_PRECISION_HINT is set explicitly ("f32" for an fp32 bundle, since
-OpenVINO would otherwise pick bf16 on its own on CPUs with AMX, which breaks fp32 parity). A bf16 bundle asks
+Precision: the compile property INFERENCE_PRECISION_HINT is set explicitly: `precision_hint` when given (the
+`auto` rule of select.py gives "bf16" for an fp32 bundle on a CPU with native bf16; --precision-hint fp32 gives
+"f32"), else "f32" for an fp32 bundle, since OpenVINO would otherwise pick bf16 on its own on CPUs with AMX. A bf16 bundle asks
 for "bf16" only where the CPU reports BF16 in OPTIMIZATION_CAPABILITIES (AVX-512 BF16 or AMX); elsewhere it
 falls back to "f32" and says so in the log: the result is then the fp32 engine's, at fp32 speed.
 """
