@@ -31,6 +31,7 @@ def cmd_prepare(args) -> int:
     opts = PrepareOptions(resolution=args.resolution, min_size=args.min_size, buckets=args.buckets,
                           dedup=None if args.no_dedup else args.dedup, clip_model=args.clip_model, augment=augment,
                           seed=args.seed, max_pixels=args.max_pixels, background=args.background,
+                          caption_model=args.caption_model, caption_prefix=args.caption_prefix or "",
                           overwrite=args.overwrite)
     with console.status("preparing images …"):
         report = prepare_dataset(Path(args.src), Path(args.out), opts)
@@ -105,6 +106,10 @@ def register(subparsers) -> None:
     p.add_argument("--dedup", type=float, default=0.95, help="near-duplicate similarity threshold (default 0.95)")
     p.add_argument("--no-dedup", action="store_true", help="keep duplicates")
     p.add_argument("--clip-model", help="local CLIP model folder: also drop images whose CLIP cosine >= --dedup")
+    p.add_argument("--caption-model", metavar="DIR", help="local BLIP or BLIP-2 model folder (transformers layout, "
+                   "safetensors; never downloaded): caption the images that have no caption")
+    p.add_argument("--caption-prefix", metavar="TEXT", help="put before each caption the model writes, e.g. a "
+                   "trigger word ('sks dog')")
     p.add_argument("--augment", help="add augmented copies: a comma list of flip, rotate, brightness")
     p.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
     p.add_argument("--max-pixels", type=int, help="lower the decompression-bomb limit (pixels per image)")

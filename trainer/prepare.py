@@ -1,6 +1,6 @@
 """`sdedge prepare`: a folder of images with captions in, a clean training set out.
 
-    photos/ ─► captions (.txt | metadata.jsonl | metadata.csv) ─► safe open (JPEG/PNG/TIFF/WebP, bomb guard,
+    photos/ ─► captions (.txt | metadata.jsonl | metadata.csv | --caption-model BLIP) ─► safe open (JPEG/PNG/TIFF/WebP, bomb guard,
             16-bit scaled, ICC/CMYK to sRGB, transparency on --background)
             ─► --min-size ─► resize + centre-crop (or aspect buckets) ─► exact / near-duplicate removal
             ─► optional augmented copies ─► data/images/*.png, data/captions/*.txt, data/metadata.json
@@ -26,7 +26,7 @@ from pathlib import Path
 from sdedge.runtime.errors import BadInput, SdedgeError
 from sdedge.runtime.files import check_replaceable, replace_dir, scratch_dir
 
-from .captions import METADATA_FILES, read_captions, txt_caption
+from .captions import METADATA_FILES, Captioner, read_captions, txt_caption
 from .dedup import clip_embeddings, find_duplicates, phash, pixel_sha256
 from .hashing import combined_sha256, sha256_bytes, sha256_file
 from .images import AUGMENTS, ImageSkip, bucket_sizes, fit, nearest_bucket, open_image
@@ -48,6 +48,8 @@ class PrepareOptions:
     seed: int = 0
     max_pixels: int | None = None  # may only lower Pillow's decompression-bomb limit
     background: str = "white"  # what transparent pixels are composited on (a Pillow colour: name or #rrggbb)
+    caption_model: str | None = None  # local BLIP / BLIP-2 folder: captions the images that have none
+    caption_prefix: str = ""  # put before each generated caption (a trigger word)
     overwrite: bool = False
 
 
@@ -75,6 +77,7 @@ class _Item:
     pixel_sha256: str
     phash: int
     staged: Path  # processed PNG in the staging folder
+    caption_by: str = "file"  # "file", or "model" (--caption-model)
 
 
 def _check_options(o: PrepareOptions) -> None:
@@ -91,6 +94,8 @@ def _check_options(o: PrepareOptions) -> None:
         raise BadInput(f"--augment {bad[0]!r}: choose from {', '.join(AUGMENTS)}")
     if o.max_pixels is not None and o.max_pixels < 1:
         raise BadInput(f"max_pixels {o.max_pixels}: must be positive")
+    if o.caption_prefix.strip() and not o.caption_model:
+        raise BadInput("--caption-prefix needs --caption-model (it is put before the captions the model writes)")
     _background(o.background)
 
 
@@ -147,6 +152,7 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
     log = log or (lambda msg: None)
 
     background = _background(opts.background)
+    captioner = Captioner(opts.caption_model, opts.caption_prefix) if opts.caption_model else None
     captions, skipped = read_captions(src)
     files, outside = _walk(src, out.resolve())
     skipped += outside
@@ -177,14 +183,22 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
                         caption = txt_caption(path, src)
                     except ValueError as e:
                         raise ImageSkip(str(e)) from None
-                    if caption is None:
-                        raise ImageSkip("no caption (no same-name .txt, not in metadata.jsonl/metadata.csv)")
-                caption = " ".join(caption.split())
-                if not caption:
-                    raise ImageSkip("empty caption")
+                    if caption is None and captioner is None:
+                        raise ImageSkip("no caption (no same-name .txt, not in metadata.jsonl/metadata.csv; "
+                                        "--caption-model writes one)")
+                caption_by = "file" if caption is not None else "model"
+                if caption is not None:
+                    caption = " ".join(caption.split())
+                    if not caption:
+                        raise ImageSkip("empty caption")
                 w, h = image.size
                 if min(w, h) < min_size:
                     raise ImageSkip(f"too small: {w}x{h}, shorter side under --min-size {min_size}")
+                if caption is None:  # captioned after the cheap checks
+                    caption = captioner.caption([image])[0]
+                    if not caption:
+                        raise ImageSkip("the caption model wrote nothing")
+                    log(f"captioned {rel}: {caption}")
             except ImageSkip as e:
                 skipped.append((rel, str(e)))
                 continue
@@ -193,7 +207,7 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
             staged = stage / "images" / f".{n:06d}.png"
             fitted.save(staged, format="PNG", optimize=False)
             items.append(_Item(rel, caption, sha256_file(path), fmt, (w, h), size, pixel_sha256(fitted),
-                               phash(fitted), staged))
+                               phash(fitted), staged, caption_by))
             log(f"read {rel}")
 
         if opts.dedup is not None and len(items) > 1:
@@ -232,7 +246,8 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
             base = dict(image=image_rel, caption=caption_rel, text=it.caption, width=it.size[0], height=it.size[1],
                         sha256=sha256_file(stage / image_rel), caption_sha256=sha256_bytes(caption_bytes),
                         phash=f"{it.phash:048x}", source=it.source, source_sha256=it.source_sha256,
-                        source_format=it.source_format, source_size=list(it.source_size), augment=None, of=None)
+                        source_format=it.source_format, source_size=list(it.source_size), augment=None, of=None,
+                        caption_by=it.caption_by)
             entries.append(base)
             if opts.augment:
                 from PIL import Image
@@ -263,6 +278,8 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
             "counts": {"inputs": len(candidates), "kept": kept, "augmented": len(entries) - kept,
                        "skipped": len(skipped)},
             "dataset_sha256": dataset_sha,
+            "caption_model": {**captioner.info, "captioned": sum(1 for it in items if it.caption_by == "model")}
+            if captioner else None,
             "items": entries,
             "skipped": [{"source": s, "reason": r} for s, r in skipped],
         }
