@@ -13,7 +13,7 @@ import pytest
 
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.errors import BadInput
-from sdedge.runtime.manifest import BackendHint, Precision
+from sdedge.runtime.manifest import BackendHint, Precision, SpeedReport
 
 from conftest import REPO, run_cli
 
@@ -88,15 +88,20 @@ def _manifest(tiny_bundle, **changes):
 def test_auto_rule(tiny_bundle):
     from sdedge.runtime.backends.select import choose_backend
 
+    avx2 = frozenset({"avx2"})  # an AVX2-only CPU; the rule for other CPUs: tests/test_backend_choice.py
     fp32 = _manifest(tiny_bundle)
-    c = choose_backend(fp32, "auto", "cpu")
+    c = choose_backend(fp32, "auto", "cpu", cpu_flags=avx2)
     assert c.backend == "onnxruntime" and "rule 5" in c.reason
-    for p in (Precision.BF16, Precision.INT8, Precision.INT8_WEIGHTS):
-        c = choose_backend(_manifest(tiny_bundle, precision=p), "auto", "cpu")
-        assert c.backend == "openvino" and p.value in c.reason
-    hinted = _manifest(tiny_bundle, precision=Precision.INT8,
+    for p in (Precision.BF16, Precision.INT8_WEIGHTS):
+        c = choose_backend(_manifest(tiny_bundle, precision=p), "auto", "cpu", cpu_flags=avx2)
+        assert c.backend == "openvino" and "fp32 compute" in c.reason
+    c = choose_backend(_manifest(tiny_bundle, precision=Precision.INT8), "auto", "cpu", cpu_flags=avx2)
+    assert c.backend == "onnxruntime" and "no VNNI" in c.reason
+    speed = SpeedReport(backend="onnxruntime", fp32_seconds=0.1, seconds=0.1, ratio=1.0, calls=1, shape="2x4x8x8",
+                        threads=2, machine="some CPU, 2 cores, avx2")
+    hinted = _manifest(tiny_bundle, precision=Precision.INT8, speed=(speed,),
                        backend=BackendHint(preferred="onnxruntime", reason="ort 0.1 s"))
-    c = choose_backend(hinted, "auto", "cpu")
+    c = choose_backend(hinted, "auto", "cpu", cpu_flags=avx2)
     assert c.backend == "onnxruntime" and "rule 4" in c.reason and "ort 0.1 s" in c.reason
     assert choose_backend(hinted, "openvino", "cpu").backend == "openvino"  # explicit wins
     with pytest.raises(BadInput, match="backend 'tensorrt'"):
@@ -116,7 +121,7 @@ def test_bf16_precision_hint_follows_the_cpu():
         assert hint == "bf16"
     else:
         assert hint == "f32" and "no native bf16" in why
-    assert inference_precision(Precision.FP32)[0] == "f32"  # fp32 bundles never run in bf16
+    assert inference_precision(Precision.FP32)[0] == "f32"  # fp32 bundles run in bf16 only when asked (the auto rule, --precision-hint)
 
 
 def test_cli_generate_backend_openvino(tiny_bundle, tmp_path, cache):
