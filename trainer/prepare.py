@@ -1,7 +1,7 @@
 """`sdedge prepare`: a folder of images with captions in, a clean training set out.
 
-    photos/ ─► captions (.txt | metadata.jsonl | metadata.csv | --caption-model BLIP) ─► safe open (JPEG/PNG/TIFF/WebP, bomb guard,
-            16-bit scaled, ICC/CMYK to sRGB, transparency on --background)
+    photos/ ─► captions (.txt | metadata.jsonl | metadata.csv | --caption-model BLIP)
+            ─► safe open (JPEG/PNG/TIFF/WebP, bomb guard, 16-bit scaled, ICC/CMYK to sRGB, transparency on --background)
             ─► --min-size ─► resize + centre-crop (or aspect buckets) ─► exact / near-duplicate removal
             ─► optional augmented copies ─► data/images/*.png, data/captions/*.txt, data/metadata.json
 
