@@ -83,6 +83,8 @@ def _fit(text: str, fnt, width: int) -> str:
 def wrap_text(text: str, fnt, width: int, max_lines: int) -> list[str]:
     """`text` wrapped on words into lines of at most `width` px; past `max_lines` the last line ends in '…'.
     Explicit newlines start new lines."""
+    if max_lines < 1:
+        return []
     lines: list[str] = []
     for para in str(text).split("\n"):
         cur = ""

@@ -413,16 +413,21 @@ def generate(pipe, prompts: list[str], guidance: float, seed: int, steps: int = 
     return np.concatenate(out)
 
 
-def grid(images: np.ndarray, cols: int) -> np.ndarray:
-    rows = math.ceil(len(images) / cols)
-    pad = np.zeros((rows * cols - len(images), *images.shape[1:]), np.uint8)
-    x = np.concatenate([images, pad]).reshape(rows, cols, *images.shape[1:])
-    return x.transpose(0, 2, 1, 3, 4).reshape(rows * images.shape[1], cols * images.shape[2], 3)
+def write_samples(images: np.ndarray, prompts: list[str], path: Path, per_row: int = 5) -> None:
+    """Labelled grid (sdedge.runtime.grid): one row per shape and colour ("a red circle"), its backgrounds in
+    the row, "on blue" under each image."""
+    from sdedge.runtime.grid import GridLayout, labelled_grid, write_grid
+
+    rows = range(0, len(images), per_row)
+    subject = [prompts[i].partition(" on ")[0] for i in rows]
+    captions = [["on " + p.partition(" on a ")[2].removesuffix(" background") for p in prompts[i:i + per_row]]
+                for i in rows]
+    write_grid(labelled_grid([list(images[i:i + per_row]) for i in rows], subject, [""] * per_row,
+                             GridLayout(cell=128, label_w=120, header_lines=0, caption_lines=1), captions), path)
 
 
 def stage_evaluate(work: Path, unet, vae, text_encoder, tokenizer, classifier, results: Path):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from PIL import Image
 
     from sdedge.export.bases import SD15_SCHEDULER
     from sdedge.tinyworld.shapes import BASE_COLOURS, NEW_COLOUR, SHAPES, caption
@@ -453,7 +458,7 @@ def stage_evaluate(work: Path, unet, vae, text_encoder, tokenizer, classifier, r
     new_imgs = generate(pipe, new, guidance, seed=200)
     record["match_rate_new_colour_before_lora"] = round(classify_match(classifier, new_imgs, new)["all"], 3)
     results.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid(imgs[:60], 10)).resize((1280, 768), Image.Resampling.NEAREST).save(results / "samples.png")
+    write_samples(imgs[:60], prompts[:60], results / "samples.png")
     log(f"evaluate: best guidance {guidance}, match rate {m['all']:.3f}; '{NEW_COLOUR}' before any LoRA "
         f"{record['match_rate_new_colour_before_lora']:.3f}")
     return record

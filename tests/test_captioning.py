@@ -49,6 +49,36 @@ def blip(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory) -> Path:
+    """A seeded tiny BLIP-2 (ViT + Q-Former + OPT) with a word-level tokenizer and its processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, PreTrainedTokenizerFast
+    from transformers.models.blip import BlipImageProcessor
+
+    d = tmp_path_factory.mktemp("tiny-blip2")
+    words = ["<pad>", "<unk>", "</s>", "<image>", *WORDS[5:]]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                        bos_token="</s>", additional_special_tokens=["<image>"])
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = Blip2Config(vision_config={**small, "image_size": 32, "patch_size": 8},
+                      qformer_config={**small, "vocab_size": len(words), "encoder_hidden_size": 32},
+                      text_config=dict(model_type="opt", vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                                       ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                                       word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2, eos_token_id=2),
+                      num_query_tokens=4, image_token_index=3)
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # special tokens at logit 0: a word wins, the caption is not empty
+        model.language_model.lm_head.weight[:4] = 0
+    model.save_pretrained(d)
+    Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
+                   num_query_tokens=4).save_pretrained(d)
+    return d
+
+
 def _image(seed: int, size=(48, 40)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
@@ -64,12 +94,11 @@ def photos(tmp_path) -> Path:
     return src
 
 
-def _reference_caption(blip: Path, image: Image.Image) -> str:
+def _reference_caption(blip: Path, image: Image.Image, version: str = "") -> str:
     """The model's greedy caption of `image` through transformers itself."""
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    proc = BlipProcessor.from_pretrained(blip, local_files_only=True)
-    model = BlipForConditionalGeneration.from_pretrained(blip, local_files_only=True).eval()
+    model_cls = getattr(transformers, f"Blip{version}ForConditionalGeneration")
+    proc = getattr(transformers, f"Blip{version}Processor").from_pretrained(blip, local_files_only=True)
+    model = model_cls.from_pretrained(blip, local_files_only=True).eval()
     with torch.no_grad():
         ids = model.generate(**proc(images=image.convert("RGB"), return_tensors="pt"), max_new_tokens=30,
                              do_sample=False, num_beams=1)
@@ -88,7 +117,7 @@ def test_uncaptioned_images_get_the_models_caption_with_the_prefix(blip, photos,
     assert report.kept == 3 and not report.skipped
     meta, items = _items(out)
     assert items["a.png"]["text"] == "a red circle" and items["a.png"]["caption_by"] == "file"  # its own caption kept
-    for name, seed in (("b.png", 1), ("c.png", 2)):
+    for name in ("b.png", "c.png"):
         want = _reference_caption(blip, Image.open(photos / name))
         assert want and items[name]["text"] == f"sks style {want}" and items[name]["caption_by"] == "model"
         assert (out / items[name]["caption"]).read_text(encoding="utf-8") == f"sks style {want}\n"
@@ -99,6 +128,15 @@ def test_uncaptioned_images_get_the_models_caption_with_the_prefix(blip, photos,
     assert meta["options"]["caption_model"] == str(blip) and meta["options"]["caption_prefix"] == "sks  style"
     again = prepare_dataset(photos, tmp_path / "again", opts)  # greedy decoding: the same captions, the same set
     assert again.dataset_sha256 == report.dataset_sha256
+
+
+def test_blip2(blip2, photos, tmp_path):
+    report = prepare_dataset(photos, tmp_path / "data", PrepareOptions(resolution=32, min_size=8, dedup=None,
+                                                                      caption_model=str(blip2), caption_prefix="sks"))
+    meta, items = _items(tmp_path / "data")
+    assert report.kept == 3 and meta["caption_model"]["model_type"] == "blip-2" and meta["caption_model"]["captioned"] == 2
+    want = _reference_caption(blip2, Image.open(photos / "b.png"), "2")
+    assert want and items["b.png"]["text"] == f"sks {want}" and items["b.png"]["caption_by"] == "model"
 
 
 def test_no_model_is_todays_behaviour(photos, tmp_path):

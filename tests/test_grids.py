@@ -13,6 +13,7 @@ from PIL import Image
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.grid import GRID_PNG_KEY, GridLayout, font, grid_size, labelled_grid, wrap_text, write_grid
 
+REPO = Path(__file__).resolve().parents[1]
 LONG = "a purple triangle on a yellow background, highly detailed, studio lighting, sharp focus, 8k, trending"
 
 
@@ -66,6 +67,7 @@ def test_long_labels_wrap_then_end_in_an_ellipsis():
     assert all(f.getlength(line) <= 120 for line in lines)
     assert " ".join(lines).replace("…", "").split()[:4] == LONG.split()[:4]  # wrapped on words, in order
     assert wrap_text("a red circle", f, 120, 3) == ["a red circle"]
+    assert wrap_text("a red circle", f, 120, 0) == []  # no room: nothing drawn
     word = wrap_text("supercalifragilisticexpialidocious" * 3, f, 60, 2)
     assert len(word) == 1 and word[0].endswith("…") and f.getlength(word[0]) <= 60  # one long word: cut
     assert wrap_text("run 0 · seed 42\na cat", f, 200, 3) == ["run 0 · seed 42", "a cat"]
@@ -141,3 +143,43 @@ def test_validation_grid_is_labelled(tmp_path):
     got = _labels(write_validation_grid(tmp_path, ["a red circle", "a blue square"]))
     assert got == {"rows": ["step 100", "step 200"], "columns": ["a red circle", "a blue square"], "ink": got["ink"]}
     assert got["ink"] > 50
+
+
+def test_tiny_base_script_samples_grid_is_labelled(tmp_path):
+    import importlib.util
+
+    from sdedge.tinyworld.classifier import base_captions
+
+    spec = importlib.util.spec_from_file_location("train_tiny_base", REPO / "scripts" / "train_tiny_base.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    prompts = base_captions()[:10]
+    script.write_samples(np.stack([c for row in _cells(1, 10, 64) for c in row]), prompts, tmp_path / "samples.png")
+    got = _labels(tmp_path / "samples.png")
+    assert got["rows"] == ["a red circle", "a green circle"] and got["ink"] > 50
+
+
+# canvases that are not grids: alpha flattening, rendered scenes, the bench's bar chart, the grid itself
+NOT_GRIDS = {"runtime/uploads.py", "runtime/grid.py", "trainer/images.py", "tinyworld/shapes.py",
+             "benchmarks/report.py:render_chart", "benchmarks/train_step.py"}
+
+
+def test_no_grid_is_drawn_without_the_helper():
+    """Every Image.new / paste outside the list above would be a grid (or canvas) bypassing runtime/grid.py."""
+    import ast
+
+    found = []
+    for folder in ("runtime", "trainer", "export", "benchmarks", "sdedge", "tinyworld", "scripts"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if "results" in rel.split("/") or rel in NOT_GRIDS:
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+                for node in ast.walk(fn):
+                    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                            and (node.func.attr == "paste" or node.func.attr == "new"
+                                 and getattr(node.func.value, "id", "") == "Image")
+                            and f"{rel}:{fn.name}" not in NOT_GRIDS):
+                        found.append(f"{rel}:{fn.name}")
+    assert not found, f"draws a canvas without sdedge.runtime.grid: {sorted(set(found))}"
