@@ -33,8 +33,9 @@ def cmd_prepare(args) -> int:
                           seed=args.seed, max_pixels=args.max_pixels, background=args.background,
                           caption_model=args.caption_model, caption_prefix=args.caption_prefix or "",
                           overwrite=args.overwrite)
-    with console.status("preparing images …"):
-        report = prepare_dataset(Path(args.src), Path(args.out), opts)
+    with console.status("preparing images …") as status:  # each image read (and captioned) shows here
+        report = prepare_dataset(Path(args.src), Path(args.out), opts,
+                                 log=lambda msg: status.update(f"preparing images … {msg[:100]}"))
     if report.skipped:
         table = Table("skipped", "reason", title=f"{len(report.skipped)} input(s) skipped", title_justify="left")
         for source, reason in report.skipped:
