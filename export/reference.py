@@ -108,10 +108,20 @@ def reference_init_images(pipe, prompt: str, negative_prompt: str, *, image: np.
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
     from PIL import Image
 
-    components = {k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet")}
-    cls = StableDiffusionImg2ImgPipeline if mask is None else StableDiffusionInpaintPipeline
-    twin = cls(**components, scheduler=diffusers_scheduler(scheduler, scheduler_config), safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its own img2img / inpainting pipelines
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+        cls = StableDiffusionXLImg2ImgPipeline if mask is None else StableDiffusionXLInpaintPipeline
+        parts = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
+        twin = cls(**{k: getattr(pipe, k) for k in parts}, add_watermarker=False,
+                   scheduler=diffusers_scheduler(scheduler, scheduler_config))
+        if negative_prompt == "":
+            negative_prompt = None  # no negative prompt: zero embeddings, as the runtime reads an empty one
+    else:
+        components = {k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet")}
+        cls = StableDiffusionImg2ImgPipeline if mask is None else StableDiffusionInpaintPipeline
+        twin = cls(**components, scheduler=diffusers_scheduler(scheduler, scheduler_config), safety_checker=None,
+                   feature_extractor=None, requires_safety_checker=False)
     twin.set_progress_bar_config(disable=True)
     kw = dict(negative_prompt=negative_prompt, image=Image.fromarray(image), strength=strength,
               num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),

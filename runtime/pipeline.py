@@ -172,8 +172,8 @@ class Pipeline:
     # -- what the bundle can do -------------------------------------------------------------------------------
     @property
     def supports_img2img(self) -> bool:
-        """The bundle has a VAE encoder: `generate(image=...)` works."""
-        return "vae_encoder" in self.manifest.components
+        """A bundle with its VAE encoder (SD1.5 or SDXL): `generate(image=...)` works."""
+        return "vae_encoder" in self.manifest.components  # SDXL too: parity-checked in tests/test_sdxl.py
 
     @property
     def unet_in_channels(self) -> int:
@@ -225,6 +225,9 @@ class Pipeline:
                 raise BadInput("this is an inpainting bundle (its UNet takes 9 channels: latents, mask, masked "
                                "image): give image= and mask=")
             return None, width, height
+        if self.manifest.pipeline != "sd15" and mask is not None:  # SDXL img2img: parity-checked in tests/test_sdxl.py
+            raise BadInput(f"inpainting runs on SD1.5 bundles; this one is {self.manifest.pipeline} (its image-to-image "
+                           "works: give image= without mask=)")
         if not self.supports_img2img:
             raise BadInput(f"{self.bundle.root}: the bundle has no vae_encoder component, which image-to-image "
                            "needs; export it again without --no-vae-encoder")

@@ -13,11 +13,13 @@ from sdedge.runtime.manifest import COMPONENTS, MANIFEST_NAME
 
 from conftest import run_cli
 
+SD15_COMPONENTS = tuple(c for c in COMPONENTS if c != "text_encoder_2")  # text_encoder_2: SDXL's (test_sdxl.py)
+
 
 def test_bundle_layout_and_hashes(tiny_bundle):
     bundle = Bundle.open(tiny_bundle)
     m = bundle.manifest
-    assert set(m.components) == set(COMPONENTS)
+    assert set(m.components) == set(SD15_COMPONENTS)
     on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()}
     assert on_disk - {MANIFEST_NAME} == set(m.files)  # every file listed, nothing unlisted
     for rel, entry in m.files.items():
@@ -42,7 +44,7 @@ def test_onnx_graphs_have_opset_and_dynamic_axes(tiny_bundle):
 
 def test_parity_recorded_and_within_gates(tiny_bundle):
     m = Bundle.open(tiny_bundle).manifest
-    for name in COMPONENTS:
+    for name in SD15_COMPONENTS:
         p = m.parity.components[name]
         assert 0 <= p.max_abs_err <= 1e-3 and len(p.shapes) == 2
     assert m.parity.image is not None and m.parity.image.psnr_db >= 40

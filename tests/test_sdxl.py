@@ -406,16 +406,10 @@ def test_signed_sdxl_bundle_verified_before_load(bundle, work):
 
 @pytest.mark.slow
 def test_sdxl_img2img_matches_diffusers(runtime, pipe):
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-    from PIL import Image
+    from sdedge.export.reference import reference_init_images
 
     img = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
-    ours = runtime.generate(PROMPTS[0], steps=4, image=img, strength=0.6, scheduler="euler", rng=TorchNoise(2),
-                            watermark=False).images
-    i2i = StableDiffusionXLImg2ImgPipeline(**pipe.components)
-    i2i.scheduler = diffusers_scheduler("euler", runtime.manifest.scheduler)
-    i2i.set_progress_bar_config(disable=True)
-    with torch.inference_mode():
-        ref = i2i(PROMPTS[0], image=Image.fromarray(img), strength=0.6, num_inference_steps=4, guidance_scale=7.5,
-                  generator=torch.Generator().manual_seed(2), output_type="np").images
+    kw = dict(image=img, mask=None, strength=0.6, steps=4, guidance=7.5, scheduler="euler")
+    ours = runtime.generate(PROMPTS[0], "", rng=TorchNoise(2), watermark=False, **kw).images
+    ref = reference_init_images(pipe, PROMPTS[0], "", scheduler_config=runtime.manifest.scheduler, seed=2, **kw)
     assert psnr(ours, ref) >= 40.0

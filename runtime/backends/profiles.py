@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..errors import BadInput
 from ..manifest import Manifest
 
-GUIDED = ("text_encoder", "unet")  # components that see the guided batch (2 × images)
+GUIDED = ("text_encoder", "text_encoder_2", "unet")  # components that see the guided batch (2 × images)
 
 
 @dataclass(frozen=True)
