@@ -6,6 +6,8 @@ name and the same initial latents, and returns float images (N, H, W, 3) in [0, 
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -28,7 +30,8 @@ def runtime_noise_lcm(config: dict, seed: int):
             return diffusers.schedulers.scheduling_lcm.LCMSchedulerOutput(prev, denoised) if return_dict \
                 else (prev, denoised)
 
-    sched = RuntimeNoiseLCMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    known = inspect.signature(diffusers.LCMScheduler.__init__).parameters  # not PNDM's skip_prk_steps: no warning
+    sched = RuntimeNoiseLCMScheduler.from_config({k: v for k, v in config.items() if k in known})
     sched.noise_rng = np.random.default_rng([seed, 1])
     return sched
 

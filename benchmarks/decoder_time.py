@@ -1,0 +1,101 @@
+"""Decoder time on ONNX Runtime: a base's full VAE decoder against a light AutoencoderTiny (TAESD-architecture)
+decoder, each exported by sdedge's own decoder specs and run the way the runtime runs it (CPU provider, its threads).
+
+    python -m sdedge.benchmarks.decoder_time --tiny-base DIR --tiny-decoder DIR [--sd15] --out FILE.json
+
+Two pairs:
+- tiny: the trained tiny base's AutoencoderKL decoder against its distilled AutoencoderTiny (`sdedge
+  distill-decoder`), at the base's size (16x16 latents, 64x64 images);
+- sd15 (--sd15): SD1.5's VAE decoder architecture (sdedge base sd15-arch's config, seeded random weights) against
+  TAESD's architecture (diffusers' AutoencoderTiny defaults, random weights) at 64x64 latents (512x512 images).
+  Speed does not depend on the weights' values.
+The figures (median seconds per decode, batch 1) are written with the machine's CPU flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from sdedge.runtime.files import atomic_write_json
+
+from .machine import describe_machine
+
+
+def ort_seconds(spec, vae, latent: int, threads: int, calls: int, folder: Path) -> float:
+    """Median seconds of one decode (1, C, latent, latent) on ONNX Runtime of `vae` exported through `spec`."""
+    import onnxruntime as ort
+
+    channels = int(vae.config.latent_channels)
+    path = folder / f"{spec.name}-{type(vae).__name__}.onnx"
+    module = spec.module(SimpleNamespace(vae=vae)).eval()
+    x = torch.randn(1, channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.onnx.export(module, (x,), str(path), input_names=["latent_sample"], output_names=["sample"],
+                          opset_version=17, dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = threads, 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"latent_sample": x.numpy()}
+    session.run(None, feed)  # warm-up
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def time_pair(label: str, full, tiny, latent: int, threads: int, calls: int) -> dict:
+    from sdedge.export.specs import SPECS, TINY_VAE_DECODER
+
+    with tempfile.TemporaryDirectory(prefix="sdedge-decoder-time-") as tmp:
+        full_s = ort_seconds(SPECS["vae_decoder"], full, latent, threads, calls, Path(tmp))
+        tiny_s = ort_seconds(TINY_VAE_DECODER, tiny, latent, threads, calls, Path(tmp))
+    params = {k: sum(p.numel() for p in m.decoder.parameters()) for k, m in (("full", full), ("tiny", tiny))}
+    return {"pair": label, "latent": [latent, latent], "image": latent * int(2 ** (len(full.config.block_out_channels) - 1)),
+            "full_seconds": round(full_s, 5), "tiny_seconds": round(tiny_s, 5), "speedup": round(full_s / tiny_s, 2),
+            "full_decoder_parameters": params["full"], "tiny_decoder_parameters": params["tiny"], "calls": calls,
+            "threads": threads}
+
+
+def main(argv=None) -> int:
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    p = argparse.ArgumentParser(prog="python -m sdedge.benchmarks.decoder_time")
+    p.add_argument("--tiny-base")
+    p.add_argument("--tiny-decoder")
+    p.add_argument("--sd15", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    rows = []
+    if args.tiny_base and args.tiny_decoder:
+        full = AutoencoderKL.from_pretrained(args.tiny_base, subfolder="vae", local_files_only=True).eval()
+        tiny = AutoencoderTiny.from_pretrained(args.tiny_decoder, local_files_only=True).eval()
+        rows.append(time_pair("tiny base: AutoencoderKL vs distilled AutoencoderTiny", full, tiny, 16, args.threads,
+                              args.calls))
+    if args.sd15:
+        from sdedge.export.bases import builtin_configs
+
+        torch.manual_seed(0)
+        full = AutoencoderKL(**builtin_configs("sd15-arch")["vae"]).eval()
+        tiny = AutoencoderTiny().eval()  # TAESD's architecture (madebyollin/taesd's config)
+        rows.append(time_pair("sd15-arch 512x512: SD VAE decoder vs TAESD architecture", full, tiny, 64,
+                              args.threads, max(3, args.calls // 3)))
+    doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe_machine(), "rows": rows}
+    atomic_write_json(args.out, doc)
+    for r in rows:
+        print(f"{r['pair']}: full {r['full_seconds']:.4f} s, tiny {r['tiny_seconds']:.4f} s, {r['speedup']:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
