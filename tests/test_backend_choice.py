@@ -111,7 +111,7 @@ def test_auto_says_why_it_passed_over_the_gpu(tiny_bundle, monkeypatch, tmp_path
 @pytest.mark.skipif(not NO_CUDA, reason="this onnxruntime has a CUDA provider")
 def test_cli_generate_prints_the_backend_and_what_it_passed_over(tiny_bundle, tmp_path):
     r = run_cli("generate", str(tiny_bundle), "a red circle", "--steps", "2", "--out", str(tmp_path / "a.png"),
-                "--verbose", env={"SDEDGE_CPU_FLAGS": "avx2 fma"})  # an AVX2-only CPU: fp32 stays on ONNX Runtime
+                "--verbose", env={"SDEDGE_CPU_FLAGS": "avx2 fma"})  # AVX2-only: fp32 stays on ONNX Runtime
     assert r.returncode == 0, r.stderr
     assert "backend onnxruntime:CPUExecutionProvider (rule" in r.stderr
     assert "not used: TensorRT: missing" in r.stderr and "not used: ONNX Runtime on CUDA" in r.stderr

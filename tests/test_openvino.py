@@ -121,7 +121,7 @@ def test_bf16_precision_hint_follows_the_cpu():
         assert hint == "bf16"
     else:
         assert hint == "f32" and "no native bf16" in why
-    assert inference_precision(Precision.FP32)[0] == "f32"  # fp32 bundles run in bf16 only when asked (the auto rule, --precision-hint)
+    assert inference_precision(Precision.FP32)[0] == "f32"  # bf16 only when asked (auto rule, hint)
 
 
 def test_cli_generate_backend_openvino(tiny_bundle, tmp_path, cache):
