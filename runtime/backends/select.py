@@ -188,7 +188,7 @@ def _measured_at_export(manifest: Manifest, flags: frozenset[str], hint: str | N
     if recorded and all(_isa(r) == _isa(flags) for r in recorded):
         why = f"rule 4: measured fastest at export on a CPU with the same flags ({_flags_text(flags)})"
         return BackendChoice(pref.preferred, "cpu", f"{why}: {pref.reason}" if pref.reason else why,
-                             ("CPUExecutionProvider",) if pref.preferred == "onnxruntime" else (),
+                             CPU if pref.preferred == "onnxruntime" else (),
                              precision_hint=hint if pref.preferred == "openvino" else None), ""
     where = "; ".join(machines) or "a CPU the bundle does not record"
     return None, (f"the export measured {pref.preferred} fastest on another CPU ({where}), this one has "
