@@ -75,7 +75,7 @@ class _SdedgeWorker:
         t0 = time.perf_counter()
         r = self.pipe.generate(s["prompt_list"][req["prompt_index"]], s["negative"], steps=s["steps"],
                                guidance=s["guidance"], scheduler=s["scheduler"], width=s["size"], height=s["size"],
-                               num_images=s["batch"], latents=latents)
+                               num_images=s["batch"], latents=latents, watermark=False)  # parity vs the reference
         wall = time.perf_counter() - t0
         stages = {k: float(r.timings.get(k, 0.0)) for k in STAGES if k != "other"}
         stages["other"] = max(0.0, wall - sum(stages.values()))
