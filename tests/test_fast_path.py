@@ -292,3 +292,20 @@ def test_shipped_tiny_decoder_quality(tiny_base, decoder_dir):
     assert float(psnr_each(ours, full).mean()) >= 26.0
     agree, _, _ = classifier_figures(ours, full, prompts)
     assert agree >= 0.90
+
+
+@pytest.mark.slow
+def test_manifest_without_the_new_fields_still_reads(fast_bundle):
+    """Bundles written before the fast path (no decoder_scaling_factor, no parity.decoder) read as before, with the
+    base VAE's scaling for the decoder; an unknown key is still refused."""
+    from sdedge.runtime.errors import BundleError
+    from sdedge.runtime.manifest import parse_manifest
+
+    data = json.loads((fast_bundle / "sdedge.json").read_text())
+    del data["latent"]["decoder_scaling_factor"], data["parity"]["decoder"]
+    old = parse_manifest(data)
+    assert old.latent.decoder_scaling_factor is None and old.latent.decoder_scaling == old.latent.scaling_factor
+    assert old.parity.decoder is None
+    data["latent"]["decoder_shift"] = 0.0
+    with pytest.raises(BundleError, match="decoder_shift"):
+        parse_manifest(data)
