@@ -44,10 +44,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from sdedge.runtime.errors import SdedgeError
 
+from .assemble import add_clip, add_shape_scores, build_report, save_samples
+from .engines import EngineProcess, GpuPoller
 from .machine import describe_machine, machine_slug
 from .metrics import psnr, ssim, summarize
+from .report import STAGES
 from .suite import (
     DEFAULT_PROMPTS,
     BenchError,
@@ -58,9 +62,6 @@ from .suite import (
     check_inputs,
     validate_suite,
 )
-from .assemble import add_clip, add_shape_scores, build_report, save_samples
-from .engines import EngineProcess, GpuPoller
-from .report import STAGES
 
 __all__ = [
     "STAGES",

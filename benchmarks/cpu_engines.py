@@ -144,7 +144,7 @@ def cmd_unet(args) -> int:
     ref_runs = [results[k] for k in ("torch-eager-fp32", "torch-eager-fp32 (again)") if "median_s" in results.get(k, {})]
     ref_s = statistics.mean(r["median_s"] for r in ref_runs)
     ref_out = np.load(results["torch-eager-fp32"]["output"])
-    for name, r in results.items():
+    for r in results.values():
         if "median_s" not in r:
             continue
         out = np.load(r.pop("output"))

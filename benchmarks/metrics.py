@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from sdedge.runtime.errors import BadInput
 
 from .suite import BenchError

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from sdedge.runtime.environment import cpu_model, package_versions
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -40,6 +41,7 @@ def worker(engine: str, args) -> dict:
     t0 = time.perf_counter()
     if engine == "diffusers":
         import torch
+
         from sdedge.export.bases import load_base
         from sdedge.export.reference import reference_images
 
@@ -138,7 +140,8 @@ def markdown(s: dict) -> str:
         "Each engine in its own process, alternating per round, same prompt, seed and initial latents; one warm-up "
         "image, then one timed image per process.",
         "",
-        "| engine | median s/image | speed-up vs diffusers (per round) | load s | peak RSS | RSS vs diffusers | PSNR vs diffusers |",
+        "| engine | median s/image | speed-up vs diffusers (per round) | load s | peak RSS | RSS vs diffusers "
+        "| PSNR vs diffusers |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, e in s["engines"].items():

@@ -269,7 +269,8 @@ def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
     suite_dir = Path(os.path.abspath(suite.file)).parent if suite.file else Path.cwd()
     work_dir = Path(os.path.abspath(work)) if work else default_work_dir(suite.name)
     overrides = dict(overrides or {})
-    known = {e.name for e in suite.engines} | {p.name for p in suite.peers} | ({suite.reference.name, "reference"} if suite.reference else set())
+    known = {e.name for e in suite.engines} | {p.name for p in suite.peers}
+    known |= {suite.reference.name, "reference"} if suite.reference else set()
     for name in overrides:
         if name not in known:
             raise SuiteError(f"{suite.file or suite.name}: --path {name}=…: no engine or reference called {name!r} "

@@ -6,7 +6,8 @@
 `--base` is a diffusers folder (`sdedge base sd15-arch --out sd15/` writes the real SD1.5 architecture with seeded
 random weights; step time does not depend on the weight values). A small synthetic image set is prepared at
 `--size` in the output folder by `sdedge prepare`. Each measurement runs `sdedge train` in its own process
-(benchmarks and the trainer meet only through the CLI and files), alternating cached → uncached per round, batch 1, rank 16, the text embeddings cached in both (only the VAE encode differs).
+(benchmarks and the trainer meet only through the CLI and files), alternating cached → uncached per round,
+batch 1, rank 16, the text embeddings cached in both (only the VAE encode differs).
 A step's time is read from metrics.jsonl (the loop's clock, after caching); the first `--warmup` steps are
 dropped. Reported: median seconds per step per mode, the ratio uncached / cached per round, the time spent
 caching, peak RSS, and whether cached was faster.

@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .suite import BenchError
-
 from .report import STAGES
+from .suite import BenchError
 
 
 # == workers (run in the child process, or inline) ===========================================================
@@ -104,6 +103,7 @@ class _DiffusersWorker:
     def load(self) -> dict:
         t0 = time.perf_counter()
         import torch
+
         from sdedge.export.reference import diffusers_scheduler
 
         t1 = time.perf_counter()

@@ -30,9 +30,21 @@ from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
 
 from .base_io import (  # noqa: F401 (re-exported: pruned_base, decoder and the tests import them from here)
-    _ST_DTYPE_BYTES, _atomic_dir, _check_meta_free, _check_shapes, _is_zip, _pickle_key_shapes, _quiet, _rehome,
-    _squeeze_trailing_ones, check_base_out, check_folder_weights, finish_loading, force_offline,
-    hub_layout_text_encoder, read_safetensors_header,
+    _ST_DTYPE_BYTES,
+    _atomic_dir,
+    _check_meta_free,
+    _check_shapes,
+    _is_zip,
+    _pickle_key_shapes,
+    _quiet,
+    _rehome,
+    _squeeze_trailing_ones,
+    check_base_out,
+    check_folder_weights,
+    finish_loading,
+    force_offline,
+    hub_layout_text_encoder,
+    read_safetensors_header,
 )
 from .markers import MARKER_FILE, PRUNED_MARKER, read_base_marker, read_pruned_marker  # noqa: F401 (read_base_marker re-exported)
 

@@ -21,14 +21,26 @@ from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency
 from sdedge.runtime.files import check_replaceable, scratch_dir
 from sdedge.runtime.manifest import (
-    FORMAT_VERSION, AdapterInfo, BaseInfo, DecoderParity, Defaults, ImageParity, LatentInfo, Manifest, Parity,
-    Precision, PromptMatch, Provenance, ShapeRange, TokenizerInfo,
+    FORMAT_VERSION,
+    AdapterInfo,
+    BaseInfo,
+    DecoderParity,
+    Defaults,
+    ImageParity,
+    LatentInfo,
+    Manifest,
+    Parity,
+    Precision,
+    PromptMatch,
+    Provenance,
+    ShapeRange,
+    TokenizerInfo,
 )
 from sdedge.runtime.stages import Stages
 
 from .bases import describe_base, load_base
-from .markers import guidance_hint, read_pruned_marker
 from .bundle_writer import hash_files, staging_dir, write_manifest
+from .markers import guidance_hint, read_pruned_marker
 from .onnx_export import ExportError, export_component
 from .specs import component_names, component_spec, is_sdxl
 

@@ -99,9 +99,9 @@ class FuseReport:
 
     def to_dict(self) -> dict:
         return {
-            "loras": [dict(path=l.path, sha256=l.sha256, scale=l.scale, format=l.format, keys=l.keys,
-                           matched_keys=l.matched_keys, layers=dict(l.layers),
-                           unmatched=[{"key": k, "reason": r} for k, r in l.unmatched]) for l in self.loras],
+            "loras": [dict(path=a.path, sha256=a.sha256, scale=a.scale, format=a.format, keys=a.keys,
+                           matched_keys=a.matched_keys, layers=dict(a.layers),
+                           unmatched=[{"key": k, "reason": r} for k, r in a.unmatched]) for a in self.loras],
             "modules": dict(self.modules),
         }
 

@@ -40,7 +40,7 @@ from sdedge.runtime.manifest import BackendHint, Manifest, Precision, PrecisionP
 from sdedge.runtime.memory import peak_rss_bytes
 
 from . import graph_passes
-from .gates import (Reference, check_gates, image_psnr, size_report, speed_gate, unet_parity)
+from .gates import Reference, check_gates, image_psnr, size_report, speed_gate, unet_parity
 from .onnx_export import EXTERNAL_DATA_NAME, ExportError
 
 log = logging.getLogger("sdedge.export")
@@ -127,9 +127,8 @@ def to_int8_static(model_path: Path, calibration, out_dir: Path, *, method: str 
         except ImportError:
             raise ExportError("static int8 with NNCF needs nncf: pip install nncf (or use --int8-method ort)") from None
         quiet_nncf()
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-
         from nncf.onnx.quantization.backend_parameters import BackendParameters
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
         big = any(model_path.parent.glob("*.data")) or model_path.stat().st_size > PROTOBUF_SAFE
         # a model over protobuf's 2 GB: NNCF reads its weights from the external-data folder itself
@@ -340,8 +339,10 @@ def _describe(precision: Precision, int8_method: str) -> str | None:
         Precision.FP16: "fp16 weights and compute, normalisations/softmax/exp in fp32 (onnxruntime float16 converter)",
         Precision.BF16: "bf16 compute (OpenVINO inference precision), weights stored fp16",
         Precision.INT8_WEIGHTS: "weight-only int8, symmetric per output channel (sdedge graph pass)",
-        Precision.INT8: (f"static int8 QDQ of the UNet ({'NNCF post-training quantisation, 7-bit weights' if int8_method == 'nncf' else 'ONNX Runtime quantize_static, U8S8, reduce_range'}"
-                         "); weight-only int8 for the text encoder and VAE"),
+        Precision.INT8: ("static int8 QDQ of the UNet ("
+                         + ("NNCF post-training quantisation, 7-bit weights" if int8_method == "nncf"
+                            else "ONNX Runtime quantize_static, U8S8, reduce_range")
+                         + "); weight-only int8 for the text encoder and VAE"),
     }[precision]
 
 

@@ -6,8 +6,8 @@
 Stages (each one's result is kept in --work, so a rerun resumes after the last finished stage):
   1. data        20,000 rendered scenes in the base colours (`sdedge.tinyworld.shapes`), captions, token ids
   2. classifier  the prompt-match CNN, on scenes of every colour (purple too), with blur/noise augmentation
-  3. vae         AutoencoderKL, L1 + MSE on pixels (32×32 crops, then whole images) and a tiny KL; gate: PSNR and classifier accuracy on
-                 reconstructions; then the scaling factor (1 / std of the latents) and the latent cache
+  3. vae         AutoencoderKL, L1 + MSE on pixels (32×32 crops, then whole images) and a tiny KL; gate: PSNR and
+                 classifier accuracy on reconstructions; then the scaling factor (1 / std of the latents) and the latent cache
   4. unet        UNet + text encoder together, ε-prediction on SD1.5's noise schedule, 10 % empty captions
                  (classifier-free guidance), EMA of the weights
   5. evaluate    generate every base caption with diffusers (fp16-rounded weights, as shipped), score the
@@ -470,8 +470,8 @@ def stage_evaluate(work: Path, unet, vae, text_encoder, tokenizer, classifier, r
 def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path, classifier, record: dict):
     from safetensors.torch import save_file
 
-    from sdedge.tinyworld.base import META_FILE, WEIGHTS_FILE
     from sdedge.runtime.bundle import sha256_file
+    from sdedge.tinyworld.base import META_FILE, WEIGHTS_FILE
     from sdedge.tinyworld.shapes import vocabulary
 
     out.mkdir(parents=True, exist_ok=True)

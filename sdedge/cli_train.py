@@ -12,7 +12,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-
 console = Console(stderr=True)
 
 __all__ = ["register", "cmd_prepare", "cmd_train"]

@@ -118,6 +118,7 @@ def test_text_encoder_written_in_hub_layout(tiny_dir, tmp_path):
     every weight as random with a mere warning. The written base keeps the Hub's prefix, which both read."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
+
     from sdedge.export.bases import hub_layout_text_encoder
 
     with safe_open(str(tiny_dir / "text_encoder/model.safetensors"), "np") as f:

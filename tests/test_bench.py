@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from sdedge.benchmarks import report as report_mod
 from sdedge.benchmarks.bench import BenchError, psnr, quick_bench, ssim, summarize
 from sdedge.benchmarks.suite import (
@@ -22,7 +23,6 @@ from sdedge.benchmarks.suite import (
     resolve_suite,
     run_prepare,
 )
-
 from sdedge.cli import main as sdedge_main
 from sdedge.export.build import ExportOptions
 from sdedge.runtime.strict import from_dict

@@ -16,9 +16,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from sdedge.benchmarks import report as report_mod
 from sdedge.benchmarks.suite import SuiteError, check_inputs, load_suite, resolve_suite, select_engines
-
 from sdedge.cli import main as sdedge_main
 
 

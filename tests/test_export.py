@@ -7,11 +7,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 
 from sdedge.runtime.bundle import Bundle, sha256_file
 from sdedge.runtime.manifest import COMPONENTS, MANIFEST_NAME
-
-from conftest import run_cli
 
 SD15_COMPONENTS = tuple(c for c in COMPONENTS if c != "text_encoder_2")  # text_encoder_2: SDXL's (test_sdxl.py)
 

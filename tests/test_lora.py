@@ -183,7 +183,7 @@ def test_kohya_keys_with_ldm_names_and_old_diffusers_keys_equal_peft(tiny_base, 
 def test_raw_peft_keys_with_adapter_name_and_base_layer(tiny_base, loras):
     """peft's own names (`base_model.model.` prefix, `.lora_A.default.weight`, `.base_layer`) fuse too."""
     sd = {}
-    for (comp, p), (a, b) in loras["b_layers"].items():
+    for (_component, p), (a, b) in loras["b_layers"].items():
         sd[f"base_model.model.{p}.base_layer.lora_A.default.weight"] = a
         sd[f"base_model.model.{p}.base_layer.lora_B.default.weight"] = b
     path = loras["dir"] / "raw_peft.safetensors"
@@ -299,6 +299,7 @@ def test_exported_bundle_with_loras_matches_diffusers_unfused(tiny_base, loras, 
     """`sdedge export --lora a:0.8 --lora b:0.5`: the runtime's image equals diffusers with the same LoRAs loaded
     unfused (≥ 40 dB), the manifest records the adapters, and the LoRAs change the image."""
     from conftest import run_cli
+
     from sdedge.runtime.pipeline import Pipeline
 
     out = tmp_path / "bundle"

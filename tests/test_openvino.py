@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, run_cli
 
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.errors import BadInput
 from sdedge.runtime.manifest import BackendHint, Precision, SpeedReport
-
-from conftest import REPO, run_cli
 
 ov = pytest.importorskip("openvino")
 

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from sdedge.runtime.backends.onnxruntime import OrtEngine
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.errors import BundleError

@@ -211,9 +211,8 @@ def test_clip_dedup_with_a_local_clip_model(tmp_path):
     """With --clip-model, near duplicates are also found by CLIP image-embedding cosine (a tiny random CLIP here:
     a re-encoded copy embeds at cosine ~1, so it goes even when the pHash threshold is set out of reach)."""
     pytest.importorskip("transformers")
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
     import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
     model_dir = tmp_path / "clip"

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image, ImageDraw
 
 from sdedge.runtime.errors import BadInput, SdedgeError
-
-from conftest import run_cli
 
 pytest.importorskip("torch_pruning")
 
@@ -59,8 +58,8 @@ def test_pruned_base_loads_back_bit_for_bit(tiny_base, pruned):
     import torch
 
     from sdedge.export.bases import describe_base, load_base
-    from sdedge.export.prune import prune_unet
     from sdedge.export.markers import read_pruned_marker
+    from sdedge.export.prune import prune_unet
     from sdedge.export.pruned_unet import load_pruned_unet
     from sdedge.trainer.base import load_training_base
 

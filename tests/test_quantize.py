@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.manifest import Precision
-
-from conftest import run_cli
 
 FAST = dict(vae_encoder=False, parity_steps=3, speed_calls=1, calibration_steps=3, int8_samples=6, overwrite=True)
 

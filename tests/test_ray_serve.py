@@ -23,6 +23,7 @@ pytest.importorskip("model_signing", reason="the sign extra is not installed (th
 httpx = pytest.importorskip("httpx")
 
 from conftest import REPO
+
 from sdedge.runtime.manifest import SIGNATURE_NAME
 
 TOKEN = "ray-test-token-0123456789abcdef"

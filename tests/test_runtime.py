@@ -73,7 +73,7 @@ def test_stochastic_schedulers_are_seeded(pipe, scheduler):
 
 
 def test_low_memory_mode_gives_the_same_images(tiny_bundle, pipe):
-    low = Pipeline.load(tiny_bundle, device="cpu", memory="low")
+    low = Pipeline.load(tiny_bundle, device="cpu", memory="low", backend="onnxruntime")  # as `pipe`
     assert not any(e.loaded for e in low.engines.values())
     a = low.generate("a red circle", seed=9, steps=3).images
     assert not any(e.loaded for e in low.engines.values())  # released after use

@@ -8,6 +8,7 @@ in the order diffusers draws it), and compares timesteps, init_noise_sigma, scal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -227,7 +228,7 @@ def test_from_dict_sd15_json_and_round_trip():
     assert SchedulerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     cfg2 = SchedulerConfig.from_dict({"prediction_type": "v_prediction", "timestep_spacing": "trailing"})
     assert (cfg2.prediction_type, cfg2.timestep_spacing) == ("v_prediction", "trailing")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.beta_start = 0.1  # frozen
 
 

@@ -22,6 +22,7 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="the tests talk to the server with httpx")
 
 from conftest import REPO
+
 from sdedge.runtime.manifest import SIGNATURE_NAME
 from sdedge.runtime.server import ServeSettings, create_app, server_config
 

@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip("model_signing", reason="the sign extra is not installed: pip install 'sdedge[sign]'")
 
+from conftest import REPO  # noqa: E402
 from cryptography import x509  # noqa: E402  (model_signing depends on cryptography)
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
@@ -43,8 +44,6 @@ from sdedge.runtime.signing import (  # noqa: E402
     signer_info,
     verify_bundle,
 )
-
-from conftest import REPO  # noqa: E402
 
 # Every file of the exported tiny bundle (test_every_bundle_file_is_tampered checks this list is complete).
 BUNDLE_FILES = [

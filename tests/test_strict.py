@@ -1,3 +1,4 @@
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -65,5 +66,5 @@ def test_wrong_types_are_named(patch, message):
 def test_optional_and_frozen():
     obj = from_dict(Outer, {**GOOD, "note": None})
     assert obj.note is None
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         obj.name = "y"  # frozen

@@ -101,8 +101,8 @@ def test_shipped_classifier_reads_rendered_scenes():
 
 
 def test_packaged_weights_are_hash_checked(tmp_path, monkeypatch):
-    from sdedge.tinyworld import base as tiny_base
     from sdedge.runtime.errors import SdedgeError
+    from sdedge.tinyworld import base as tiny_base
 
     data = tmp_path / "data"
     src = tiny_base.packaged_file(tiny_base.META_FILE).parent
@@ -140,8 +140,8 @@ def test_shipped_files_are_small_and_recorded():
 
 @pytest.mark.slow
 def test_trained_tiny_base_follows_prompts_and_random_weights_do_not(tmp_path):
-    from sdedge.tinyworld.classifier import load_classifier, match_rate
     from sdedge.export.bases import load_base, write_builtin_base
+    from sdedge.tinyworld.classifier import load_classifier, match_rate
 
     prompts = ["a red circle on a blue background", "a yellow square on a black background",
                "a white triangle on a green background", "a blue circle on a yellow background",

@@ -249,7 +249,8 @@ def test_injected_stop_then_resume_gives_the_same_curve(tiny_base, data, tmp_pat
     assert report.complete and report.loras[0].layers == {"unet": 80, "text_encoder": 8}
     # a resume with a setting that changes the curve is refused, naming it
     with pytest.raises(ConfigError, match="rank was 8 in the interrupted run and is 4 now"):
-        train(cfg(tiny_base, data, tmp_path / "cut", **{**kw, "rank": 4, "resume": str(tmp_path / "cut" / "checkpoints" / "step-000002")}))
+        step2 = str(tmp_path / "cut" / "checkpoints" / "step-000002")
+        train(cfg(tiny_base, data, tmp_path / "cut", **{**kw, "rank": 4, "resume": step2}))
 
 
 @pytest.mark.slow

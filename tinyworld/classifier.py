@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sdedge.tinyworld.shapes import ALL_COLOURS, SHAPES, parse_caption
 from torch import nn
+
+from sdedge.tinyworld.shapes import ALL_COLOURS, SHAPES, parse_caption
 
 __all__ = [
     "ShapeClassifier", "load_classifier", "predict", "match_rate", "image_features", "kid", "to_tensor", "HEADS",
@@ -66,6 +67,7 @@ def to_tensor(images) -> torch.Tensor:
 def load_classifier():
     """The shipped classifier, in eval mode (SHA-256 of its file checked)."""
     from safetensors.torch import load_file
+
     from sdedge.tinyworld.base import packaged_file
 
     model = ShapeClassifier()
