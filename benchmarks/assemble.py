@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 from sdedge.runtime.errors import SdedgeError
 
 from .engines import EngineProcess, GpuPoller

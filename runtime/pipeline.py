@@ -39,7 +39,14 @@ from .bundle import Bundle
 from .conditioning import make_conditioning
 from .errors import BadInput, SdedgeError
 from .init_image import (
-    binarize, check_size, check_strength, mask_array, posterior_sample, rgb_array, strength_timesteps, to_model_range,
+    binarize,
+    check_size,
+    check_strength,
+    mask_array,
+    posterior_sample,
+    rgb_array,
+    strength_timesteps,
+    to_model_range,
 )
 from .memory import peak_rss_bytes
 from .schedulers import SchedulerConfig, make_scheduler

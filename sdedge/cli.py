@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tune with `sdedge train --distill-from`, then `sdedge export`)")
     pr.add_argument("base", help="a diffusers folder or a single-file .safetensors (with --config)")
     pr.add_argument("--out", required=True)
-    pr.add_argument("--ratio", type=float, required=True, help="share of every UNet block's inner widths to remove (resnet hidden channels, head dims, "
+    pr.add_argument("--ratio", type=float, required=True,
+                    help="share of every UNet block's inner widths to remove (resnet hidden channels, head dims, "
                     "feed-forward hidden; residual streams kept), 0-0.9")
     pr.add_argument("--criterion", default="magnitude", choices=["magnitude", "taylor"], help="channel importance")
     pr.add_argument("--config", help="local diffusers folder with the configs of a single-file base")
@@ -384,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gate on the UNet's cosine after guidance against fp32 (e.g. 0.97 for int8, 0.995 for bf16)")
     e.add_argument("--calibration", help="prompts file (one per line) for static int8 (default: a built-in set)")
     e.add_argument("--int8-method", default="nncf", choices=["nncf", "ort"], help="static int8 quantiser")
-    e.add_argument("--prune", type=float, default=0.0, help="prune this share of every UNet block's inner widths (torch-pruning; no recovery: see "
+    e.add_argument("--prune", type=float, default=0.0,
+                   help="prune this share of every UNet block's inner widths (torch-pruning; no recovery: see "
                    "`sdedge prune` for the recovery fine-tune)")
     e.add_argument("--prune-criterion", default="magnitude", choices=["magnitude", "taylor"],
                    help="channel importance for --prune")

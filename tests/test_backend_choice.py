@@ -88,7 +88,8 @@ def test_tensorrt_provider_gets_engine_caches(tmp_path, monkeypatch):
     entries = provider_entries(["TensorrtExecutionProvider", "CUDAExecutionProvider"], "unet-abc")
     name, opts = entries[0]
     assert name == "TensorrtExecutionProvider" and entries[1] == "CUDAExecutionProvider"
-    assert opts["trt_engine_cache_enable"] == "True" and opts["trt_engine_cache_path"] == str(tmp_path / "onnxruntime-trt" / "unet-abc")
+    assert opts["trt_engine_cache_enable"] == "True"
+    assert opts["trt_engine_cache_path"] == str(tmp_path / "onnxruntime-trt" / "unet-abc")
     monkeypatch.setenv("SDEDGE_CACHE_DIR", "")  # caches off
     assert provider_entries(["TensorrtExecutionProvider"], "unet-abc") == ["TensorrtExecutionProvider"]
 

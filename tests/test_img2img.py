@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from sdedge.export.build import parity_picture
 from sdedge.export.reference import TorchNoise, diffusers_scheduler, psnr, reference_init_images
@@ -16,8 +17,6 @@ from sdedge.runtime.errors import BadInput
 from sdedge.runtime.init_image import strength_timesteps
 from sdedge.runtime.pipeline import Pipeline
 from sdedge.runtime.schedulers import SchedulerConfig, make_scheduler
-
-from conftest import run_cli
 
 SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "dpm++2m", "dpm++2m-karras", "lcm"]
 PROMPT, NEGATIVE = "a red circle", "blurry"

@@ -11,11 +11,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from sdedge.runtime.errors import BadInput, BundleError
 from sdedge.runtime.pipeline import Pipeline
-
-from conftest import run_cli
 
 DETERMINISTIC = ["ddim", "pndm", "euler", "dpm++2m", "dpm++2m-karras"]
 
@@ -81,7 +80,7 @@ def test_low_memory_mode_gives_the_same_images(tiny_bundle, pipe):
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipe):
-    with pytest.warns(UserWarning, match="125 token\(s\) dropped"):
+    with pytest.warns(UserWarning, match=r"125 token\(s\) dropped"):
         pipe.generate("red circle " * 100, seed=0, steps=1)
 
 

@@ -7,7 +7,8 @@ Legend (code name -> symbol in the DDIM paper):
     beta_prod_t               1 - alpha-bar_t
     pred_original_sample      x0-hat = (x_t - sqrt(1 - alpha-bar_t) eps_theta) / sqrt(alpha-bar_t), "predicted x0" of eq. 12
     pred_epsilon              eps_theta(x_t, t)
-    variance                  sigma_t^2 / eta^2 = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) (1 - alpha-bar_t / alpha-bar_{t-1}) (eq. 16)
+    variance                  sigma_t^2 / eta^2 = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t)
+                                                  · (1 - alpha-bar_t / alpha-bar_{t-1}) (eq. 16)
     std_dev_t                 sigma_t(eta) = eta * sqrt(variance); eta = 0 is DDIM, eta = 1 is DDPM
     pred_sample_direction     sqrt(1 - alpha-bar_{t-1} - sigma_t^2) eps_theta, "direction pointing to x_t" (eq. 12)
     prev_sample               x_{t-1} = sqrt(alpha-bar_{t-1}) x0-hat + direction + sigma_t eps (eq. 12)
