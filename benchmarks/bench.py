@@ -316,7 +316,7 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
 def quick_bench(bundle_dir: str | os.PathLike, reference_base: str | os.PathLike | None, out_dir: str | os.PathLike,
                 runs: int = 2, steps: int = 4, size: int | None = None, warmup: int = 1, *, console=None,
                 progress: bool = False, target_seconds: float | None = None, isolation: str = "inline",
-                threads: int | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS[:2]) -> dict:
+                threads: int | None = None, prompts: tuple[str, ...] = DEFAULT_PROMPTS[:2], backend: str = "auto") -> dict:
     """A short bench of one bundle against its base (the quickstart's last step: a few seconds on tiny).
 
     Runs inline (this process) by default, so no interpreter or torch import is paid again; peak RSS is then
@@ -326,7 +326,7 @@ def quick_bench(bundle_dir: str | os.PathLike, reference_base: str | os.PathLike
                         isolation=isolation, target_seconds=target_seconds, threads=threads)
     suite = Suite(name="quick", description="quick bench of one bundle against its base", settings=settings,
                   reference=ReferenceSpec(base=str(Path(reference_base).resolve())) if reference_base else None,
-                  engines=(EngineSpec(name="sdedge", bundle=str(Path(bundle_dir).resolve())),))
+                  engines=(EngineSpec(name="sdedge", bundle=str(Path(bundle_dir).resolve()), backend=backend),))
     return run_bench(suite, out_dir, console=console, progress=progress)
 
 

@@ -427,20 +427,9 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
             load_kwargs["unet"] = load_pruned_unet(source / "unet")
         from diffusers import StableDiffusionPipeline
 
-        try:
-            with _quiet():
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    str(source),
-                    local_files_only=True,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                    **load_kwargs,
-                )
-        except SdedgeError:
-            raise
-        except Exception as e:
-            raise SdedgeError(f"cannot load the diffusers folder {source}: {e}") from e
+        pipe = _diffusers_load(lambda: StableDiffusionPipeline.from_pretrained(str(source), **NO_SAFETY_CHECKER,
+                                                                               **load_kwargs),
+                               f"the diffusers folder {source}")
         return _finish(pipe, source)
 
     suffix = source.suffix.lower()
@@ -478,21 +467,26 @@ def load_base(source: str | os.PathLike, *, allow_pickle: bool = False, config: 
 
     from diffusers import StableDiffusionPipeline
 
+    pipe = _diffusers_load(lambda: StableDiffusionPipeline.from_single_file(str(source), config=str(config_dir),
+                                                                            **NO_SAFETY_CHECKER),
+                           f"the checkpoint {source} with the configs of {config_dir}")
+    return _finish(pipe, source)
+
+
+# offline, and without the safety checker and feature extractor SD1.5 folders name but sdedge never runs
+NO_SAFETY_CHECKER = dict(local_files_only=True, safety_checker=None, feature_extractor=None,
+                         requires_safety_checker=False)
+
+
+def _diffusers_load(load, what: str):
+    """diffusers' loader, quiet; its failures become an SdedgeError naming `what`."""
     try:
         with _quiet():
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(source),
-                config=str(config_dir),
-                local_files_only=True,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            return load()
     except SdedgeError:
         raise
     except Exception as e:
-        raise SdedgeError(f"cannot load the checkpoint {source} with the configs of {config_dir}: {e}") from e
-    return _finish(pipe, source)
+        raise SdedgeError(f"cannot load {what}: {e}") from e
 
 
 

@@ -414,7 +414,8 @@ def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> Imag
 
     from .reference import psnr, reference_images
 
-    runtime = Pipeline.load(bundle_dir, device="cpu", verify="off")  # not signed yet
+    # fp32 ONNX against PyTorch: on ONNX Runtime, exact, whatever `auto` would pick on this CPU (OpenVINO bf16)
+    runtime = Pipeline.load(bundle_dir, device="cpu", backend="onnxruntime", verify="off")  # not signed yet
     if runtime.is_inpaint:
         return inpaint_parity(pipe, runtime, opts, size)
     lat = runtime.manifest.latent

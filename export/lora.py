@@ -514,11 +514,12 @@ def fuse_loras(pipe, loras, *, strict: bool = True) -> FuseReport:
                 base = store[path]
                 weight.copy_((base.float() + d).to(weight.dtype))
 
+    present = [c for c in COMPONENTS if models.get(c) is not None]  # an SD1.5 pipeline has no text_encoder_2
     fused = []
     for lora, scale, resolved, unmatched in plan:
-        per_comp = {c: sum(1 for comp, _, _ in resolved if comp == c) for c in COMPONENTS}
+        per_comp = {c: sum(1 for comp, _, _ in resolved if comp == c) for c in present}
         matched_keys = sum(len(lay.keys) for _, _, lay in resolved)
         fused.append(FusedLora(path=str(lora.path), sha256=lora.sha256, scale=scale, format=lora.format,
                                keys=lora.key_count, matched_keys=matched_keys, layers=per_comp, unmatched=unmatched))
-    modules = {c: sum(1 for (comp, _) in deltas if comp == c) for c in COMPONENTS}
+    modules = {c: sum(1 for (comp, _) in deltas if comp == c) for c in present}
     return FuseReport(loras=fused, modules=modules)
