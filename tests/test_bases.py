@@ -407,6 +407,7 @@ def test_load_base_forces_offline(tiny_pipe):
     assert c.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.slow
 def test_loads_offline_without_any_network(tiny_dir, single_file):
     """In a fresh process with HF_HUB_OFFLINE=1 and every socket connection refused, both kinds load."""
     code = textwrap.dedent(

@@ -77,6 +77,7 @@ def test_external_data_is_consolidated_into_one_file(tmp_path):
     np.testing.assert_allclose(y, x @ np.arange(2048, dtype=np.float32).reshape(32, 64) @ np.ones((64, 8)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_failed_parity_gate_leaves_no_bundle(tiny_base, tmp_path):
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.export.onnx_export import ExportError
@@ -88,6 +89,7 @@ def test_failed_parity_gate_leaves_no_bundle(tiny_base, tmp_path):
     assert list(tmp_path.iterdir()) == [], "a staging folder was left behind"
 
 
+@pytest.mark.slow
 def test_cli_refusals_exit_2_without_traceback(tiny_base, tmp_path):
     cases = [
         (["export", "--base", str(tiny_base), "--target", "trt", "--out", str(tmp_path / "t")], "TensorRT"),

@@ -83,6 +83,7 @@ def _export_until_scratch(base: Path, out: Path, sig: int) -> subprocess.Complet
     return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
 
 
+@pytest.mark.slow
 def test_terminated_export_cleans_up_and_keeps_the_old_bundle(tiny_base, tiny_bundle, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)

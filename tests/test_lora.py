@@ -295,6 +295,7 @@ def test_parse_lora_arg():
     assert parse_lora_arg("a.safetensors:-0.5") == ("a.safetensors", -0.5)
 
 
+@pytest.mark.slow
 def test_exported_bundle_with_loras_matches_diffusers_unfused(tiny_base, loras, tmp_path):
     """`sdedge export --lora a:0.8 --lora b:0.5`: the runtime's image equals diffusers with the same LoRAs loaded
     unfused (≥ 40 dB), the manifest records the adapters, and the LoRAs change the image."""
@@ -321,6 +322,7 @@ def test_exported_bundle_with_loras_matches_diffusers_unfused(tiny_base, loras, 
     assert psnr(ours, base_img) < 30.0
 
 
+@pytest.mark.slow
 def test_export_refuses_a_lora_for_another_base(tiny_base, tmp_path):
     from conftest import run_cli
 

@@ -70,6 +70,7 @@ def test_one_ratio_rule_everywhere():
             check_ratio(bad, "--ratio")
 
 
+@pytest.mark.slow
 def test_pruned_export_records_counts_and_parity(tiny_base, tmp_path):
     from sdedge.export.build import ExportOptions, export_bundle
 

@@ -142,6 +142,7 @@ def test_distillation_target_is_the_teachers_prediction(tiny_base, shapes_data, 
     assert first_loss(distill_from=str(tiny_base), distill_weight=0.5) == pytest.approx(0.25 * plain, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_recovery_fine_tune_wins_back_parity(tiny_base, pruned, shapes_data, tmp_path):
     """prune -> export (the cost of pruning) -> distil a LoRA from the unpruned parent -> export with it: the UNet's
     cosine against the unpruned model, before and after guidance, rises; all three steps through the CLI."""

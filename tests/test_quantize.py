@@ -48,6 +48,7 @@ def _ops(bundle: Path, name: str):
     return count_ops(onnx.load(str(bundle / f"{name}/model.onnx")))
 
 
+@pytest.mark.slow  # the int8 bundles take ~45 s to export (module fixtures)
 def test_static_int8_bundle(int8_bundle):
     m = Bundle.open(int8_bundle).manifest
     assert m.precision is Precision.INT8
@@ -60,6 +61,7 @@ def test_static_int8_bundle(int8_bundle):
     assert "static int8" in m.provenance.quantisation and m.provenance.export_peak_rss_bytes > 0
 
 
+@pytest.mark.slow  # the int8 bundles take ~45 s to export (module fixtures)
 def test_parity_figures_recorded(int8_bundle, wint8_bundle):
     q = Bundle.open(int8_bundle).manifest.parity.precision
     w = Bundle.open(wint8_bundle).manifest.parity.precision
@@ -72,6 +74,7 @@ def test_parity_figures_recorded(int8_bundle, wint8_bundle):
     assert q.unet_cosine < w.unet_cosine
 
 
+@pytest.mark.slow  # the int8 bundles take ~45 s to export (module fixtures)
 def test_speed_and_backend_hint_recorded(int8_bundle):
     m = Bundle.open(int8_bundle).manifest
     backends = {r.backend for r in m.speed}
@@ -83,6 +86,7 @@ def test_speed_and_backend_hint_recorded(int8_bundle):
     assert "cosine after guidance" in m.backend.reason  # the choice weighs exactness, not speed alone
 
 
+@pytest.mark.slow  # the int8 bundles take ~45 s to export (module fixtures)
 def test_size_report(int8_bundle, wint8_bundle):
     for b in (int8_bundle, wint8_bundle):
         s = Bundle.open(b).manifest.sizes
@@ -93,6 +97,7 @@ def test_size_report(int8_bundle, wint8_bundle):
         assert s.after["total"] == on_disk
 
 
+@pytest.mark.slow  # the int8 bundles take ~45 s to export (module fixtures)
 def test_quantised_bundles_run_on_both_backends(int8_bundle):
     from sdedge.runtime.pipeline import Pipeline
 
@@ -106,6 +111,7 @@ def test_quantised_bundles_run_on_both_backends(int8_bundle):
     assert "rule 4" in auto.backend_reason
 
 
+@pytest.mark.slow
 def test_min_cosine_gate_fails_export_with_a_clear_message(tiny_base, tmp_path):
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.export.gates import GateFailed
@@ -125,6 +131,7 @@ def test_check_gates_messages():
         check_gates(guided_cosine=0.98, image_psnr_db=24.0, min_cosine=0.97, min_psnr=25.0, what="x")
 
 
+@pytest.mark.slow
 def test_bf16_bundle_stores_fp16_weights_and_hints_bf16(tiny_base, tmp_path):
     from sdedge.export.build import ExportOptions, export_bundle
 
@@ -137,6 +144,7 @@ def test_bf16_bundle_stores_fp16_weights_and_hints_bf16(tiny_base, tmp_path):
     assert p.guided_cosine > 0.999 and p.image_psnr_db > 35  # fp16 storage, and bf16 or fp32 compute
 
 
+@pytest.mark.slow
 def test_cli_export_int8_weights_prints_the_figures(tiny_base, tmp_path):
     out = tmp_path / "cli"
     r = run_cli("export", "--base", str(tiny_base), "--out", str(out), "--precision", "int8-weights",
@@ -203,6 +211,7 @@ def test_fp16_keeps_io_fp32_and_sensitive_ops_fp32(tiny_bundle):
     assert float(np.sum(out * ref) / np.linalg.norm(out) / np.linalg.norm(ref)) > 0.999
 
 
+@pytest.mark.slow
 def test_derive_from_an_fp32_bundle(tiny_bundle, tmp_path):
     """`export --base <fp32 bundle>`: the precision stage alone, with the fp32 bundle as the reference; no
     PyTorch model is built (diffusers is never imported)."""
@@ -227,6 +236,7 @@ def test_derive_from_an_fp32_bundle(tiny_bundle, tmp_path):
     assert m.sizes.after["unet"] < 0.5 * m.sizes.before["unet"]
 
 
+@pytest.mark.slow  # the int8 bundles take ~45 s to export (module fixtures)
 def test_derive_refuses_prune_and_non_fp32_source(wint8_bundle, tiny_bundle, tmp_path):
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.runtime.errors import BadInput

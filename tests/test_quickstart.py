@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
     r = run_cli("quickstart", "--out", str(out))

@@ -419,6 +419,7 @@ def test_signed_bundle_serves_with_its_key_and_refuses_another(unsigned_bundle, 
 
 
 # -- schemathesis -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_schemathesis_bounded_run(unsigned_bundle):
     """Property-based requests from the OpenAPI schema: no 5xx, responses match the schema, invalid data refused.
     positive_data_acceptance is left out: one rule (n > 1 needs JSON) spans two fields and is not in the schema."""

@@ -128,6 +128,7 @@ def test_img2img_jobs_share_the_queue_and_cancel_by_id(server):
         assert job["state"] == "cancelled" and job["steps_done"] < SLOW["steps"]
 
 
+@pytest.mark.slow
 def test_progress_events_stream_steps_then_end(server):
     events = []
     job_id = "events-job-1234"

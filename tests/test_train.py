@@ -356,6 +356,7 @@ def test_cli_unknown_yaml_key(tmp_path, capsys):
     assert "unknown key 'batchsize'" in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
 
 
+@pytest.mark.slow
 def test_cli_train_through_python_m_sdedge(tiny_base, data, tmp_path):
     from conftest import run_cli
 
