@@ -5,11 +5,10 @@ scheduler; the schedulers' add_noise and strength slicing; the inpainting base a
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import bundle_without, run_cli
 
 from sdedge.export.build import parity_picture
 from sdedge.export.reference import TorchNoise, diffusers_scheduler, psnr, reference_init_images
@@ -162,13 +161,7 @@ def test_bad_requests_are_clear(pipe, kwargs, message):
 
 
 def test_bundle_without_vae_encoder_says_so(tiny_bundle, tmp_path):
-    bundle = tmp_path / "no-encoder"
-    shutil.copytree(tiny_bundle, bundle)
-    doc = json.loads((bundle / "sdedge.json").read_text())
-    del doc["components"]["vae_encoder"]
-    doc["files"] = {k: v for k, v in doc["files"].items() if not k.startswith("vae_encoder/")}
-    (bundle / "sdedge.json").write_text(json.dumps(doc))
-    shutil.rmtree(bundle / "vae_encoder")
+    bundle = bundle_without(tiny_bundle, tmp_path / "no-encoder", "vae_encoder")
     p = Pipeline.load(bundle, device="cpu", verify="off")
     assert not p.supports_img2img
     with pytest.raises(BadInput, match="no vae_encoder component"):
