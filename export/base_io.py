@@ -7,13 +7,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import check_replaceable, replace_dir, scratch_dir
+from sdedge.runtime.files import check_replaceable, staged_dir
 from sdedge.runtime.strict import ConfigError, parse_json
 
 from .markers import MARKER_FILE, PRUNED_MARKER
@@ -51,16 +50,9 @@ def check_base_out(out_dir: Path, overwrite: bool, inputs=()) -> None:
 def _atomic_dir(out_dir: Path, overwrite: bool, inputs=()):
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on failure it goes. A
     non-empty `out_dir` is replaced only with `overwrite`, when it is a base sdedge wrote and holds no input."""
-    out_dir = Path(out_dir)
-    check_base_out(out_dir, overwrite, inputs)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = scratch_dir(out_dir.parent, out_dir.name)
-    try:
+    check_base_out(Path(out_dir), overwrite, inputs)
+    with staged_dir(out_dir) as tmp:
         yield tmp
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def hub_layout_text_encoder(folder: Path) -> int:

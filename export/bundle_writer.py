@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from sdedge.runtime.bundle import sha256_file
-from sdedge.runtime.files import atomic_write_text, check_replaceable, replace_dir, scratch_dir
+from sdedge.runtime.files import atomic_write_text, check_replaceable, staged_dir
 from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 
 
@@ -19,17 +18,9 @@ def staging_dir(out: Path, overwrite: bool = False, inputs=()) -> Iterator[Path]
     """Yield a fresh folder beside `out`; on success it replaces `out`, on failure it is removed. A non-empty
     `out` is replaced only with `overwrite`, only when it is a bundle (has an sdedge.json) and holds none of
     `inputs` (what the export reads)."""
-    out = Path(out)
-    check_replaceable(out, {MANIFEST_NAME: None}, inputs, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = scratch_dir(out.parent, out.name)
-    try:
+    check_replaceable(Path(out), {MANIFEST_NAME: None}, inputs, overwrite=overwrite)
+    with staged_dir(out, finish=normalise_permissions) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    normalise_permissions(tmp)
-    replace_dir(tmp, out)
 
 
 def normalise_permissions(root: Path) -> None:

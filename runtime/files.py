@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["atomic_output", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_replaceable",
            "check_sdedge_folder", "fsync_dir",
-           "replace_dir", "scratch_dir", "sweep_stale"]
+           "replace_dir", "scratch_dir", "staged_dir", "sweep_stale"]
 
 log = logging.getLogger("sdedge")
 # .<name>.sdedge-<host>-<pid>-<random><suffix>: the owner is in the name, so a later writer can tell a
@@ -138,6 +138,23 @@ def scratch_dir(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> P
     parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(parent)
     return Path(tempfile.mkdtemp(prefix=f".{name}.sdedge-{_host()}-{os.getpid()}-", suffix=suffix, dir=parent))
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, finish=None) -> Iterator[Path]:
+    """A scratch folder beside `out` (the one folder-staging helper): when the block ends without an error,
+    `finish(folder)` runs (if given) and the folder replaces `out` (`replace_dir`); on an error it is removed.
+    The caller checks first that `out` may be replaced (`check_replaceable`)."""
+    out = Path(out)
+    tmp = scratch_dir(out.parent, out.name)
+    try:
+        yield tmp
+        if finish is not None:
+            finish(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
