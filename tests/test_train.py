@@ -71,6 +71,12 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+@pytest.mark.parametrize("flags", [["--learning-rate", "inf"], ["--learning-rate", "nan"], ["--noise-offset", "inf"]])
+def test_config_refuses_a_number_that_is_not_finite(flags):
+    with pytest.raises(ConfigError, match=rf"{flags[0][2:].replace('-', '_')}: must be a finite number"):
+        resolve(config_from_args(_parse(["--base", "b", "--data", "d", "--out", "o", *flags]), None))
+
+
 def test_config_yaml_keys_are_flags_and_unknown_keys_fail(tmp_path):
     y = tmp_path / "train.yaml"
     y.write_text("base: b\ndata: d\nout: o\nrank: 4\nlearning_rate: 0.001\nvalidation_prompts: [a cat, a dog]\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,10 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
         _check(bool(getattr(cfg, key)), key, f"required (give {_flag(key)} or `{key}:` in the config)")
     for key, choices in CHOICES.items():
         _check(getattr(cfg, key) in choices, key, f"{getattr(cfg, key)!r} is not one of {', '.join(choices)}")
+    for f in _fields():  # inf/nan pass every range check below (inf > 0), then train to NaN
+        value = getattr(cfg, f.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f.name, f"must be a finite number, not {value}")
     _check(cfg.rank >= 1, "rank", "must be at least 1")
     _check(cfg.alpha is None or cfg.alpha > 0, "alpha", "must be positive")
     _check(cfg.target_modules is None or len(cfg.target_modules) > 0, "target_modules", "name at least one module")
