@@ -24,7 +24,6 @@ both shapes.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 
 from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.strict import ConfigError, parse_json
 
 __all__ = ["LoraError", "LoraLayer", "LoraFile", "FusedLora", "FuseReport", "read_lora", "fuse_loras",
            "unfuse_loras", "parse_lora_arg"]
@@ -279,9 +279,9 @@ def _apply_metadata_alphas(layers: dict, header: dict[str, str], path: Path) -> 
     if not raw:
         return
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise LoraError(f"{path}: corrupt lora_adapter_metadata header: {e}") from e
+        meta = parse_json(raw.encode("utf-8"), f"{path}: lora_adapter_metadata header")
+    except ConfigError as e:  # not JSON, NaN, nested thousands deep: named, never a traceback
+        raise LoraError(f"corrupt {e}") from None
     if not isinstance(meta, dict):
         return
     for (comp, module), lay in layers.items():

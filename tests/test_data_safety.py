@@ -547,9 +547,16 @@ def test_lora_with_nan_inf_rank_0_or_a_bad_alpha_is_refused(tmp_path):
         read_lora(_write_lora(tmp_path / "inf.safetensors", torch.ones(4, 8), torch.full((8, 4), float("inf"))))
     with pytest.raises(LoraError, match="rank 0"):
         read_lora(_write_lora(tmp_path / "rank0.safetensors", torch.ones(0, 8), torch.ones(8, 0)))
-    with pytest.raises(LoraError, match="alpha .*not a finite number"):
+    with pytest.raises(LoraError, match=r"alpha.safetensors: lora_adapter_metadata header: .*Infinity is not a JSON number"):
         read_lora(_write_lora(tmp_path / "alpha.safetensors", torch.ones(4, 8), torch.ones(8, 4),
                               {"lora_alpha": 1e400}))
+    from safetensors.torch import save_file
+
+    deep = tmp_path / "deep.safetensors"  # json.loads raised RecursionError, a traceback, on this header
+    save_file({f"unet.{_MODULE}.lora_A.weight": torch.ones(4, 8), f"unet.{_MODULE}.lora_B.weight": torch.ones(8, 4)},
+              str(deep), metadata={"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(LoraError, match="deep.safetensors: lora_adapter_metadata header: nested"):
+        read_lora(deep)
     with pytest.raises(LoraError, match=r"alpha_pattern key '\(\['"):
         read_lora(_write_lora(tmp_path / "re.safetensors", torch.ones(4, 8), torch.ones(8, 4),
                               {"alpha_pattern": {"([": 1}}))
