@@ -15,42 +15,37 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdedge.runtime.environment import package_versions
-from sdedge.runtime.errors import BadInput, MissingDependency, SdedgeError
-from sdedge.runtime.files import atomic_write_json, check_sdedge_folder
+from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import atomic_write_json
 from sdedge.runtime.strict import ConfigError, to_dict
 
-from .adapter import (
-    adapter_tensors,
-    inject_lora,
-    lora_layers,
-    lora_parameters,
-    write_adapter,
-)
-from .checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from .config import RESUME_MAY_CHANGE, TrainConfig, resolve, save_config
-from .dataset import BatchPlan, image_tensor, load_prepared, seed_for
+from .adapter import adapter_tensors, inject_lora, lora_layers, lora_parameters, write_adapter
+from .batches import Batch, Batches, latent_cache, text_cache, tokenize
+from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from .config import TrainConfig, resolve, save_config
+from .dataset import BatchPlan, load_prepared
 from .hashing import sha256_file
 from .metrics import MetricsLog, Progress, read_metrics
+from .run_setup import (
+    OUTPUTS,
+    check_resume,
+    configure_deepspeed,
+    load_teacher,
+    make_accelerator,
+    make_optimizer,
+    non_finite_error,
+    prepare_out,
+    resume_checkpoint,
+    toolchain,
+)
 
-__all__ = ["TrainResult", "train", "lr_factor", "OUTPUTS"]
+__all__ = ["TrainResult", "Trainer", "train", "lr_factor", "OUTPUTS"]
 
 log = logging.getLogger("sdedge.trainer")
-
-OUTPUTS = ("adapter.safetensors", "adapter.json", "config.yaml", "metrics.jsonl", "logs", "validation", "checkpoints")
-RUN_MARKER, RUN_FORMAT = "sdedge_run.json", "sdedge-train-run"  # written first: this folder is a run of sdedge's
-RUN_MARKERS = {RUN_MARKER: RUN_FORMAT, "adapter.json": "sdedge-adapter"}
-TOOLCHAIN = ("sdedge", "torch", "diffusers", "transformers", "peft", "accelerate")
 
 
 @dataclass
@@ -83,425 +78,313 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def _non_finite(step: int, loss: float, checkpoints: Path) -> SdedgeError:
-    """The error that ends a run whose loss went NaN/Inf: nothing more is written; the checkpoints stay."""
-    last = latest_checkpoint(checkpoints)
-    kept = (f"the last good checkpoint {last} is kept (resume from it with --resume {last} and a lower "
-            "learning rate)") if last else "no checkpoint was written before it (set checkpoint_steps)"
-    return SdedgeError(f"training stopped at step {step}: the loss is {loss} (not finite), so the weights have "
-                       f"diverged; no adapter was written and {kept}. Lower learning_rate, or clip the gradients "
-                       "with max_grad_norm")
-
-
-def _toolchain() -> dict[str, str]:
-    return package_versions(TOOLCHAIN)
-
-
-def _prepare_out(cfg: TrainConfig, is_main: bool) -> None:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SdedgeError(f"--out {out} exists and is not a folder")
-    if cfg.resume or not is_main:
-        return
-    present = [n for n in OUTPUTS if (out / n).exists()]
-    if present and not cfg.overwrite:
-        raise SdedgeError(f"--out {out} holds an earlier run ({', '.join(present)}): pass --resume to continue it "
-                          "or --overwrite to start again")
-    if present:  # deleted only in a run folder sdedge made, which holds none of the inputs
-        check_sdedge_folder(out, RUN_MARKERS, (cfg.base, cfg.data, cfg.distill_from))
-    for n in present:
-        p = out / n
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_MARKER, {"format": RUN_FORMAT, "version": 1})
-
-
-def _accelerator(cfg: TrainConfig):
-    import os
-
-    import torch
-    from accelerate import Accelerator
-
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise BadInput("mixed_precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    # accelerate only sets up CPU DDP (gloo) when told the run is on CPUs: without this, N launched processes
-    # on a machine without a GPU would each train alone and write the same files.
-    cpu = world > 1 and not torch.cuda.is_available()
-    # A second run in the same process (a notebook, the tests) gets its own precision and accumulation settings:
-    # accelerate keeps them in process-wide singletons, reset here (the process group itself is kept).
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-    except (ImportError, AttributeError):  # pragma: no cover - another accelerate version
-        pass
-    try:
-        acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                          cpu=cpu)
-    except (ValueError, RuntimeError) as e:
-        raise SdedgeError(f"accelerate cannot start: {e}") from e
-    if acc.num_processes != world:
-        raise SdedgeError(f"{world} processes were launched (WORLD_SIZE) but accelerate set up "
-                          f"{acc.num_processes}: check the accelerate config")
-    return acc
-
-
-def _optimizer(cfg: TrainConfig, groups: list[dict]):
-    import torch
-
-    kind = cfg.optimizer
-    if kind == "auto":
-        kind = "adamw"
-        if torch.cuda.is_available():
-            try:
-                import bitsandbytes  # noqa: F401
-
-                kind = "adamw8bit"
-            except ImportError:
-                pass
-    kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    if kind == "adamw8bit":
-        if not torch.cuda.is_available():
-            raise BadInput("optimizer adamw8bit needs a CUDA GPU (bitsandbytes); use adamw")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise MissingDependency("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from e
-        return bnb.optim.AdamW8bit(groups, **kw), kind
-    return torch.optim.AdamW(groups, **kw), kind
-
-
-def _check_resume(cfg: TrainConfig, state: dict, checkpoint: Path, base_sha: str, data_sha: str) -> None:
-    saved = state.get("config", {})
-    now = to_dict(cfg)
-    for key, value in now.items():
-        if key in RESUME_MAY_CHANGE or key not in saved:
-            continue
-        if saved[key] != value:
-            raise ConfigError(f"--resume {checkpoint}: {key} was {saved[key]!r} in the interrupted run and is "
-                              f"{value!r} now; resume with the same setting (or start a new run)")
-    if state.get("base_sha256") != base_sha:
-        raise SdedgeError(f"--resume {checkpoint}: the base changed since the checkpoint (SHA-256 differs)")
-    if state.get("dataset_sha256") != data_sha:
-        raise SdedgeError(f"--resume {checkpoint}: the dataset changed since the checkpoint (SHA-256 differs)")
-
-
-def _load_teacher(cfg: TrainConfig, base, unet_loader):
-    """The frozen teacher of a distillation run; it must read the same latents and text embeddings as the base."""
-    import torch
-
-    from .base import load_training_base
-
-    teacher = load_training_base(cfg.distill_from, unet_loader)
-    checks = {
-        "latent channels": (teacher.unet.config.in_channels, base.unet.config.in_channels),
-        "prediction type": (teacher.noise_scheduler.config.prediction_type,
-                            base.noise_scheduler.config.prediction_type),
-        "training timesteps": (teacher.noise_scheduler.config.num_train_timesteps,
-                               base.noise_scheduler.config.num_train_timesteps),
-        "cross-attention width": (teacher.unet.config.cross_attention_dim, base.unet.config.cross_attention_dim),
-    }
-    for what, (theirs, ours) in checks.items():
-        if theirs != ours:
-            raise SdedgeError(f"--distill-from {cfg.distill_from}: its {what} is {theirs}, the base's is {ours}")
-    mine, theirs = base.text_encoder.state_dict(), teacher.text_encoder.state_dict()
-    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
-        raise SdedgeError(f"--distill-from {cfg.distill_from}: its text encoder differs from the one of --base "
-                          f"{cfg.base}; both UNets are fed the base's text embeddings, so distil from the base's "
-                          "parent (the folder `sdedge prune` was given)")
-    teacher.vae = teacher.text_encoder = None  # the base's own encode the latents and captions
-    teacher.unet.eval()
-    return teacher
-
-
-class _Batches:
-    """The tensors of one micro-step on this process, from the plan and the per-slot generators."""
-
-    def __init__(self, cfg, base, data, plan, accelerator, latent_cache):
-        self.cfg, self.base, self.data, self.plan = cfg, base, data, plan
-        self.acc = accelerator
-        self.latent_cache = latent_cache
-        self.scaling = float(base.vae.config.scaling_factor)
-        self.T = int(base.noise_scheduler.config.num_train_timesteps)
-
-    def __call__(self, micro: int):
-        import torch
-
-        indices = self.plan.global_indices(micro)
-        slots = list(self.plan.local_slots(self.acc.process_index))
-        mine = [indices[s] for s in slots]
-        device = self.acc.device
-        if self.latent_cache is not None:
-            stats = [self.latent_cache[i] for i in mine]
-        else:
-            pixels = torch.stack([image_tensor(self.data.items[i].image) for i in mine]).to(device)
-            with torch.no_grad():
-                dist = self.base.vae.encode(pixels).latent_dist
-            stats = [(dist.mean[k].float().cpu(), dist.std[k].float().cpu()) for k in range(len(mine))]
-        latents, noises, timesteps = [], [], []
-        for (mean, std), slot in zip(stats, slots):
-            g = torch.Generator().manual_seed(seed_for(self.cfg.seed, "sample", micro, slot))
-            z = (mean + std * torch.randn(mean.shape, generator=g)) * self.scaling
-            noise = torch.randn(z.shape, generator=g)
-            if self.cfg.noise_offset:
-                noise = noise + self.cfg.noise_offset * torch.randn((z.shape[0], 1, 1), generator=g)
-            t = torch.randint(0, self.T, (1,), generator=g)
-            latents.append(z)
-            noises.append(noise)
-            timesteps.append(t)
-        captions = [self.data.items[i].text for i in mine]
-        return (torch.stack(latents).to(device), torch.stack(noises).to(device), torch.cat(timesteps).to(device),
-                captions)
-
-
 def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None) -> TrainResult:
     """Train a LoRA as `cfg` says; returns what was written. `stop_after` (tests) ends the run after that step's
     checkpoint as if it were killed. `unet_loader` reads a pruned base's UNet (trainer/base.py)."""
-    import torch
-    from diffusers.training_utils import compute_snr
+    return Trainer(cfg, console=console, stop_after=stop_after, unet_loader=unet_loader).run()
 
-    t_start = time.perf_counter()
-    for key in ("base", "data", "out"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{key}: required (give --{key} or `{key}:` in the config)")
-    accelerator = _accelerator(cfg)
-    is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    data = load_prepared(cfg.data)
-    plan = BatchPlan([(it.width, it.height) for it in data.items], cfg.batch_size, world, cfg.seed)
-    cfg = resolve(cfg, steps_per_epoch=math.ceil(plan.batches_per_epoch / cfg.gradient_accumulation_steps))
-    out = Path(cfg.out)
-    _prepare_out(cfg, is_main)
-    accelerator.wait_for_everyone()
 
-    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds_plugin is not None:
+class Trainer:
+    """One run, one method per seam, called in this order by `run()`:
+
+        setup_models ─► resume ─► build_caches ─► prepare_optimizer ─► loop (micro_loss ─► loss(batch)) ─► write_adapter
+
+    A variant of training overrides a seam: `setup_models` (other models, a frozen teacher), `loss(batch)` (the
+    objective of one micro-batch), `checkpoint_state` / `adapter_document` (what it records). trainer/lcm.py's
+    latent consistency distillation is one.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None):
+        self.t_start = time.perf_counter()
+        for key in ("base", "data", "out"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"{key}: required (give --{key} or `{key}:` in the config)")
+        self.console, self.stop_after, self.unet_loader = console, stop_after, unet_loader
+        self.accelerator = make_accelerator(cfg)
+        self.is_main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.data = load_prepared(cfg.data)
+        self.plan = BatchPlan([(it.width, it.height) for it in self.data.items], cfg.batch_size, self.world, cfg.seed)
+        steps_per_epoch = math.ceil(self.plan.batches_per_epoch / cfg.gradient_accumulation_steps)
+        self.cfg = cfg = resolve(cfg, steps_per_epoch=steps_per_epoch)
+        self.out = Path(cfg.out)
+        prepare_out(cfg, self.is_main)
+        self.accelerator.wait_for_everyone()
+        configure_deepspeed(self.accelerator, cfg)
+        self.checkpoint = resume_checkpoint(cfg, self.out)
+        self.device = self.accelerator.device
+        self.teacher = None
+        self.resumed_from = 0
+
+    # -- models ----------------------------------------------------------------------------------------------------
+    def setup_models(self) -> None:
+        """The base (frozen) with the LoRA injected, the optional teacher, all on the device in their modes."""
+        from .base import load_training_base
+
+        cfg = self.cfg
+        self.base = base = load_training_base(cfg.base, self.unet_loader)
+        self.teacher = load_teacher(cfg, base, self.unet_loader) if cfg.distill_from else None
+        self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+        self.inject_lora()
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                enable = getattr(self.text_encoder, "activation_checkpointing_enable", None) or \
+                    self.text_encoder.gradient_checkpointing_enable
+                enable()
+        for m in (self.unet, self.vae, self.text_encoder) + ((self.teacher.unet,) if self.teacher is not None else ()):
+            m.to(self.device)
+        self.vae.eval()
+        self.text_encoder.train(cfg.train_text_encoder)
+        self.unet.train()
+        self.noise_scheduler = base.noise_scheduler
+        self.prediction = prediction = base.noise_scheduler.config.prediction_type
+        if prediction not in ("epsilon", "v_prediction"):
+            raise SdedgeError(f"--base {cfg.base}: prediction_type {prediction!r} is not supported "
+                              "(epsilon, v_prediction)")
+
+    def inject_lora(self) -> None:
+        cfg = self.cfg
+        inject_lora(self.unet, cfg.target_modules, cfg.rank, cfg.alpha, cfg.seed, "unet")
         if cfg.train_text_encoder:
-            raise BadInput("train_text_encoder is not supported with DeepSpeed (one model per engine); use DDP")
-        if cfg.checkpoint_steps:
-            raise BadInput("checkpoint_steps is not supported with DeepSpeed ZeRO (its optimizer state is "
-                           "partitioned); use DDP for resumable runs")
-        ds = ds_plugin.deepspeed_config
-        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-        if ds.get("gradient_clipping", "auto") == "auto":
-            ds["gradient_clipping"] = cfg.max_grad_norm
+            inject_lora(self.text_encoder, cfg.text_encoder_target_modules, cfg.rank, cfg.alpha, cfg.seed,
+                        "text_encoder")
 
-    # -- resume point ------------------------------------------------------------------------------------------
-    checkpoint = None
-    if cfg.resume:
-        checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume == "latest" else Path(cfg.resume)
-        if checkpoint is None:
-            raise SdedgeError(f"--resume: no checkpoint in {out / 'checkpoints'} (was checkpoint_steps set?)")
-
-    # -- models --------------------------------------------------------------------------------------------------
-    from .base import load_training_base
-
-    base = load_training_base(cfg.base, unet_loader)
-    teacher = _load_teacher(cfg, base, unet_loader) if cfg.distill_from else None
-    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    inject_lora(unet, cfg.target_modules, cfg.rank, cfg.alpha, cfg.seed, "unet")
-    if cfg.train_text_encoder:
-        inject_lora(text_encoder, cfg.text_encoder_target_modules, cfg.rank, cfg.alpha, cfg.seed, "text_encoder")
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None) or \
-                text_encoder.gradient_checkpointing_enable
-            enable()
-    device = accelerator.device
-    for m in (unet, vae, text_encoder) + ((teacher.unet,) if teacher is not None else ()):
-        m.to(device)
-    vae.eval()
-    text_encoder.train(cfg.train_text_encoder)
-    unet.train()
-
-    resumed_from, state = 0, {}
-    if checkpoint is not None:
-        trainable, opt_state, state = load_checkpoint(checkpoint)
-        _check_resume(cfg, state, checkpoint, base.sha256, data.sha256)
-        if teacher is not None and state.get("teacher_sha256") != teacher.sha256:
-            raise SdedgeError(f"--resume {checkpoint}: the teacher changed since the checkpoint (SHA-256 differs)")
-        resumed_from = int(state["step"])
-        if resumed_from > cfg.max_steps:
-            raise SdedgeError(f"--resume {checkpoint}: at step {resumed_from}, past max_steps {cfg.max_steps}")
-        if state.get("world_size", world) != world:
-            log.warning("resuming a run of %s processes on %s: the data order from here differs from the original",
-                        state.get("world_size"), world)
+    def lora_params(self, unwrap: bool = False) -> dict:
+        """{"unet.<name>": parameter, "text_encoder.<name>": ...} of the trainable LoRA weights."""
+        unet, text = self.unet, self.text_encoder
+        if unwrap:
+            unet, text = self.accelerator.unwrap_model(self.unet_p), self.accelerator.unwrap_model(self.text_p)
         params = {f"unet.{n}": p for n, p in lora_parameters(unet)}
-        params.update({f"text_encoder.{n}": p for n, p in lora_parameters(text_encoder)} if cfg.train_text_encoder else {})
+        if self.cfg.train_text_encoder:
+            params.update({f"text_encoder.{n}": p for n, p in lora_parameters(text)})
+        return params
+
+    # -- resume ----------------------------------------------------------------------------------------------------
+    def resume(self) -> tuple[dict | None, dict]:
+        """Load the checkpoint's LoRA weights after checking it belongs to this run; (optimizer state, state)."""
+        import torch
+
+        checkpoint, cfg = self.checkpoint, self.cfg
+        if checkpoint is None:
+            return None, {}
+        trainable, opt_state, state = load_checkpoint(checkpoint)
+        check_resume(cfg, state, checkpoint, self.base.sha256, self.data.sha256)
+        if self.teacher is not None and state.get("teacher_sha256") != self.teacher.sha256:
+            raise SdedgeError(f"--resume {checkpoint}: the teacher changed since the checkpoint (SHA-256 differs)")
+        self.resumed_from = int(state["step"])
+        if self.resumed_from > cfg.max_steps:
+            raise SdedgeError(f"--resume {checkpoint}: at step {self.resumed_from}, past max_steps {cfg.max_steps}")
+        if state.get("world_size", self.world) != self.world:
+            log.warning("resuming a run of %s processes on %s: the data order from here differs from the original",
+                        state.get("world_size"), self.world)
+        params = self.lora_params()
         if set(params) != set(trainable):
             extra = sorted(set(trainable) ^ set(params))[0]
             raise SdedgeError(f"--resume {checkpoint}: its parameters do not match this run's LoRA (first: {extra!r})")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(trainable[name].to(p.dtype))
+        return opt_state, state
 
-    # -- caches ----------------------------------------------------------------------------------------------------
-    def tokenize(texts):
-        return base.tokenizer(texts, padding="max_length", max_length=base.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+    # -- caches and optimizer --------------------------------------------------------------------------------------
+    def build_caches(self) -> None:
+        cfg = self.cfg
+        self.latent_cache = latent_cache(self.vae, self.data, self.device) if cfg.cache_latents else None
+        self.text_cache = (text_cache(self.text_encoder, self.base.tokenizer, self.data, self.device)
+                           if cfg.cache_text_embeddings else None)
+        self.batches = Batches(cfg, self.base, self.data, self.plan, self.accelerator, self.latent_cache)
 
-    latent_cache = None
-    if cfg.cache_latents:
-        latent_cache = []
-        with torch.no_grad():
-            for it in data.items:
-                dist = vae.encode(image_tensor(it.image)[None].to(device)).latent_dist
-                latent_cache.append((dist.mean[0].float().cpu(), dist.std[0].float().cpu()))
-    text_cache = None
-    if cfg.cache_text_embeddings:
-        text_cache = {}
-        with torch.no_grad():
-            for text in sorted({it.text for it in data.items}):
-                text_cache[text] = text_encoder(tokenize([text]).to(device))[0][0].float().cpu()
-
-    # -- optimizer and accelerate ------------------------------------------------------------------------------------
-    unet_params = [p for _, p in lora_parameters(unet)]
-    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
-    if cfg.train_text_encoder:
-        groups.append({"params": [p for _, p in lora_parameters(text_encoder)],
-                       "lr": cfg.text_encoder_lr or cfg.learning_rate})
-    peak_lrs = [g["lr"] for g in groups]
-    optimizer, optimizer_kind = _optimizer(cfg, groups)
-    if cfg.train_text_encoder:
-        unet_p, text_p, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-        models = (unet_p, text_p)
-    else:
-        unet_p, optimizer = accelerator.prepare(unet, optimizer)
-        text_p = text_encoder
-        models = (unet_p,)
-    if checkpoint is not None:
-        optimizer.load_state_dict(opt_state)
-        if state.get("scaler") and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-    trainable_params = [p for g in groups for p in g["params"]]
-
-    batches = _Batches(cfg, base, data, plan, accelerator, latent_cache)
-    noise_scheduler = base.noise_scheduler
-    prediction = noise_scheduler.config.prediction_type
-    if prediction not in ("epsilon", "v_prediction"):
-        raise SdedgeError(f"--base {cfg.base}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
-
-    def micro_loss(micro: int):
-        latents, noise, t, captions = batches(micro)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        if text_cache is not None:
-            hidden = torch.stack([text_cache[c] for c in captions]).to(device)
+    def prepare_optimizer(self, opt_state: dict | None, state: dict) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        groups = [{"params": [p for _, p in lora_parameters(self.unet)], "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            groups.append({"params": [p for _, p in lora_parameters(self.text_encoder)],
+                           "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        self.peak_lrs = [g["lr"] for g in groups]
+        optimizer, self.optimizer_kind = make_optimizer(cfg, groups)
+        if cfg.train_text_encoder:
+            self.unet_p, self.text_p, self.optimizer = acc.prepare(self.unet, self.text_encoder, optimizer)
+            self.models = (self.unet_p, self.text_p)
         else:
-            hidden = text_p(tokenize(captions).to(device))[0]
-        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-        with accelerator.autocast():
-            pred = unet_p(noisy, t, hidden).sample
-            if teacher is not None:  # w·‖p − teacher‖² + (1 − w)·‖p − target‖² = ‖p − (w·teacher + (1 − w)·target)‖² + c
+            self.unet_p, self.optimizer = acc.prepare(self.unet, optimizer)
+            self.text_p = self.text_encoder
+            self.models = (self.unet_p,)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+            if state.get("scaler") and acc.scaler is not None:
+                acc.scaler.load_state_dict(state["scaler"])
+        self.trainable_params = [p for g in groups for p in g["params"]]
+
+    # -- the loss --------------------------------------------------------------------------------------------------
+    def encode_text(self, captions: list[str]):
+        """The text encoder's last hidden state (b, 77, d) of the captions (from the cache when there is one)."""
+        import torch
+
+        if self.text_cache is not None:
+            return torch.stack([self.text_cache[c] for c in captions]).to(self.device)
+        return self.text_p(tokenize(self.base.tokenizer, captions).to(self.device))[0]
+
+    def micro_loss(self, micro: int):
+        return self.loss(self.batches(micro))
+
+    def loss(self, batch: Batch):
+        """The denoising loss of one micro-batch (a scalar), with the teacher's target mixed in when distilling."""
+        import torch
+        from diffusers.training_utils import compute_snr
+
+        cfg, sched, acc = self.cfg, self.noise_scheduler, self.accelerator
+        latents, noise, t = batch.latents, batch.noise, batch.timesteps
+        noisy = sched.add_noise(latents, noise, t)
+        hidden = self.encode_text(batch.captions)
+        target = noise if self.prediction == "epsilon" else sched.get_velocity(latents, noise, t)
+        with acc.autocast():
+            pred = self.unet_p(noisy, t, hidden).sample
+            if self.teacher is not None:  # w·‖p − teacher‖² + (1 − w)·‖p − target‖² = ‖p − (w·teacher + (1 − w)·target)‖² + c
                 with torch.no_grad():
-                    taught = teacher.unet(noisy, t, hidden).sample.float()
+                    taught = self.teacher.unet(noisy, t, hidden).sample.float()
                 target = cfg.distill_weight * taught + (1.0 - cfg.distill_weight) * target.float()
         loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
-            snr = compute_snr(noise_scheduler, t)
+            snr = compute_snr(sched, t)
             clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
-            loss = loss * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))
+            loss = loss * (clipped / snr if self.prediction == "epsilon" else clipped / (snr + 1))
         return loss.mean()
 
-    # -- loop ------------------------------------------------------------------------------------------------------
-    metrics = MetricsLog(out, resumed_from, cfg.tensorboard, enabled=is_main)
-    history = [float(r["loss"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r] if is_main else []
-    progress = Progress(cfg.max_steps, resumed_from, enabled=is_main and cfg.progress, console=console)
-    width = height = data.resolution or data.items[0].width
-    if is_main:
-        save_config(cfg, out / "config.yaml")
-
-    def validate(step: int):
+    # -- validation and checkpoints --------------------------------------------------------------------------------
+    def validate(self, step: int) -> None:
+        cfg, acc = self.cfg, self.accelerator
         if not cfg.validation_prompts:
             return
-        if is_main:
-            from .validation import render_validation
-
-            paths = render_validation(base, accelerator.unwrap_model(unet_p), accelerator.unwrap_model(text_p),
-                                      cfg.validation_prompts, negative=cfg.validation_negative_prompt,
-                                      steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance,
-                                      seed=cfg.validation_seed, width=width, height=height,
-                                      out_dir=out / "validation", step=step, autocast=accelerator.autocast)
+        if self.is_main:
             from PIL import Image
 
+            from .validation import render_validation
+
+            paths = render_validation(self.base, acc.unwrap_model(self.unet_p), acc.unwrap_model(self.text_p),
+                                      cfg.validation_prompts, negative=cfg.validation_negative_prompt,
+                                      steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance,
+                                      seed=cfg.validation_seed, width=self.width, height=self.height,
+                                      out_dir=self.out / "validation", step=step, autocast=acc.autocast)
             for i, p in enumerate(paths):
                 with Image.open(p) as im:
-                    metrics.image(f"validation/{i:02d}", im.convert("RGB"), step)
-        accelerator.wait_for_everyone()
+                    self.metrics.image(f"validation/{i:02d}", im.convert("RGB"), step)
+        acc.wait_for_everyone()
 
-    def checkpoint_now(step: int, loss: float):
-        if is_main:
-            trainable = {f"unet.{n}": p for n, p in lora_parameters(accelerator.unwrap_model(unet_p))}
-            if cfg.train_text_encoder:
-                trainable.update({f"text_encoder.{n}": p
-                                  for n, p in lora_parameters(accelerator.unwrap_model(text_p))})
-            doc = {"config": to_dict(cfg), "world_size": world, "base_sha256": base.sha256,
-                   "teacher_sha256": teacher.sha256 if teacher is not None else None,
-                   "dataset_sha256": data.sha256, "loss": loss, "optimizer_kind": optimizer_kind,
-                   "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-            save_checkpoint(out / "checkpoints", step, trainable, optimizer.state_dict(), doc)
-            prune_checkpoints(out / "checkpoints", cfg.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
+    def checkpoint_state(self, loss: float) -> dict:
+        """What a checkpoint records beside the weights and the optimizer (state.json)."""
+        acc = self.accelerator
+        return {"config": to_dict(self.cfg), "world_size": self.world, "base_sha256": self.base.sha256,
+                "teacher_sha256": self.teacher.sha256 if self.teacher is not None else None,
+                "dataset_sha256": self.data.sha256, "loss": loss, "optimizer_kind": self.optimizer_kind,
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
 
-    accum = cfg.gradient_accumulation_steps
-    loss_value = history[-1] if history else float("nan")
-    t_loop = time.perf_counter()
-    try:
-        for step in range(resumed_from, cfg.max_steps):
-            factor = lr_factor(cfg, step)
-            for g, peak in zip(optimizer.param_groups, peak_lrs):
-                g["lr"] = peak * factor
-            total = torch.zeros((), device=device)
-            for k in range(accum):
-                with accelerator.accumulate(*models):
-                    loss = micro_loss(step * accum + k)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                total += loss.detach().float()
-            if not accelerator.sync_gradients:  # pragma: no cover - accelerate's counter out of step
-                raise SdedgeError("internal error: gradient accumulation out of step")
-            loss_value = float(accelerator.reduce(total / accum, reduction="mean"))
+    def checkpoint_now(self, step: int, loss: float) -> None:
+        if self.is_main:
+            save_checkpoint(self.out / "checkpoints", step, self.lora_params(unwrap=True), self.optimizer.state_dict(),
+                            self.checkpoint_state(loss))
+            prune_checkpoints(self.out / "checkpoints", self.cfg.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def optimizer_step(self, step: int) -> float:
+        """One optimizer step of gradient_accumulation_steps micro-steps; the loss averaged over them and processes."""
+        import torch
+
+        acc, accum = self.accelerator, self.cfg.gradient_accumulation_steps
+        factor = lr_factor(self.cfg, step)
+        for g, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            g["lr"] = peak * factor
+        total = torch.zeros((), device=self.device)
+        for k in range(accum):
+            with acc.accumulate(*self.models):
+                loss = self.micro_loss(step * accum + k)
+                acc.backward(loss)
+                if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.trainable_params, self.cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach().float()
+        if not acc.sync_gradients:  # pragma: no cover - accelerate's counter out of step
+            raise SdedgeError("internal error: gradient accumulation out of step")
+        return float(acc.reduce(total / accum, reduction="mean"))
+
+    def loop(self) -> None:
+        """Optimizer steps from the resume point to max_steps, with logging, validation and checkpoints."""
+        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        t_loop = time.perf_counter()
+        for step in range(self.resumed_from, cfg.max_steps):
+            self.loss_value = loss_value = self.optimizer_step(step)
             done = step + 1
             if not math.isfinite(loss_value):  # every process sees the reduced value: all stop here
-                progress.close()
-                metrics.close()
-                raise _non_finite(done, loss_value, out / "checkpoints")
-            history.append(loss_value)
-            if is_main and (done % cfg.log_steps == 0 or done == cfg.max_steps):
-                metrics.log(done, {"loss": loss_value, "lr": peak_lrs[0] * factor,
-                                   "epoch": plan.epoch_of(step * accum),
-                                   "seconds": round(time.perf_counter() - t_loop, 3)})
-            progress.update(done, loss_value)
+                self.progress.close()
+                self.metrics.close()
+                raise non_finite_error(done, loss_value, self.out / "checkpoints")
+            self.history.append(loss_value)
+            if self.is_main and (done % cfg.log_steps == 0 or done == cfg.max_steps):
+                self.metrics.log(done, {"loss": loss_value, "lr": self.peak_lrs[0] * lr_factor(cfg, step),
+                                        "epoch": self.plan.epoch_of(step * accum),
+                                        "seconds": round(time.perf_counter() - t_loop, 3)})
+            self.progress.update(done, loss_value)
             if cfg.validation_steps and done % cfg.validation_steps == 0 and done != cfg.max_steps:
-                validate(done)
+                self.validate(done)
             if cfg.checkpoint_steps and done % cfg.checkpoint_steps == 0 and done != cfg.max_steps:
-                checkpoint_now(done, loss_value)
-            if stop_after is not None and done >= stop_after:
+                self.checkpoint_now(done, loss_value)
+            if self.stop_after is not None and done >= self.stop_after:
                 raise _Stopped()
-    except _Stopped:
-        progress.close()
-        metrics.close()
-        return TrainResult(out=out, adapter=None, steps=cfg.max_steps, final_loss=loss_value, losses=history,
-                           seconds=time.perf_counter() - t_start, resumed_from=resumed_from, world_size=world)
-    progress.close()
-    validate(cfg.max_steps)
+
+    def _result(self, adapter: Path | None) -> TrainResult:
+        return TrainResult(out=self.out, adapter=adapter, steps=self.cfg.max_steps, final_loss=self.loss_value,
+                           losses=self.history, seconds=time.perf_counter() - self.t_start,
+                           resumed_from=self.resumed_from, world_size=self.world)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.setup_models()
+        opt_state, state = self.resume()
+        self.build_caches()
+        self.prepare_optimizer(opt_state, state)
+        self.metrics = MetricsLog(self.out, self.resumed_from, cfg.tensorboard, enabled=self.is_main)
+        self.history = ([float(r["loss"]) for r in read_metrics(self.out / "metrics.jsonl") if "loss" in r]
+                        if self.is_main else [])
+        self.progress = Progress(cfg.max_steps, self.resumed_from, enabled=self.is_main and cfg.progress,
+                                 console=self.console)
+        self.width = self.height = self.data.resolution or self.data.items[0].width
+        if self.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        self.loss_value = self.history[-1] if self.history else float("nan")
+        try:
+            self.loop()
+        except _Stopped:
+            self.progress.close()
+            self.metrics.close()
+            return self._result(None)
+        self.progress.close()
+        self.validate(cfg.max_steps)
+        adapter_path = self.out / "adapter.safetensors"
+        if self.is_main:
+            self.write_adapter(adapter_path)
+        self.metrics.close()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return self._result(adapter_path)
 
     # -- the adapter -----------------------------------------------------------------------------------------------
-    adapter_path = out / "adapter.safetensors"
-    if is_main:
-        unet_layers = lora_layers(accelerator.unwrap_model(unet_p), "unet")
-        text_layers = lora_layers(accelerator.unwrap_model(text_p), "text_encoder") if cfg.train_text_encoder else {}
+    def write_adapter(self, adapter_path: Path) -> None:
+        """adapter.safetensors in the configured key format, then adapter.json describing it."""
+        cfg, acc = self.cfg, self.accelerator
+        unet_layers = lora_layers(acc.unwrap_model(self.unet_p), "unet")
+        text_layers = lora_layers(acc.unwrap_model(self.text_p), "text_encoder") if cfg.train_text_encoder else {}
         tensors, header = adapter_tensors(unet_layers, text_layers, cfg.format, cfg.rank, cfg.alpha,
                                           cfg.target_modules, cfg.text_encoder_target_modules)
         write_adapter(adapter_path, tensors, header)
-        tail = history[-10:]
-        atomic_write_json(out / "adapter.json", {
+        atomic_write_json(self.out / "adapter.json", self.adapter_document(adapter_path, len(unet_layers),
+                                                                           len(text_layers)))
+
+    def adapter_document(self, adapter_path: Path, unet_layers: int, text_layers: int) -> dict:
+        cfg, base, teacher, data = self.cfg, self.base, self.teacher, self.data
+        tail, loss_value = self.history[-10:], self.loss_value
+        return {
             "format": "sdedge-adapter",
             "version": 1,
             "file": adapter_path.name,
@@ -512,23 +395,17 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet
                                 "weight": cfg.distill_weight} if teacher is not None else None),
             "dataset": {"sha256": data.sha256, "images": len(data.items), "path": str(Path(cfg.data).resolve())},
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "unet_targets": list(cfg.target_modules),
-                     "unet_layers": len(unet_layers),
+                     "unet_layers": unet_layers,
                      "text_encoder_targets": list(cfg.text_encoder_target_modules) if cfg.train_text_encoder else None,
-                     "text_encoder_layers": len(text_layers)},
+                     "text_encoder_layers": text_layers},
             "steps": cfg.max_steps,
             "final_loss": loss_value if math.isfinite(loss_value) else None,  # JSON has no NaN
             "final_loss_mean10": sum(tail) / len(tail) if tail and all(map(math.isfinite, tail)) else None,
-            "world_size": world,
-            "optimizer": optimizer_kind,
-            "resumed_from": resumed_from or None,
-            "seconds": round(time.perf_counter() - t_start, 2),
+            "world_size": self.world,
+            "optimizer": self.optimizer_kind,
+            "resumed_from": self.resumed_from or None,
+            "seconds": round(time.perf_counter() - self.t_start, 2),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "toolchain": _toolchain(),
+            "toolchain": toolchain(),
             "config": {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")},
-        })
-    metrics.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(out=out, adapter=adapter_path, steps=cfg.max_steps, final_loss=loss_value, losses=history,
-                       seconds=time.perf_counter() - t_start, resumed_from=resumed_from, world_size=world)
-
+        }
