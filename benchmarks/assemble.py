@@ -69,15 +69,20 @@ def build_report(suite: Suite, engines: list[EngineProcess], s: Settings, size: 
             "parity": None,
             "clip_score": None,
         }
+        if e.spec.get("run"):  # its own steps / scheduler / guidance
+            entry["run"] = dict(e.spec["run"])
+        # parity against a peer run with the same settings (a few-step bundle's), else the reference
+        truth = next((x for x in engines if x.name == e.spec.get("parity_against")), ref)
         if ref is not None and e is not ref:
             pairs = [{"run": i, "reference_seconds": a["seconds"], "engine_seconds": b["seconds"],
                       "ratio": a["seconds"] / b["seconds"]} for i, (a, b) in enumerate(zip(ref.runs, e.runs))]
             entry["speedup_vs_reference"] = {"pairs": pairs, "median": float(np.median([p["ratio"] for p in pairs]))}
+        if truth is not None and e is not truth:
             images = []
-            for i, (a, b) in enumerate(zip(ref.images, e.images)):
+            for i, (a, b) in enumerate(zip(truth.images, e.images)):
                 for j in range(a.shape[0]):
                     images.append({"run": i, "image": j, "psnr_db": psnr(b[j], a[j]), "ssim": ssim(b[j], a[j])})
-            entry["parity"] = {"against": ref.name, "images": images,
+            entry["parity"] = {"against": truth.name, "images": images,
                                "psnr_db": summarize(x["psnr_db"] for x in images),
                                "ssim": summarize(x["ssim"] for x in images)}
         rows.append(entry)
@@ -103,8 +108,8 @@ def build_report(suite: Suite, engines: list[EngineProcess], s: Settings, size: 
         notes = [*notes, (f"the machine was busy when the bench started (1-minute load average {load[0]:g} on "
                           f"{cores} logical cores): other work competes for the CPU, so times are inflated and noisy")]
     return {
-        "schema_version": report_mod.SCHEMA_VERSION,
-        "kind": "sdedge-bench",
+        "format": report_mod.REPORT.format,
+        "version": report_mod.REPORT.version,
         "created": created,
         "suite": {"name": suite.name, "file": suite.file, "description": suite.description},
         "machine": machine,

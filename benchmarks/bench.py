@@ -60,6 +60,7 @@ from .suite import (
     Settings,
     Suite,
     check_inputs,
+    run_settings,
     validate_suite,
 )
 
@@ -179,7 +180,7 @@ def _prepare_engines(suite: Suite) -> tuple[list[tuple[str, str, dict]], dict, i
         if size % sh.pixel_multiple or not (sh.height_min <= size <= sh.height_max and sh.width_min <= size <= sh.width_max):
             raise BenchError(f"engine {e.name!r}: size {size} is outside what bundle {e.bundle} accepts "
                              f"({sh.width_min}–{sh.width_max} px, multiple of {sh.pixel_multiple})")
-        per_call = s.batch * (2 if s.guidance > 1 else 1)
+        per_call = s.batch * (2 if (s.guidance if e.guidance is None else e.guidance) > 1 else 1)
         if per_call > sh.batch_max:
             raise BenchError(f"engine {e.name!r}: batch {s.batch} needs {per_call} UNet samples per call; bundle "
                              f"{e.bundle} accepts at most {sh.batch_max}")
@@ -194,15 +195,17 @@ def _prepare_engines(suite: Suite) -> tuple[list[tuple[str, str, dict]], dict, i
                 if note not in notes:
                     notes.append(note)
         out.append((r.name, "reference", {"base": r.base, "dtype": r.dtype, "device": r.device or s.device,
-                                          "threads": _threads(r.threads, s)}))
+                                          "threads": _threads(r.threads, s), "loras": r.loras, "decoder": r.decoder,
+                                          "run": run_settings(r)}))
     for e in suite.engines:
         out.append((e.name, "engine", {"bundle": e.bundle, "backend": e.backend, "memory": e.memory,
                                        "device": e.device or s.device, "threads": _threads(e.threads, s),
                                        "verify": e.verify, "public_key": e.public_key, "identity": e.identity,
-                                       "issuer": e.issuer}))
+                                       "issuer": e.issuer, "run": run_settings(e), "parity_against": e.parity_against}))
     for p in suite.peers:
         out.append((p.name, "peer", {"kind": p.kind, "model": p.model, "python": p.python, "device": "cpu",
-                                     "threads": _threads(p.threads, s), "static_shapes": p.static_shapes}))
+                                     "threads": _threads(p.threads, s), "static_shapes": p.static_shapes,
+                                     "loras": p.loras, "decoder": p.decoder, "run": run_settings(p)}))
     return out, first, size, notes
 
 
@@ -240,7 +243,9 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
     settings_for_worker = _engine_settings(s, size, dict(manifest.scheduler))
     work = Path(tempfile.mkdtemp(prefix="sdedge-bench-"))
     try:  # the scratch folder goes however the run ends (a worker that fails to start included)
-        engines = [EngineProcess(name, role, spec, settings_for_worker, s.isolation, work) for name, role, spec in specs]
+        # each engine's settings: the suite's, with its own steps / scheduler / guidance (a few-step bundle's)
+        engines = [EngineProcess(name, role, spec, {**settings_for_worker, **spec.get("run", {})}, s.isolation, work)
+                   for name, role, spec in specs]
         devices = {spec.get("device") for _, _, spec in specs}
         poller = GpuPoller() if devices & {"cuda", "auto"} and GpuPoller.available() else None
         lat_shape = (s.batch, manifest.latent.channels, size // manifest.latent.vae_scale_factor,

@@ -2,8 +2,10 @@
 
     optimum-onnxruntime   optimum's ORTStableDiffusionPipeline (package optimum-onnx), CPUExecutionProvider
     optimum-openvino      optimum-intel's OVStableDiffusionPipeline, reshaped to static shapes and compiled
+    diffusers             diffusers' eager pipeline (sdedge's own venv), with LoRAs fused and a light decoder: the
+                          fair few-step peer of a fast bundle
 
-Each runs in a child process started with its own virtual environment's interpreter (their pins conflict with
+Each optimum peer runs in a child process started with its own virtual environment's interpreter (their pins conflict with
 sdedge's and with each other's: benchmarks/peer-envs/README.md makes them). sdedge is installed there with
 --no-deps, so the child speaks the bench's worker protocol (sdedge.benchmarks.worker_process) and this module only
 opens the pipeline: the run, the stage timing and the initial latents are the reference worker's, since both
@@ -27,6 +29,10 @@ class PeerWorker(_DiffusersWorker):
     def _open(self):
         kind, model, threads = self.spec["kind"], self.spec["model"], self.spec["threads"]
         self.dtype = self.torch.float32  # the latents handed to the pipeline; the peer casts them itself
+        if kind == "diffusers":  # diffusers' eager pipeline in sdedge's own venv (LoRAs, decoder: workers.py)
+            pipe, info = super()._open()
+            return pipe, {**info, "backend_reason": "peer: diffusers' eager pipeline" + info["backend_reason"].removeprefix(
+                "the PyTorch reference")}
         try:
             if kind == "optimum-onnxruntime":
                 return self._open_onnxruntime(model, threads)

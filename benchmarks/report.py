@@ -1,28 +1,33 @@
-"""The bench report: report.json (schema below, `schema_version` 1), report.md (tables), report.png (stacked
-bars of seconds per image by stage, one bar per engine) and samples.png (the images, reference beside engine).
+"""The bench report: report.json (`BenchReport`, format "sdedge-bench" version 2), report.md (tables), report.png
+(stacked bars of seconds per image by stage, one bar per engine) and samples.png (the images, reference beside
+engine).
 
-`SCHEMA` is a JSON-Schema-style dict (the subset: type, properties, required, additionalProperties, items,
-enum, minimum); `validate(report)` checks a report against it without any JSON-schema package, and
-`python -m sdedge.benchmarks.report --schema` prints it. docs/bench.md describes every field.
+The report is assembled as a dict (benchmarks/assemble.py); `validate(report)` checks it against the frozen
+dataclasses below (runtime/documents.py: every key known, every type, enum and minimum right, the file and key
+named), `load_report` reads a report.json of any version this sdedge reads (version 1: `schema_version` 1 and
+`kind`), and `python -m sdedge.benchmarks.report --validate report.json` checks one. docs/bench.md describes
+every field.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from sdedge.runtime.documents import DocumentType, Legacy
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import atomic_write_json
 from sdedge.runtime.grid import write_grid
+from sdedge.runtime.strict import NonNegative
 
 from .suite import PEER_KINDS
 
 __all__ = [
-    "SCHEMA",
+    "REPORT",
     "SCHEMA_VERSION",
+    "BenchReport",
     "ReportError",
     "chart_size",
     "grid_cell",
@@ -35,7 +40,7 @@ __all__ = [
     "write_report",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # version 1: the same fields under "schema_version": 1 and "kind": "sdedge-bench"
 STAGES = ("tokenize", "text_encoder", "unet", "vae_decoder", "other")
 STAGE_COLOURS = {"tokenize": (141, 160, 203), "text_encoder": (102, 194, 165), "unet": (252, 141, 98),
                  "vae_decoder": (231, 138, 195), "other": (190, 190, 190)}
@@ -45,153 +50,250 @@ class ReportError(SdedgeError):
     """A report that does not match the schema."""
 
 
-# -- schema --------------------------------------------------------------------------------------------------
-def _obj(props: dict, required=None, extra=False, optional=()) -> dict:
-    required = [k for k in (props if required is None else required) if k not in optional]
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": extra}
+# -- the document -------------------------------------------------------------------------------------------
+Role = Literal["reference", "engine", "peer"]
+Kind = Literal[("diffusers", "sdedge", *PEER_KINDS)]
 
 
-NUM = {"type": "number"}
-NUM_N = {"type": ["number", "null"]}
-INT = {"type": "integer", "minimum": 0}
-INT_N = {"type": ["integer", "null"], "minimum": 0}
-STR = {"type": "string"}
-STR_N = {"type": ["string", "null"]}
-BOOL = {"type": "boolean"}
-STATS = _obj({"n": INT, "min": NUM, "median": NUM, "p95": NUM, "max": NUM, "mean": NUM})
-STATS_N = {**STATS, "type": ["object", "null"]}
-STAGE_TIMES = _obj({k: NUM for k in STAGES})
-NUM_MAP = {"type": "object", "additionalProperties": NUM}
+@dataclass(frozen=True)
+class Stats:
+    n: NonNegative
+    min: float
+    median: float
+    p95: float
+    max: float
+    mean: float
 
-ENGINE = _obj({
-    "name": STR,
-    "role": {"type": "string", "enum": ["reference", "engine", "peer"]},
-    "kind": {"type": "string", "enum": ["diffusers", "sdedge", *PEER_KINDS]},
-    "path": STR,
-    "backend": STR,
-    "backend_reason": STR,
-    "precision": STR,
-    "device": STR,
-    "threads": INT,
-    "memory_mode": STR_N,
-    "signed": BOOL,
-    "provenance": {"type": ["object", "null"], "additionalProperties": True},
-    "load": _obj({"cold_start_seconds": NUM, "import_seconds": NUM, "load_seconds": NUM, "components": NUM_MAP,
-                  "first_image_seconds": NUM}),
-    "warmup_seconds": {"type": "array", "items": NUM},
-    "runs": {"type": "array", "items": _obj({"index": INT, "prompt_index": INT, "seed": INT, "seconds": NUM,
-                                             "stages": STAGE_TIMES, "step_seconds": {"type": "array", "items": NUM}})},
-    "seconds_per_image": STATS,
-    "images_per_minute": NUM_N,
-    "stages_median_seconds": STAGE_TIMES,
-    "unet_step_seconds": STATS_N,
-    "memory": _obj({"peak_rss_bytes": INT, "rss_scope": STR, "peak_gpu_bytes": INT_N, "gpu_method": STR_N}),
-    "speedup_vs_reference": {**_obj({
-        "pairs": {"type": "array", "items": _obj({"run": INT, "reference_seconds": NUM, "engine_seconds": NUM,
-                                                  "ratio": NUM})},
-        "median": NUM}), "type": ["object", "null"]},
-    "parity": {**_obj({
-        "against": STR,
-        "images": {"type": "array", "items": _obj({"run": INT, "image": INT, "psnr_db": NUM, "ssim": NUM})},
-        "psnr_db": STATS_N,
-        "ssim": STATS_N}), "type": ["object", "null"]},
-    "clip_score": {**_obj({"per_image": {"type": "array", "items": NUM}, "mean": NUM}), "type": ["object", "null"]},
-    "samples": {"type": "array", "items": STR},
+
+@dataclass(frozen=True)
+class StageTimes:
+    tokenize: float
+    text_encoder: float
+    unet: float
+    vae_decoder: float
+    other: float
+
+
+@dataclass(frozen=True)
+class LoadTimes:
+    cold_start_seconds: float
+    import_seconds: float
+    load_seconds: float
+    components: dict[str, float]
+    first_image_seconds: float
+
+
+@dataclass(frozen=True)
+class Run:
+    index: NonNegative
+    prompt_index: NonNegative
+    seed: NonNegative
+    seconds: float
+    stages: StageTimes
+    step_seconds: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Memory:
+    peak_rss_bytes: NonNegative
+    rss_scope: str
+    peak_gpu_bytes: NonNegative | None
+    gpu_method: str | None
+
+
+@dataclass(frozen=True)
+class Pair:
+    run: NonNegative
+    reference_seconds: float
+    engine_seconds: float
+    ratio: float
+
+
+@dataclass(frozen=True)
+class Speedup:
+    pairs: tuple[Pair, ...]
+    median: float
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    run: NonNegative
+    image: NonNegative
+    psnr_db: float
+    ssim: float
+
+
+@dataclass(frozen=True)
+class EngineParity:
+    against: str
+    images: tuple[ImagePair, ...]
+    psnr_db: Stats | None
+    ssim: Stats | None
+
+
+@dataclass(frozen=True)
+class ClipScore:
+    per_image: tuple[float, ...]
+    mean: float
+
+
+@dataclass(frozen=True)
+class PromptMatchScore:
+    rate: float
+    per_image: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    role: Role
+    kind: Kind
+    path: str
+    backend: str
+    backend_reason: str
+    precision: str
+    device: str
+    threads: NonNegative
+    memory_mode: str | None
+    signed: bool
+    provenance: dict[str, Any] | None
+    load: LoadTimes
+    warmup_seconds: tuple[float, ...]
+    runs: tuple[Run, ...]
+    seconds_per_image: Stats
+    images_per_minute: float | None
+    stages_median_seconds: StageTimes
+    unet_step_seconds: Stats | None
+    memory: Memory
+    speedup_vs_reference: Speedup | None
+    parity: EngineParity | None
+    clip_score: ClipScore | None
+    samples: tuple[str, ...]
     # optional (added within schema 1): the shapes classifier's figures, on the trained tiny base's prompts
-    "prompt_match": {**_obj({"rate": NUM, "per_image": {"type": "array", "items": NUM}}), "type": ["object", "null"]},
-    "kid": NUM_N,
-}, optional=("prompt_match", "kid"))
-
-SCHEMA: dict[str, Any] = _obj({
-    "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
-    "kind": {"type": "string", "enum": ["sdedge-bench"]},
-    "created": STR,
-    "suite": _obj({"name": STR, "file": STR_N, "description": STR}),
-    "machine": _obj({
-        "cpu": STR, "cpu_flags": {"type": "array", "items": STR}, "logical_cores": INT_N, "physical_cores": INT_N,
-        "memory_bytes": INT_N,
-        "gpus": {"type": "array", "items": _obj({"name": STR, "driver": STR, "memory_bytes": INT})},
-        "load_average": {"type": ["array", "null"], "items": NUM},
-        "load_average_after": {"type": ["array", "null"], "items": NUM},
-        "os": STR, "python": STR, "versions": {"type": "object", "additionalProperties": STR},
-        "git": {**_obj({"commit": STR, "dirty": BOOL}), "type": ["object", "null"]},
-    }),
-    "settings": _obj({
-        "runs": INT, "warmup": INT, "steps": INT, "width": INT, "height": INT, "guidance": NUM, "scheduler": STR,
-        "prompts": {"type": "array", "items": STR}, "negative": STR, "seed": INT, "batch": INT, "device": STR,
-        "interleave": BOOL, "isolation": {"type": "string", "enum": ["process", "inline"]},
-    }),
-    "reference": STR_N,
-    "target": {**_obj({
-        "seconds": NUM, "statistic": {"type": "string", "enum": ["min", "median", "p95", "max"]},
-        "verdict": {"type": "string", "enum": ["pass", "fail"]},
-        "engines": {"type": "object", "additionalProperties": _obj({"seconds": NUM, "pass": BOOL})},
-        "statement": STR}), "type": ["object", "null"]},
-    "engines": {"type": "array", "items": ENGINE},
-    "clip": {**_obj({"model": STR_N, "skipped": STR_N}), "type": ["object", "null"]},
-    "shapes": {**_obj({"skipped": STR_N, "real_images_per_image": INT}), "type": ["object", "null"]},
-    "notes": {"type": "array", "items": STR},
-    "files": _obj({"report_json": STR, "report_md": STR, "report_png": STR, "samples_png": STR}),
-}, optional=("shapes",))
-
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    prompt_match: PromptMatchScore | None = None
+    kid: float | None = None
+    # optional: the steps / scheduler / guidance an engine ran instead of the settings' (a few-step bundle's)
+    run: dict[str, Any] | None = None
 
 
-def _is(value: Any, tp: str) -> bool:
-    if tp == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, _TYPES[tp])
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    file: str | None
+    description: str
 
 
-def _check(value: Any, schema: dict, where: str, errors: list[str]) -> None:
-    types = schema.get("type")
-    if types is not None:
-        types = [types] if isinstance(types, str) else types
-        if not any(_is(value, t) for t in types):
-            errors.append(f"{where}: expected {' or '.join(types)}, got {type(value).__name__} {value!r:.60}")
-            return
-    if value is None:
-        return
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
-    if "minimum" in schema and isinstance(value, (int, float)) and not isinstance(value, bool) and value < schema["minimum"]:
-        errors.append(f"{where}: {value} is below the minimum {schema['minimum']}")
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{where}: missing key {key!r}")
-        extra = schema.get("additionalProperties", True)
-        for key, v in value.items():
-            if key in props:
-                _check(v, props[key], f"{where}.{key}", errors)
-            elif extra is False:
-                errors.append(f"{where}: unknown key {key!r}")
-            elif isinstance(extra, dict):
-                _check(v, extra, f"{where}.{key}", errors)
-    if isinstance(value, list) and "items" in schema:
-        for i, v in enumerate(value):
-            _check(v, schema["items"], f"{where}[{i}]", errors)
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    driver: str
+    memory_bytes: NonNegative
 
 
-def validate(report: Any, schema: dict | None = None) -> None:
-    """Raise ReportError listing every place where `report` departs from the schema."""
-    errors: list[str] = []
-    _check(report, schema or SCHEMA, "report", errors)
-    if errors:
-        more = f" (and {len(errors) - 20} more)" if len(errors) > 20 else ""
-        raise ReportError("report.json does not match its schema: " + "; ".join(errors[:20]) + more)
+@dataclass(frozen=True)
+class GitInfo:
+    commit: str
+    dirty: bool
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str
+    cpu_flags: tuple[str, ...]
+    logical_cores: NonNegative | None
+    physical_cores: NonNegative | None
+    memory_bytes: NonNegative | None
+    gpus: tuple[Gpu, ...]
+    load_average: tuple[float, ...] | None
+    load_average_after: tuple[float, ...] | None
+    os: str
+    python: str
+    versions: dict[str, str]
+    git: GitInfo | None
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    runs: NonNegative
+    warmup: NonNegative
+    steps: NonNegative
+    width: NonNegative
+    height: NonNegative
+    guidance: float
+    scheduler: str
+    prompts: tuple[str, ...]
+    negative: str
+    seed: NonNegative
+    batch: NonNegative
+    device: str
+    interleave: bool
+    isolation: Literal["process", "inline"]
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    seconds: float
+    passed: bool = field(metadata={"key": "pass"})
+
+
+@dataclass(frozen=True)
+class Target:
+    seconds: float
+    statistic: Literal["min", "median", "p95", "max"]
+    verdict: Literal["pass", "fail"]
+    engines: dict[str, EngineTarget]
+    statement: str
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    model: str | None
+    skipped: str | None
+
+
+@dataclass(frozen=True)
+class ShapesInfo:
+    skipped: str | None
+    real_images_per_image: NonNegative
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    report_json: str
+    report_md: str
+    report_png: str
+    samples_png: str
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """report.json: docs/bench.md describes every field. Times in seconds, memory in bytes, null where n/a."""
+
+    created: str
+    suite: Suite
+    machine: Machine
+    settings: BenchSettings
+    reference: str | None
+    target: Target | None
+    engines: tuple[Engine, ...]
+    clip: ClipInfo | None
+    notes: tuple[str, ...]
+    files: ReportFiles
+    shapes: ShapesInfo | None = None  # optional (added within schema 1)
+
+
+REPORT = DocumentType(BenchReport, "sdedge-bench", SCHEMA_VERSION, "report.json", ReportError,
+                      legacy=Legacy("schema_version", {"kind": "sdedge-bench"}))
+
+
+def validate(report: Any) -> None:
+    """Raise ReportError naming the first key where `report` (a dict) departs from `BenchReport`."""
+    REPORT.parse(report, "report")
 
 
 def load_report(path: str | os.PathLike) -> dict:
-    """Read and validate a report.json (refusing a schema_version this sdedge does not know)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
-        raise ReportError(f"{path}: schema_version {data.get('schema_version')!r}; this sdedge reads {SCHEMA_VERSION}")
-    validate(data)
-    return data
+    """Read and validate a report.json (any version this sdedge reads); the dict as written."""
+    return REPORT.read_dict(path)
 
 
 # -- markdown ------------------------------------------------------------------------------------------------
@@ -475,22 +577,20 @@ def write_report(report: dict, out_dir: str | os.PathLike, samples: dict) -> dic
     out.mkdir(parents=True, exist_ok=True)
     report["files"] = {"report_json": "report.json", "report_md": "report.md", "report_png": "report.png",
                        "samples_png": "samples.png"}
-    validate(report)
+    validate(report)  # before anything is written
     render_chart(report).save(out / "report.png")
     write_grid(render_samples(report, samples), out / "samples.png")
     (out / "report.md").write_text(markdown(report), encoding="utf-8")
-    atomic_write_json(out / "report.json", report)
+    REPORT.write(out / "report.json", report)
     return report
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["--schema"]:
-        print(json.dumps(SCHEMA, indent=2))
-    elif len(sys.argv) == 3 and sys.argv[1] == "--validate":
+    if len(sys.argv) == 3 and sys.argv[1] == "--validate":
         load_report(sys.argv[2])
-        print(f"{sys.argv[2]}: valid (schema_version {SCHEMA_VERSION})")
+        print(f"{sys.argv[2]}: valid (an sdedge-bench report this sdedge reads)")
     else:
-        print("usage: python -m sdedge.benchmarks.report --schema | --validate report.json", file=sys.stderr)
+        print("usage: python -m sdedge.benchmarks.report --validate report.json", file=sys.stderr)
         raise SystemExit(2)

@@ -34,6 +34,8 @@ from typing import Any
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.strict import ConfigError, from_dict
 
+from .fast_inputs import RANDOM_KINDS
+
 __all__ = [
     "BenchError",
     "DEFAULT_PROMPTS",
@@ -64,8 +66,10 @@ MEMORY_MODES = ("normal", "low")
 STATISTICS = ("min", "median", "p95", "max")
 ISOLATIONS = ("process", "inline")
 VERIFY = ("required", "if-signed", "off")
-# Peers: the pipelines users would pick instead of sdedge, run by benchmarks/peers.py in their own venvs.
-PEER_KINDS = ("optimum-onnxruntime", "optimum-openvino")
+# Peers: the pipelines users would pick instead of sdedge, run by benchmarks/peers.py in their own venvs ("diffusers":
+# diffusers' eager pipeline in sdedge's own, e.g. with an LCM-LoRA and a light decoder at few steps).
+PEER_KINDS = ("optimum-onnxruntime", "optimum-openvino", "diffusers")
+RUN_KEYS = ("steps", "scheduler", "guidance")  # what an engine, peer or the reference may run other than settings
 
 
 class BenchError(SdedgeError):
@@ -107,6 +111,11 @@ class ReferenceSpec:
     dtype: str = "fp32"
     device: str | None = None  # default: settings.device
     threads: int | None = None  # default: settings.threads
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter .safetensors, scale): fused into the UNet at load
+    decoder: str | None = None  # a diffusers AutoencoderTiny folder in place of the base VAE's decoder
+    steps: int | None = None  # default: settings.steps (likewise scheduler, guidance)
+    scheduler: str | None = None
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,10 @@ class EngineSpec:
     identity: str | None = None  # or a Sigstore identity and its OIDC issuer
     issuer: str | None = None
     build_hint: str | None = None  # how to make the bundle when it is missing (shown in the error)
+    steps: int | None = None  # default: settings.steps (likewise scheduler, guidance): a few-step bundle's own
+    scheduler: str | None = None
+    guidance: float | None = None
+    parity_against: str | None = None  # a peer run with this engine's settings; default: the reference
 
 
 @dataclass(frozen=True)
@@ -134,11 +147,16 @@ class PeerSpec:
 
     name: str
     kind: str  # one of PEER_KINDS
-    model: str  # the peer's own exported folder (optimum-cli export onnx|openvino --model BASE ...)
-    python: str  # the interpreter of the peer's virtual environment (sdedge installed there with --no-deps)
+    model: str  # the peer's own exported folder (optimum-cli export onnx|openvino --model BASE ...); diffusers: a base
+    python: str | None = None  # the peer venv's interpreter (sdedge installed there with --no-deps); None: this one
     threads: int | None = None  # default: settings.threads
     static_shapes: bool = True  # openvino: reshape to the bench's size and batch before compiling (its docs' advice)
     build_hint: str | None = None  # how to make the model or the venv when missing (shown in the error)
+    loras: tuple[tuple[str, float], ...] = ()  # diffusers: fused into the UNet at load
+    decoder: str | None = None  # diffusers: an AutoencoderTiny folder in place of the base VAE's decoder
+    steps: int | None = None  # default: settings.steps (likewise scheduler, guidance)
+    scheduler: str | None = None
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +166,9 @@ class PrepareStep:
     out: str
     builtin: str | None = None  # "tiny" | "sd15-arch": sdedge base NAME --out OUT
     export: str | None = None  # a base path: sdedge export --base EXPORT --out OUT
-    seed: int = 0  # for builtin
+    random: str | None = None  # "lcm-lora" (of the base `base`) | "tiny-decoder": benchmarks/fast_inputs.py
+    base: str | None = None  # for random: the base the LoRA adapts (needed) / the decoder decodes (default SD1.5's)
+    seed: int = 0  # for builtin and random
     options: dict[str, Any] = field(default_factory=dict)  # ExportOptions fields, for export
 
 
@@ -230,9 +250,20 @@ def validate_suite(suite: Suite) -> None:
             (e.verify in VERIFY, f"{entry}: verify {e.verify!r}: choose one of {', '.join(VERIFY)}"),
             (names.count(e.name) == 1, f"{entry}: the name is used twice (engine and reference names must differ)"),
         ]
+    for entry, spec in run_overrides(suite):
+        checks += [(spec.steps is None or 1 <= spec.steps <= 1000, f"{entry}: steps must be from 1 to 1000"),
+                    (spec.guidance is None or spec.guidance >= 0, f"{entry}: guidance must be 0 or more")]
+    peers = {p.name for p in suite.peers}
+    for i, e in enumerate(suite.engines):
+        checks.append((e.parity_against is None or e.parity_against in peers,
+                       f"engines[{i}] {e.name!r}: parity_against {e.parity_against!r} is not a peer of the suite"))
     for i, p in enumerate(suite.peers):
         entry = f"peers[{i}] {p.name!r}"
         checks += [
+            (p.python is not None or p.kind == "diffusers",
+             f"{entry}: python: the interpreter of the peer's own venv (benchmarks/peer-envs/README.md)"),
+            (not (p.loras or p.decoder) or p.kind == "diffusers",
+             f"{entry}: loras and decoder apply to a diffusers peer (an optimum peer takes them at its own export)"),
             (bool(p.name.strip()), f"peers[{i}]: name must not be empty"),
             (p.kind in PEER_KINDS, f"{entry}: kind {p.kind!r}: choose one of {', '.join(PEER_KINDS)}"),
             (p.threads is None or p.threads >= 1, f"{entry}: threads must be at least 1"),
@@ -241,11 +272,27 @@ def validate_suite(suite: Suite) -> None:
              f"{entry}: peers run on the CPU in a process of their own venv (settings.isolation: process, device: cpu)"),
         ]
     for i, p in enumerate(suite.prepare):
-        checks.append(((p.builtin is None) != (p.export is None),
-                       f"prepare[{i}]: give exactly one of 'builtin' (a built-in base) or 'export' (a base to export)"))
+        checks.append((sum(x is not None for x in (p.builtin, p.export, p.random)) == 1,
+                       f"prepare[{i}]: give exactly one of 'builtin' (a built-in base), 'export' (a base to export) or "
+                       "'random' (an input of benchmarks/fast_inputs.py)"))
+        checks.append((p.random is None or p.random in RANDOM_KINDS,
+                       f"prepare[{i}]: random {p.random!r}: choose one of {', '.join(RANDOM_KINDS)}"))
+        checks.append((p.random != "lcm-lora" or p.base is not None, f"prepare[{i}]: random lcm-lora needs 'base'"))
     for ok, message in checks:
         if not ok:
             raise SuiteError(f"{where}: {message}")
+
+
+def run_overrides(suite: Suite) -> list[tuple[str, Any]]:
+    """(entry name, spec) of everything that may override RUN_KEYS: the reference, engines and peers."""
+    out = [("reference", suite.reference)] if suite.reference is not None else []
+    out += [(f"engines[{i}] {e.name!r}", e) for i, e in enumerate(suite.engines)]
+    return out + [(f"peers[{i}] {p.name!r}", p) for i, p in enumerate(suite.peers)]
+
+
+def run_settings(spec) -> dict:
+    """The RUN_KEYS a spec sets (the worker's settings are the suite's with these replaced)."""
+    return {k: getattr(spec, k) for k in RUN_KEYS if getattr(spec, k, None) is not None}
 
 
 # -- paths ---------------------------------------------------------------------------------------------------
@@ -261,6 +308,18 @@ def _resolve(value: str | None, suite_dir: Path, work: Path) -> str | None:
     p = Path(os.path.expanduser(text))
     # normalised, symlinks kept as named (a venv's python is a symlink: only its own path finds the venv)
     return os.path.abspath(p if p.is_absolute() else suite_dir / p)
+
+
+def _resolve_options(options: dict, suite_dir: Path, work: Path) -> dict:
+    """An export step's paths (its LoRAs, decoder, calibration prompts) resolved like every other path."""
+    out = dict(options)
+    if isinstance(out.get("loras"), (list, tuple)):
+        out["loras"] = [[_resolve(str(x[0]), suite_dir, work), *x[1:]] if isinstance(x, (list, tuple)) and x else x
+                        for x in out["loras"]]
+    for key in ("decoder", "calibration"):
+        if isinstance(out.get(key), str):
+            out[key] = _resolve(out[key], suite_dir, work)
+    return out
 
 
 def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
@@ -283,17 +342,24 @@ def resolve_suite(suite: Suite, work: str | os.PathLike | None = None,
     def hint(text):
         return None if text is None else text.replace("{work}", str(work_dir)).replace("{suite}", str(suite_dir))
 
+    def adapters(spec):  # the loras and decoder of a diffusers reference or peer
+        return {"loras": tuple((_resolve(f, suite_dir, work_dir), scale) for f, scale in spec.loras),
+                "decoder": _resolve(spec.decoder, suite_dir, work_dir)}
+
     engines = tuple(dataclasses.replace(e, bundle=path_of(e.name, e.bundle), build_hint=hint(e.build_hint))
                     for e in suite.engines)
     peers = tuple(dataclasses.replace(p, model=path_of(p.name, p.model), python=_resolve(p.python, suite_dir, work_dir),
-                                      build_hint=hint(p.build_hint)) for p in suite.peers)
+                                      build_hint=hint(p.build_hint), **adapters(p)) for p in suite.peers)
     reference = suite.reference
     if reference is not None:
         base = overrides.get("reference") or overrides.get(reference.name)
         reference = dataclasses.replace(
-            reference, base=os.path.abspath(Path(base).expanduser()) if base else _resolve(reference.base, suite_dir, work_dir))
+            reference, base=os.path.abspath(Path(base).expanduser()) if base else _resolve(reference.base, suite_dir, work_dir),
+            **adapters(reference))
     prepare = tuple(dataclasses.replace(p, out=_resolve(p.out, suite_dir, work_dir),
-                                        export=_resolve(p.export, suite_dir, work_dir)) for p in suite.prepare)
+                                        export=_resolve(p.export, suite_dir, work_dir),
+                                        base=_resolve(p.base, suite_dir, work_dir),
+                                        options=_resolve_options(p.options, suite_dir, work_dir)) for p in suite.prepare)
     clip = _resolve(suite.clip_model, suite_dir, work_dir)
     return dataclasses.replace(suite, engines=engines, peers=peers, reference=reference, prepare=prepare,
                                clip_model=clip)
@@ -320,7 +386,8 @@ def check_inputs(suite: Suite, positions: dict[str, int] | None = None) -> None:
     for k, p in enumerate(suite.peers):
         i = positions.get(p.name, k)
         hint = f"; to make it: {p.build_hint}" if p.build_hint else ""
-        if not os.access(p.python, os.X_OK) or Path(p.python).is_dir():
+        _check_adapters(where, f"peers[{i}] {p.name!r}", p, made_by)
+        if p.python is not None and (not os.access(p.python, os.X_OK) or Path(p.python).is_dir()):
             raise SuiteError(f"{where}: peers[{i}] {p.name!r}: python {p.python}: no such program (the peer's "
                              f"virtual environment is missing){hint}. Pass --only to leave it out.")
         model = Path(p.model)
@@ -330,10 +397,22 @@ def check_inputs(suite: Suite, positions: dict[str, int] | None = None) -> None:
                              f"Pass --path {p.name}=DIR to use another folder, or --only to leave it out.")
     if suite.reference is not None:
         path = Path(suite.reference.base)
+        _check_adapters(where, f"reference {suite.reference.name!r}", suite.reference, made_by)
         if not (path / "model_index.json").is_file():
             hint = f"; build it with --build (prepare[{made_by[path]}])" if path in made_by else ""
             what = "no such folder" if not path.exists() else "no model_index.json (not a diffusers folder)"
             raise SuiteError(f"{where}: reference {suite.reference.name!r}: base {path}: {what}{hint}")
+
+
+def _check_adapters(where: str, entry: str, spec, made_by: dict[Path, int]) -> None:
+    """A diffusers reference's or peer's LoRA files and decoder folder exist."""
+    paths = [(Path(f), "LoRA", Path(f).is_file()) for f, _ in spec.loras]
+    if spec.decoder:
+        paths.append((Path(spec.decoder), "decoder", (Path(spec.decoder) / "config.json").is_file()))
+    for path, what, ok in paths:
+        if not ok:
+            hint = f"; build it with --build (prepare[{made_by[path]}])" if path in made_by else ""
+            raise SuiteError(f"{where}: {entry}: {what} {path}: not found{hint}")
 
 
 def select_engines(suite: Suite, only: list[str] | None) -> Suite:
@@ -362,11 +441,18 @@ def run_prepare(suite: Suite, console=None, rebuild: bool = False) -> list[str]:
     done = []
     for i, step in enumerate(suite.prepare):
         out = Path(step.out)
-        marker = "sdedge.json" if step.export else "model_index.json"
-        if (out / marker).is_file() and not rebuild:
+        marker = {"lcm-lora": None, "tiny-decoder": "config.json"}.get(step.random, "sdedge.json" if step.export
+                                                                         else "model_index.json")
+        if (out / marker if marker else out).is_file() and not rebuild:
             done.append(f"prepare[{i}]: {out} exists, kept")
             continue
-        if step.builtin:
+        if step.random:
+            from .fast_inputs import write_random
+
+            with stages(f"prepare[{i}]: write a random-weight {step.random} to {out}"):
+                write_random(step.random, out, base=step.base, seed=step.seed)
+            done.append(f"prepare[{i}]: wrote a random {step.random} to {out}")
+        elif step.builtin:
             from sdedge.export.bases import write_builtin_base
 
             with stages(f"prepare[{i}]: write the built-in {step.builtin} base to {out}"):
@@ -380,7 +466,8 @@ def run_prepare(suite: Suite, console=None, rebuild: bool = False) -> list[str]:
                                  f"{suite.file or suite.name}: prepare[{i}].options")
             except ConfigError as exc:
                 raise SuiteError(str(exc)) from None
-            if not Path(step.export, "model_index.json").is_file() and not Path(step.export).is_file():
+            if not any(Path(step.export, m).is_file() for m in ("model_index.json", "sdedge.json")) \
+                    and not Path(step.export).is_file():  # a base, a single file, or an fp32 bundle to derive from
                 raise SuiteError(f"{suite.file or suite.name}: prepare[{i}]: base {step.export} not found "
                                  "(an earlier prepare step should write it)")
             with stages(f"prepare[{i}]: export {step.export} to {out}"):

@@ -7,6 +7,7 @@ kinds: worker_process.py); the peers' worker (peers.py) builds on `_DiffusersWor
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,12 +141,15 @@ class _DiffusersWorker:
         torch = self.torch
         from sdedge.export.bases import load_base
 
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.spec["dtype"]]
-        pipe = load_base(self.spec["base"])
+        dtype = self.spec.get("dtype", "fp32")
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        pipe = load_base(self.spec.get("base") or self.spec["model"])  # a diffusers peer names its base `model`
+        pipe, done = _with_adapters(pipe, self.spec.get("loras") or (), self.spec.get("decoder"))
+        reason = "the PyTorch reference" + done
         if self.dtype != torch.float32 or self.device != "cpu":
             pipe = pipe.to(device=self.device, dtype=self.dtype)
-        return pipe, {"backend": f"torch-eager:{self.device}", "backend_reason": "the PyTorch reference",
-                      "precision": self.spec["dtype"]}
+        return pipe, {"backend": f"torch-eager:{self.device}", "backend_reason": reason,
+                      "precision": dtype}
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -232,6 +236,25 @@ class _DiffusersWorker:
         self.pipe = None
         if hasattr(self, "threads_before"):
             self.torch.set_num_threads(self.threads_before)
+
+
+def _with_adapters(pipe, loras, decoder: str | None):
+    """Fuse `loras` ((file, scale), sdedge's fuser: equal to the peft-adapted model, tests/test_fast_path.py) into the
+    pipeline's weights and put the `decoder` folder's AutoencoderTiny in place of its VAE; returns the pipeline and
+    what was done."""
+    done = ""
+    if loras:
+        from sdedge.export.lora import fuse_loras
+
+        fuse_loras(pipe, [(str(f), float(scale)) for f, scale in loras])
+        done += ", LoRAs fused: " + ", ".join(f"{Path(f).name}:{scale:g}" for f, scale in loras)
+    if decoder:
+        from sdedge.export.decoder import decoder_pipeline, load_decoder
+
+        vae, cfg = load_decoder(decoder, pipe)
+        pipe = decoder_pipeline(pipe, vae)  # it divides the latents by this decoder's own scaling_factor
+        done += f", decoder {cfg['_class_name']} from {Path(decoder).name}"
+    return pipe, done
 
 
 def _time_calls(obj, start, end) -> bool:

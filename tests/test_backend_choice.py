@@ -21,7 +21,7 @@ from sdedge.runtime.backends.select import choose_backend, engine_factory
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.environment import cpu_flags
 from sdedge.runtime.errors import BadInput, MissingDependency
-from sdedge.runtime.manifest import BackendHint, Precision, SpeedReport
+from sdedge.runtime.manifest import BackendHint, Precision, PrecisionParity, SpeedReport
 
 NO_CUDA = "CUDAExecutionProvider" not in available_providers()
 
@@ -141,8 +141,15 @@ def _choose(manifest, flags: str, precision=None, **kw):
 
 
 def _with_openvino_ir(manifest):
+    """An int8 bundle whose UNet carries an OpenVINO IR that the export's gates measured faster within parity
+    (export/openvino_int8.py writes those figures; tests/test_openvino_int8.py runs it)."""
     unet = dataclasses.replace(manifest.components["unet"], openvino_ir=("unet/model.xml", "unet/model.bin"))
-    return dataclasses.replace(manifest, precision=Precision.INT8, components={**manifest.components, "unet": unet})
+    speed = tuple(SpeedReport(backend=b, fp32_seconds=f, seconds=t, ratio=round(f / t, 3), calls=3, shape="2x4x32x32",
+                              threads=2, machine="cpu, 2 cores, avx2+avx512f+avx512_vnni+avx512_bf16")
+                  for b, f, t in (("openvino", 0.92, 0.58), ("onnxruntime", 4.7, 4.7)))
+    parity = PrecisionParity(unet_cosine=0.991, guided_cosine=0.984, guidance=7.5, samples=10, backend="openvino")
+    return dataclasses.replace(manifest, precision=Precision.INT8, components={**manifest.components, "unet": unet},
+                               speed=speed, parity=dataclasses.replace(manifest.parity, precision=parity))
 
 
 @needs_openvino

@@ -14,34 +14,14 @@ import torch
 from conftest import run_cli
 from safetensors.torch import save_file
 
+from sdedge.benchmarks.fast_inputs import LCM_TARGETS, lora_layers  # lcm-lora-sdv1-5's target modules
 from sdedge.export.bases import load_base
 from sdedge.export.lora import fuse_loras
 from sdedge.export.reference import psnr, reference_images
 
-# lcm-lora-sdv1-5's target modules: attention, feed-forward, proj_in/out, resnet convs, time_emb_proj, samplers
-LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-               "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 MINE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PROMPT = "a red circle on a blue background"
 SEED = 3
-
-
-def lora_layers(unet, targets, rank, seed, std=0.05) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (down, up)} of a seeded LoRA on the UNet's `targets` (convolutions LoCon-style: down has the
-    module's kernel, up is 1x1)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, mod in unet.named_modules():
-        if not (isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(tuple("." + t for t in targets))):
-            continue
-        if isinstance(mod, torch.nn.Conv2d):
-            down = torch.randn(rank, mod.in_channels, *mod.kernel_size, generator=g) * std
-            up = torch.randn(mod.out_channels, rank, 1, 1, generator=g) * std
-        else:
-            down = torch.randn(rank, mod.in_features, generator=g) * std
-            up = torch.randn(mod.out_features, rank, generator=g) * std
-        out[name] = (down, up)
-    return out
 
 
 def write_lora(path, layers, rank, alpha, fmt):

@@ -24,10 +24,13 @@ the reason for it and for every candidate passed over (`BackendChoice.skipped`; 
      docs/cpu-engines.md); tiny base 46.8 dB against the fp32 image (tests/test_backend_choice.py);
    - fp32 elsewhere → ONNX Runtime (as fast as OpenVINO in fp32, smaller peak RSS); bf16 elsewhere →
      OpenVINO in f32 (at fp32 speed);
-   - static int8 → OpenVINO only on a CPU with VNNI (avx512_vnni, avx_vnni, amx_int8) and a UNet carrying an
-     OpenVINO IR (NNCF on the OpenVINO model); a QDQ ONNX UNet ran wrong on OpenVINO even with VNNI (cosine
-     after guidance 0.63, issue 19) and without VNNI OpenVINO's u8xs8 kernels saturate: ONNX Runtime then,
-     and the reason says int8 is not the fast path there;
+   - static int8 → OpenVINO only on a CPU with VNNI (avx512_vnni, avx_vnni, amx_int8), a UNet carrying an
+     OpenVINO IR (NNCF on the OpenVINO model: export/openvino_int8.py) and the export's gates having measured
+     that IR faster than the fp32 ONNX on OpenVINO and than ONNX Runtime fp32 at a cosine after guidance of at
+     least its --min-cosine (else INT8_IR_FLOOR); otherwise ONNX Runtime, which runs such a bundle's fp32 ONNX
+     UNet exactly, and the reason gives the figures. A QDQ ONNX UNet ran wrong on OpenVINO even with VNNI
+     (cosine after guidance 0.63, issue 19) and without VNNI OpenVINO's u8xs8 kernels saturate: ONNX Runtime
+     then too, and the reason says int8 is not the fast path there;
    - weight-only int8 → OpenVINO (ONNX Runtime decompresses the weights per call), bf16 compute where the
      CPU has it; fp16 → OpenVINO (ONNX Runtime's CPU provider has few fp16 kernels).
 With device "cpu" rules 1 and 2 are passed over. An explicit `onnxruntime` or `openvino` is obeyed, or refused
@@ -244,10 +247,8 @@ def _by_flags(manifest: Manifest, bf16: str | None, vnni: str | None, precision_
                              "the bf16 bundle in fp32 compute, at fp32 speed", precision_hint="f32")
     if precision is Precision.INT8:
         unet = manifest.components.get("unet")
-        if vnni and unet is not None and unet.openvino_ir:
-            return BackendChoice("openvino", "cpu", f"{vnni}: OpenVINO's int8 kernels run the bundle's OpenVINO IR "
-                                 "UNet (NNCF on the OpenVINO model: 1.60x OpenVINO bf16 at cosine after guidance "
-                                 "0.984 on sd15-arch, measured for issue 19)")
+        if unet is not None and unet.openvino_ir:
+            return _int8_ir_choice(manifest, vnni)
         if vnni:
             why = (f"{vnni}, but the UNet is a QDQ ONNX without an OpenVINO IR, which OpenVINO ran at cosine after "
                    "guidance 0.63 on a VNNI CPU (issue 19); ONNX Runtime runs it at its export parity, slower than "
@@ -262,6 +263,39 @@ def _by_flags(manifest: Manifest, bf16: str | None, vnni: str | None, precision_
                              precision_hint="bf16" if bf16 else "f32")
     return BackendChoice("openvino", "cpu", f"a {precision.value} bundle runs fastest on OpenVINO "
                          "(ONNX Runtime's CPU provider has few fp16 kernels)")
+
+
+INT8_IR_FLOOR = 0.98  # cosine after guidance under which an int8 IR is not run by default (issue 19: 0.984 on sd15)
+
+
+def int8_ir_gate(manifest: Manifest) -> tuple[bool, str]:
+    """Whether the export's gates measured the bundle's int8 IR UNet faster than the fp32 ONNX on OpenVINO and than
+    ONNX Runtime fp32, within parity (export/openvino_int8.py records them); and the figures, or what is missing."""
+    speed = {r.backend: r for r in manifest.speed}
+    par = manifest.parity.precision
+    ov, ort = speed.get("openvino"), speed.get("onnxruntime")
+    if ov is None or ort is None or par is None or par.backend != "openvino":
+        return False, "the bundle records no speed and parity gates of its OpenVINO IR on both backends"
+    floor = INT8_IR_FLOOR if par.min_cosine is None else par.min_cosine
+    figures = (f"int8 IR {ov.seconds:.3f} s per UNet call at {ov.shape} against {ov.fp32_seconds:.3f} s for the fp32 "
+               f"ONNX on OpenVINO and {ort.seconds:.3f} s on ONNX Runtime, cosine after guidance "
+               f"{par.guided_cosine:.4f} (floor {floor:g}), measured on {ov.machine}")
+    problems = [p for ok, p in ((ov.ratio > 1.0, "not faster than the fp32 ONNX on OpenVINO"),
+                                (ov.seconds < ort.seconds, "not faster than ONNX Runtime fp32"),
+                                (par.guided_cosine >= floor, "under the parity floor")) if not ok]
+    return not problems, figures + (f": {'; '.join(problems)}" if problems else "")
+
+
+def _int8_ir_choice(manifest: Manifest, vnni: str | None) -> BackendChoice:
+    """An int8 bundle whose UNet carries an OpenVINO IR beside its fp32 ONNX (rule 5, module docstring)."""
+    ok, figures = int8_ir_gate(manifest)
+    if vnni and ok:
+        return BackendChoice("openvino", "cpu", f"{vnni}: OpenVINO's int8 kernels run the bundle's int8 IR UNet "
+                             f"(NNCF on the OpenVINO model), the export's gates measured it faster within parity: "
+                             f"{figures}")
+    why = (f"{vnni}, but the export's gates do not favour the int8 IR ({figures})" if vnni else
+           f"no VNNI (avx512_vnni, avx_vnni, amx_int8): int8 is not the fast path on this CPU: {NO_VNNI}")
+    return BackendChoice("onnxruntime", "cpu", f"{why}; ONNX Runtime runs the bundle's fp32 ONNX UNet exactly", CPU)
 
 
 def engine_factory(choice: BackendChoice, manifest: Manifest, *, threads: int | None = None,
