@@ -46,7 +46,14 @@ from .base_io import (  # noqa: F401 (re-exported: pruned_base, decoder and the 
     hub_layout_text_encoder,
     read_safetensors_header,
 )
-from .markers import MARKER_FILE, PRUNED_MARKER, read_base_marker, read_pruned_marker  # noqa: F401 (read_base_marker re-exported)
+from .markers import (  # noqa: F401 (read_base_marker re-exported)
+    BASE_MARKER,
+    MARKER_FILE,
+    PRUNED_MARKER,
+    BaseMarker,
+    read_base_marker,
+    read_pruned_marker,
+)
 
 __all__ = [
     "BUILTIN_BASES",
@@ -299,13 +306,13 @@ def write_builtin_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, 
         # Our tokenizer files are canonical (vocab.json/merges.txt plus the config SD1.5 pipelines expect).
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
         os.replace(tok_dir, tmp / "tokenizer")
-        marker = {"builtin": name, "seed": seed, "writer": "sdedge.export.bases", "parameters": _param_counts(pipe),
-                  "trained": name == "tiny"}
+        guidance = None
         if name == "tiny":
             from sdedge.tinyworld.base import tiny_meta
 
-            marker["default_guidance"] = tiny_meta()["default_guidance"]
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+            guidance = tiny_meta()["default_guidance"]
+        BASE_MARKER.write(tmp / MARKER_FILE, BaseMarker(name, seed, "sdedge.export.bases", _param_counts(pipe),
+                                                       trained=name == "tiny", default_guidance=guidance))
     logger.info("wrote built-in base %s (seed %d) to %s", name, seed, out_dir)
     return out_dir
 
@@ -536,10 +543,7 @@ def describe_base(source: str | os.PathLike) -> dict[str, Any]:
         "files": files,
     }
     info = read_base_marker(source)
-    if info is not None:
-        try:
-            desc["builtin"], desc["seed"] = info["builtin"], info["seed"]
-            desc["id"] = f"builtin:{info['builtin']}@seed{info['seed']}"
-        except KeyError:
-            logger.warning("%s lacks builtin/seed; describing %s as a plain folder", source / MARKER_FILE, source)
+    if info is not None:  # an unreadable marker (one without builtin/seed) was logged: a plain folder
+        desc["builtin"], desc["seed"] = info.builtin, info.seed
+        desc["id"] = f"builtin:{info.builtin}@seed{info.seed}"
     return desc

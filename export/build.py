@@ -21,7 +21,6 @@ from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency
 from sdedge.runtime.files import check_replaceable, scratch_dir
 from sdedge.runtime.manifest import (
-    FORMAT_VERSION,
     AdapterInfo,
     BaseInfo,
     DecoderParity,
@@ -295,7 +294,6 @@ def _export_from_base(base: str | Path, out: str | Path, opts: ExportOptions, st
                                       "is needed)")
         sched_config = base_scheduler_config(pipe)
         manifest = Manifest(
-            format_version=FORMAT_VERSION,
             pipeline="sdxl" if is_sdxl(pipe) else "sd15",
             precision=opts.precision,
             components=components,

@@ -20,38 +20,35 @@ pruned in memory (the attention scale stays the parent's, as it does in memory).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from sdedge.runtime.errors import BadInput
 
-from .markers import FORMAT, PRUNED_MARKER, guidance_hint, read_pruned_marker
+from .markers import PRUNED, PRUNED_MARKER, ParentInfo, PrunedMarker, guidance_hint, read_pruned_marker
 
 log = logging.getLogger("sdedge.export")
 
-def resolve_parent(folder: str | os.PathLike, note: dict[str, Any], override: str | os.PathLike | None = None) -> Path:
+def resolve_parent(folder: str | os.PathLike, note: PrunedMarker, override: str | os.PathLike | None = None) -> Path:
     """The unpruned parent of the pruned base at `folder` (its `note`), found where the note says (or at
     `override`) and checked by SHA-256."""
     from .bases import describe_base
 
-    parent = Path(override) if override else Path(note["parent"]["path"])
+    parent = Path(override) if override else Path(note.parent.path)
     if not parent.exists():
-        raise BadInput(f"{folder} was pruned from {note['parent']['path']}, which is not there: pass the unpruned "
+        raise BadInput(f"{folder} was pruned from {note.parent.path}, which is not there: pass the unpruned "
                        "base with --reference-base DIR (the parity gates measure the pruned model against it)")
     desc = describe_base(parent)
-    if desc["sha256"] != note["parent"]["sha256"]:
+    if desc["sha256"] != note.parent.sha256:
         raise BadInput(f"--reference-base {parent}: its weights (SHA-256 {desc['sha256'][:12]}…) are not the base "
-                       f"{folder} was pruned from ({note['parent']['sha256'][:12]}…)")
+                       f"{folder} was pruned from ({note.parent.sha256[:12]}…)")
     return parent
 
 
 def write_pruned_base(base: str | os.PathLike, out: str | os.PathLike, ratio: float, criterion: str = "magnitude",
                       *, latent_size: int | None = None, overwrite: bool = False, allow_pickle: bool = False,
-                      config: str | os.PathLike | None = None, stages=None) -> dict[str, Any]:
+                      config: str | os.PathLike | None = None, stages=None) -> PrunedMarker:
     """Prune `base`'s UNet by `ratio` and write the pruned base folder at `out`; returns its note."""
     import contextlib
 
@@ -72,12 +69,9 @@ def write_pruned_base(base: str | os.PathLike, out: str | os.PathLike, ratio: fl
     lat = latent_size or min(pipe.unet.config.sample_size, 32)  # the MACs are counted at 256x256 for SD1.5
     with stage(f"prune the UNet's channels by {ratio:.0%} ({criterion})"):
         report = prune_unet(pipe, ratio, criterion, latent_size=lat)
-    doc = {"format": FORMAT, "version": 1,
-           "parent": {"id": desc["id"], "sha256": desc["sha256"], "path": desc["path"]},
-           "prune": asdict(report), "default_guidance": guidance_hint(base)}
+    doc = PrunedMarker(ParentInfo(desc["id"], desc["sha256"], desc["path"]), report, guidance_hint(base))
     with stage("write the pruned base"), _atomic_dir(Path(out), overwrite, (base, config)) as tmp, _quiet():
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         hub_layout_text_encoder(tmp / "text_encoder")
-        (tmp / PRUNED_MARKER).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    doc["prune"] = report
+        PRUNED.write(tmp / PRUNED_MARKER, doc)
     return doc

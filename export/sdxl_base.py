@@ -284,7 +284,7 @@ def write_sdxl_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, ove
     import torch
 
     from .base_io import _atomic_dir, _quiet, force_offline, hub_layout_text_encoder
-    from .markers import MARKER_FILE
+    from .markers import BASE_MARKER, MARKER_FILE, BaseMarker
 
     force_offline()
     _check_name(name)
@@ -306,9 +306,8 @@ def write_sdxl_base(name: str, out_dir: str | os.PathLike, seed: int = 0, *, ove
         hub_layout_text_encoder(tmp / "text_encoder")
         _scheduler().save_pretrained(str(tmp / "scheduler"))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n", encoding="utf-8")
-        marker = {"builtin": name, "seed": seed, "writer": "sdedge.export.sdxl_base", "parameters": counts,
-                  "trained": False, "dtype": str(dtype).removeprefix("torch.")}
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        BASE_MARKER.write(tmp / MARKER_FILE, BaseMarker(name, seed, "sdedge.export.sdxl_base", counts, trained=False,
+                                                       dtype=str(dtype).removeprefix("torch.")))
     logger.info("wrote built-in base %s (seed %d) to %s", name, seed, out_dir)
     return out_dir
 

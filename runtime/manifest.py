@@ -1,4 +1,4 @@
-"""The bundle manifest `sdedge.json` (format version 1), as frozen dataclasses.
+"""The bundle manifest `sdedge.json` (format "sdedge-bundle", version 2), as frozen dataclasses.
 
 A bundle is a folder:
 
@@ -13,21 +13,22 @@ A bundle is a folder:
     model.sig                 (optional) OpenSSF model-signing bundle over every file above
 
 `files` lists every file but sdedge.json and model.sig with its SHA-256 and size. Every path stays inside
-the bundle: absolute paths and `..` are rejected at parse time.
+the bundle: absolute paths and `..` are rejected at parse time. Version 2 differs from version 1 only in how it
+says so (runtime/documents.py's "format" and "version" keys for version 1's "format_version": 1); both read.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .documents import DocumentType, Legacy
 from .errors import BundleError
-from .strict import ConfigError, from_dict, parse_json, read_capped, to_dict
+from .strict import ConfigError, parse_json, read_capped
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "sdedge.json"
 SIGNATURE_NAME = "model.sig"
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
@@ -261,7 +262,6 @@ class BackendHint:
 
 @dataclass(frozen=True)
 class Manifest:
-    format_version: int
     pipeline: str  # "sd15" | "sdxl" (PIPELINES); a manifest without it is "sd15"
     precision: Precision
     components: dict[str, ComponentInfo]
@@ -279,29 +279,25 @@ class Manifest:
     tokenizer_2: TokenizerInfo | None = None  # sdxl: text_encoder_2's tokenizer
     sdxl: SdxlInfo | None = None  # sdxl: what its text conditioning needs besides the graphs
 
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION
+
     def to_json(self) -> str:
-        return json.dumps(to_dict(self), indent=2, sort_keys=False) + "\n"
+        return MANIFEST.to_json(self)
 
     def with_files(self, files: dict[str, FileEntry]) -> Manifest:
         return replace(self, files=files)
 
 
 def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
-    """Validate a manifest dict: known format version, known keys, paths inside the bundle."""
-    if not isinstance(data, dict):
-        raise BundleError(f"{where}: the manifest is not a JSON object")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        hint = " (a newer sdedge wrote it; upgrade sdedge)" if isinstance(version, int) and version > 1 else ""
-        raise BundleError(
-            f"{where}: unknown bundle format_version {version!r}; this sdedge reads version {FORMAT_VERSION}{hint}"
-        )
-    if "pipeline" not in data:  # written before SDXL: every such bundle is SD 1.5
+    """Validate a manifest dict: known format and version, known keys, paths inside the bundle."""
+    if isinstance(data, dict) and "pipeline" not in data:  # written before SDXL: every such bundle is SD 1.5
         data = {**data, "pipeline": "sd15"}
-    try:
-        manifest = from_dict(Manifest, data, where)
-    except ConfigError as exc:
-        raise BundleError(str(exc)) from None
+    return MANIFEST.parse(data, where)
+
+
+def _check(manifest: Manifest, where: str) -> None:
     if manifest.pipeline not in PIPELINES:
         raise BundleError(f"{where}: unknown pipeline {manifest.pipeline!r} (known: {', '.join(PIPELINES)})")
     for name in REQUIRED_BY_PIPELINE[manifest.pipeline]:
@@ -317,7 +313,10 @@ def parse_manifest(data: Any, where: str = MANIFEST_NAME) -> Manifest:
                 raise BundleError(f"{where}: component {name!r} file {rel!r} is not listed in 'files'")
     for rel in (*manifest.files, manifest.tokenizer.dir, *((manifest.tokenizer_2.dir,) if manifest.tokenizer_2 else ())):
         check_inside(rel, where)
-    return manifest
+
+
+MANIFEST = DocumentType(Manifest, "sdedge-bundle", FORMAT_VERSION, MANIFEST_NAME, BundleError,
+                        legacy=Legacy("format_version"), check=_check)
 
 
 def check_inside(rel: str, where: str = MANIFEST_NAME) -> None:
@@ -333,16 +332,13 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{bundle_dir}: no such bundle folder")
     if not path.is_file():
         raise BundleError(f"{path}: missing; is {bundle_dir} an sdedge bundle (made by `sdedge export`)?")
-    return parse_manifest_bytes(_read(path), str(path))
-
-
-def _read(path: Path) -> bytes:
     try:
-        return read_capped(path)
+        raw = read_capped(path)
     except ConfigError as exc:
         raise BundleError(str(exc)) from None
     except OSError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror}); a bundle holds only regular files") from None
+    return parse_manifest_bytes(raw, str(path))
 
 
 def parse_manifest_bytes(raw: bytes, where: str = MANIFEST_NAME) -> Manifest:

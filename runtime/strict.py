@@ -3,7 +3,8 @@
 Configs and the bundle manifest are frozen dataclasses; `from_dict(Cls, data)` is the one place that turns
 untrusted dicts into them, so a typo in a key (`guidence: 7.5`) is an error that names the key, never a
 silently ignored setting. Supported field types: str, int, float, bool, Enums, nested dataclasses,
-`X | None`, `tuple[X, ...]`, `dict[str, X]` and `Any` (kept as is).
+`X | None`, `tuple[X, ...]`, `dict[str, X]`, `Literal[...]`, `Annotated[X, AtLeast(n)]` (`NonNegative`) and `Any`
+(kept as is).
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ class ConfigError(SdedgeError):
 # above any real one, far below what would exhaust memory or the parser's stack.
 MAX_DOCUMENT_BYTES = 16 << 20
 MAX_DEPTH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """`Annotated[int, AtLeast(0)]`: a field whose value may not be below `minimum`."""
+
+    minimum: float
+
+
+NonNegative = typing.Annotated[int, AtLeast(0)]
 
 
 def _no_constant(name: str):
@@ -85,7 +96,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
 def to_dict(obj: Any) -> Any:
     """The inverse of `from_dict`: plain JSON-ready dicts, lists, strings and numbers."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, dict):
@@ -99,6 +110,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        return value
+    if origin is typing.Annotated:
+        value = _convert(args[0], value, where)
+        for bound in (m for m in tp.__metadata__ if isinstance(m, AtLeast)):
+            if value < bound.minimum:
+                raise ConfigError(f"{where}: {value!r} is below the minimum {bound.minimum:g}")
+        return value
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -148,15 +169,20 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 def _dataclass(cls: Any, value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {_key(f): f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(value) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(fields))})")
     kwargs = {}
-    for name, field in fields.items():
-        if name in value:
-            kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}")
+    for key, field in fields.items():
+        if key in value:
+            kwargs[field.name] = _convert(hints[field.name], value[key], f"{where}.{key}")
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing key {name!r}")
+            raise ConfigError(f"{where}: missing key {key!r}")
     return cls(**kwargs)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in the document: its name, or `field(metadata={"key": ...})` for a name Python reserves."""
+    return f.metadata.get("key", f.name)

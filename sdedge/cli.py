@@ -53,7 +53,7 @@ def cmd_prune(args) -> int:
     stages = Stages(console)
     doc = write_pruned_base(args.base, Path(args.out), args.ratio, args.criterion, overwrite=args.overwrite,
                             allow_pickle=args.allow_pickle, config=args.config, stages=stages)
-    pr = doc["prune"]
+    pr = doc.prune
     console.print(f"pruned base written to [bold]{args.out}[/bold]: UNet parameters {pr.params_before / 1e6:.1f} M -> "
                   f"{pr.params_after / 1e6:.1f} M, MACs {pr.macs_before / 1e9:.2f} G -> {pr.macs_after / 1e9:.2f} G "
                   f"at {pr.macs_shape}")
@@ -111,9 +111,10 @@ def _prompt_match_for(base: str):
         return None
     pruned = read_pruned_marker(folder)
     if pruned is not None:
-        tiny = pruned["parent"]["id"].startswith("builtin:tiny@")
+        tiny = pruned.parent.id.startswith("builtin:tiny@")
     else:
-        tiny = (read_base_marker(folder) or {}).get("builtin") == "tiny"
+        marker = read_base_marker(folder)
+        tiny = marker is not None and marker.builtin == "tiny"
     if not tiny:
         return None
     from sdedge.tinyworld.classifier import bundle_prompt_match
@@ -188,14 +189,14 @@ def cmd_info(args) -> int:
     from rich.table import Table
 
     from sdedge.runtime.bundle import Bundle
+    from sdedge.runtime.manifest import MANIFEST
     from sdedge.runtime.memory import format_bytes
     from sdedge.runtime.signing import describe_signer, signer_info
-    from sdedge.runtime.strict import to_dict
 
     bundle = Bundle.open(args.bundle)
     m = bundle.manifest
     if args.json:
-        print(json.dumps(to_dict(m), indent=2))
+        print(json.dumps(MANIFEST.to_dict(m), indent=2))
         return 0
     out = Console()
     out.print(f"[bold]{args.bundle}[/bold]: sdedge bundle v{m.format_version}, pipeline {m.pipeline}, "

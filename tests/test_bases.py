@@ -439,7 +439,7 @@ def test_guidance_hint_reads_the_base_marker(tmp_path, caplog):
 
     assert guidance_hint(tmp_path) == 7.5 and read_base_marker(tmp_path) is None  # a plain folder
     (tmp_path / MARKER_FILE).write_text('{"builtin": "tiny", "seed": 0, "default_guidance": 3.5}', encoding="utf-8")
-    assert guidance_hint(tmp_path) == 3.5 and read_base_marker(tmp_path)["builtin"] == "tiny"
+    assert guidance_hint(tmp_path) == 3.5 and read_base_marker(tmp_path).builtin == "tiny"
     for bad in ('{"default_guidance": true}', '{"default_guidance": -1}', "[1, 2]", "{not json"):
         (tmp_path / MARKER_FILE).write_text(bad, encoding="utf-8")
         assert guidance_hint(tmp_path) == 7.5, bad

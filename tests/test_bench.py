@@ -80,12 +80,19 @@ def test_summarize():
 
 
 def test_validator_catches_departures():
+    """The report's dataclasses (report_mod.BenchReport) name the key at fault: missing, of the wrong type, unknown."""
+    import copy
+
+    good = json.loads((Path(__file__).parents[1] / "benchmarks/results/tiny-base/quickstart/report.json").read_text())
+    report_mod.validate(good)  # a committed report (version 1: schema_version and kind)
     with pytest.raises(report_mod.ReportError, match="missing key 'engines'"):
-        report_mod.validate({"schema_version": 1})
-    with pytest.raises(report_mod.ReportError, match="expected number"):
-        report_mod.validate("x", {"type": "number"})
+        report_mod.validate({k: v for k, v in good.items() if k != "engines"})
+    bad = copy.deepcopy(good)
+    bad["engines"][0]["seconds_per_image"]["median"] = "x"
+    with pytest.raises(report_mod.ReportError, match=r"report.engines\[0\].seconds_per_image.median: expected a number"):
+        report_mod.validate(bad)
     with pytest.raises(report_mod.ReportError, match="unknown key 'zzz'"):
-        report_mod.validate({"a": 1, "zzz": 2}, report_mod._obj({"a": report_mod.INT}))
+        report_mod.validate({**good, "zzz": 2})
 
 
 # -- benches on the tiny model -------------------------------------------------------------------------------
@@ -97,7 +104,8 @@ def test_quick_bench_against_reference(tiny_bundle, tiny_base, tmp_path):
     for name in ("report.json", "report.md", "report.png", "samples.png"):
         assert (out / name).is_file(), name
     data = report_mod.load_report(out / "report.json")  # validates against SCHEMA
-    assert data["schema_version"] == report_mod.SCHEMA_VERSION and data == json.loads(json.dumps(rep))
+    assert (data["format"], data["version"]) == ("sdedge-bench", report_mod.SCHEMA_VERSION)
+    assert data == json.loads(json.dumps(rep))
     ref, eng = data["engines"]
     assert ref["role"] == "reference" and ref["kind"] == "diffusers" and eng["kind"] == "sdedge"
     assert eng["precision"] == "fp32" and eng["backend"].startswith(("onnxruntime", "openvino"))

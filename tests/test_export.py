@@ -119,7 +119,7 @@ def test_info_shows_parity_and_json(tiny_bundle):
     assert "image parity vs diffusers" in r.stdout and "unet" in r.stdout
     r = run_cli("info", str(tiny_bundle), "--json")
     data = json.loads(r.stdout)
-    assert data["format_version"] == 1 and data["precision"] == "fp32"
+    assert (data["format"], data["version"]) == ("sdedge-bundle", 2) and data["precision"] == "fp32"
 
 
 def test_bundle_is_readable_by_others(tiny_bundle):

@@ -64,12 +64,12 @@ def test_pruned_base_loads_back_bit_for_bit(tiny_base, pruned):
     from sdedge.trainer.base import load_training_base
 
     doc = read_pruned_marker(pruned)
-    assert doc["parent"]["sha256"] == describe_base(tiny_base)["sha256"]
-    assert doc["prune"].ratio == 0.3 and doc["prune"].params_after < doc["prune"].params_before
+    assert doc.parent.sha256 == describe_base(tiny_base)["sha256"]
+    assert doc.prune.ratio == 0.3 and doc.prune.params_after < doc.prune.params_before
     in_memory = load_base(tiny_base)
     prune_unet(in_memory, 0.3, latent_size=8)
     loaded = load_base(pruned)  # the exporter's loader
-    assert sum(p.numel() for p in loaded.unet.parameters()) == doc["prune"].params_after
+    assert sum(p.numel() for p in loaded.unet.parameters()) == doc.prune.params_after
     x, t, h = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 77, 64)
     with torch.no_grad():
         want = in_memory.unet(x, t, h).sample

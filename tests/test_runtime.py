@@ -191,7 +191,8 @@ def test_corrupt_onnx_with_matching_manifest_is_a_clear_error(copy_bundle):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(format_version=2), "format_version 2.*upgrade sdedge"),
+    (lambda d: d.update(version=3), "version 3.*upgrade sdedge"),
+    (lambda d: d.update(format="sdedge-data"), "format 'sdedge-data', not 'sdedge-bundle'"),
     (lambda d: d.update(colour="red"), "unknown key 'colour'"),
     (lambda d: d["files"].update({"../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}), "inside the bundle"),
     (lambda d: d["components"].pop("unet"), "no 'unet' component"),

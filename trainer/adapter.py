@@ -13,22 +13,87 @@
   - `kohya`: `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`, and
     `lora_te_text_model_...` for the text encoder, the keys A1111 and kohya's sd-scripts read.
 - `write_adapter(path, tensors, metadata)`: safetensors, written to a temporary file and renamed into place.
+- `write_adapter_json(path, doc)` / `read_adapter_json(path)`: adapter.json, the `AdapterDocument` beside it
+  (runtime/documents.py: format "sdedge-adapter", version 1): what was trained, on what, from which base.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdedge.runtime.documents import DocumentType
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.files import atomic_write_bytes
+from sdedge.runtime.manifest import BaseInfo
+from sdedge.runtime.strict import NonNegative
 
 from .dataset import seed_for
 
-__all__ = ["ADAPTER_NAME", "inject_lora", "lora_parameters", "lora_layers", "adapter_tensors", "write_adapter"]
+__all__ = ["ADAPTER_NAME", "ADAPTER_JSON", "AdapterDocument", "inject_lora", "lora_parameters", "lora_layers",
+           "adapter_tensors", "write_adapter", "write_adapter_json", "read_adapter_json"]
 
 ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class BaseRef(BaseInfo):
+    """The base an adapter was trained on: its id and SHA-256 (as a bundle's provenance records them) and where."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class TeacherRef(BaseRef):
+    """The teacher of a distilled adapter (--distill-from, or the LCM teacher) and its loss weight."""
+
+    weight: float
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    sha256: str
+    images: NonNegative
+    path: str
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    rank: NonNegative
+    alpha: float
+    unet_targets: tuple[str, ...]
+    unet_layers: NonNegative
+    text_encoder_targets: tuple[str, ...] | None
+    text_encoder_layers: NonNegative
+
+
+@dataclass(frozen=True)
+class AdapterDocument:
+    """adapter.json, written beside adapter.safetensors at the end of a run."""
+
+    file: str
+    sha256: str
+    key_format: str  # "peft" | "kohya"
+    base: BaseRef
+    dataset: DatasetRef
+    lora: LoraShape
+    steps: NonNegative
+    final_loss: float | None  # None: not finite
+    final_loss_mean10: float | None
+    world_size: NonNegative
+    optimizer: str
+    resumed_from: int | None
+    seconds: float
+    created: str  # ISO 8601, UTC
+    toolchain: dict[str, str]
+    config: dict[str, Any]  # the run's TrainConfig but resume and overwrite
+    distilled_from: TeacherRef | None = None  # --distill-from's teacher (or the LCM teacher); absent before distillation
+
+
+ADAPTER_JSON = DocumentType(AdapterDocument, "sdedge-adapter", 1, "adapter.json")
 
 
 def inject_lora(model, targets, rank: int, alpha: float, seed: int, component: str):
@@ -108,3 +173,14 @@ def write_adapter(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     from safetensors.torch import save
 
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def write_adapter_json(path: str | os.PathLike, doc: dict[str, Any]) -> None:
+    """adapter.json from the run's description (a dict, format and version keys optional): checked to be an
+    `AdapterDocument` (every key known, every type right), then written atomically."""
+    ADAPTER_JSON.write(path, ADAPTER_JSON.parse({"format": ADAPTER_JSON.format, "version": ADAPTER_JSON.version,
+                                                 **doc}, str(path)))
+
+
+def read_adapter_json(path: str | os.PathLike) -> AdapterDocument:
+    return ADAPTER_JSON.read(path)

@@ -6,35 +6,68 @@
         state.json              step, config, the optimizer's hyper-parameters and scalars, the grad scaler, ...
 
 A checkpoint is assembled in a hidden temporary folder (every file fsynced, then the folder) and renamed into
-place (runtime/files.py: replace_dir, which fsyncs the parent), so a run killed at any moment, or a power cut,
+place (runtime/files.py: staged_dir, which fsyncs the parent), so a run killed at any moment, or a power cut,
 leaves only whole checkpoints. state.json, written last, records every file's SHA-256: a checkpoint is *valid*
 when they match and its tensors are finite. `latest_checkpoint` returns the newest valid one (a damaged newer one
 is logged and passed over) and `prune_checkpoints` counts only valid ones, so the older checkpoint is never
 deleted before the newer one is known good. Nothing else is needed to resume: the data order, noise and
 timesteps are pure functions of (seed, step) (see dataset.py), and the learning rate is a function of the step.
+state.json is the `CheckpointState` document (runtime/documents.py: format "sdedge-checkpoint", version 2; the
+state.json of earlier sdedge versions, a bare "version": 1, reads as version 1).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdedge.runtime.documents import DocumentType, Legacy
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir, scratch_dir
+from sdedge.runtime.files import atomic_write_bytes, staged_dir
+from sdedge.runtime.strict import NonNegative, to_dict
 
 from .hashing import sha256_bytes, sha256_file
 
-__all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints",
-           "optimizer_to_flat", "optimizer_from_flat"]
+__all__ = ["CHECKPOINT_VERSION", "CheckpointState", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "prune_checkpoints", "optimizer_to_flat", "optimizer_from_flat"]
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 _NAME = re.compile(r"^step-(\d+)$")
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors")
 log = logging.getLogger("sdedge.trainer")
+
+
+@dataclass(frozen=True)
+class OptimizerRest:
+    """The optimizer's state beside its tensors: hyper-parameters per group and per-parameter scalars."""
+
+    param_groups: tuple[dict[str, Any], ...]
+    scalars: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """state.json: where the run was, what it trained on (checked on resume) and the SHA-256 of the tensor files."""
+
+    step: NonNegative
+    config: dict[str, Any]  # the run's TrainConfig (to_dict)
+    optimizer: OptimizerRest
+    world_size: int = 1
+    base_sha256: str | None = None
+    dataset_sha256: str | None = None
+    teacher_sha256: str | None = None  # --distill-from's; None without one (and before distillation existed)
+    loss: float | None = None
+    optimizer_kind: str = "adamw"
+    scaler: dict[str, Any] | None = None  # the grad scaler's state (fp16 mixed precision)
+    files: dict[str, str] = field(default_factory=dict)  # tensor file -> SHA-256; empty in early checkpoints
+
+
+STATE = DocumentType(CheckpointState, "sdedge-checkpoint", CHECKPOINT_VERSION, "state.json",
+                     legacy=Legacy("version"))
 
 
 def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -82,46 +115,35 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, Any], optimizer_
     final = root / f"step-{step:06d}"
     trainable = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
     check_finite(trainable, f"checkpoint of step {step}")  # a diverged run keeps its last good checkpoint
-    tmp = scratch_dir(root, final.name)
-    try:
+    with staged_dir(final) as tmp:  # every file fsynced, then the folder; the parent after the rename
         opt_tensors, opt_rest = optimizer_to_flat(optimizer_state)
         files = {}
         for name, tensors in zip(TENSOR_FILES, (trainable, opt_tensors)):
             data = save(tensors)
             atomic_write_bytes(tmp / name, data)  # fsynced
             files[name] = sha256_bytes(data)
-        doc = {"version": CHECKPOINT_VERSION, "step": step, **state, "optimizer": opt_rest, "files": files}
-        atomic_write_json(tmp / "state.json", doc)  # last: its presence says the rest is there
-        fsync_dir(tmp)
-        replace_dir(tmp, final)  # fsyncs the parent after the rename
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        doc = CheckpointState(step=step, optimizer=OptimizerRest(**opt_rest), files=files, **state)
+        STATE.write(tmp / "state.json", doc)  # last: its presence says the rest is there
     load_checkpoint(final)  # read back: known good before prune_checkpoints may drop an older one
     return final
 
 
-def _read_state(folder: Path) -> dict:
+def _read_state(folder: Path) -> CheckpointState:
     state_file = folder / "state.json"
     if not state_file.is_file():
         raise SdedgeError(f"--resume {folder}: not a checkpoint folder (no state.json)")
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise SdedgeError(f"{state_file}: corrupt: {e}") from e
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        version = state.get("version") if isinstance(state, dict) else None
-        raise SdedgeError(f"{state_file}: checkpoint version {version!r}, this sdedge reads {CHECKPOINT_VERSION}")
-    for name, digest in (state.get("files") or {}).items():  # absent in checkpoints of earlier sdedge versions
+    state = STATE.read(state_file)
+    for name, digest in state.files.items():  # absent in checkpoints of earlier sdedge versions
         path = folder / name
         if name not in TENSOR_FILES or not path.is_file() or sha256_file(path) != digest:
             raise SdedgeError(f"{path}: damaged (missing, or its SHA-256 differs from the one in state.json)")
     return state
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
-    """(trainable tensors, optimizer state dict, state.json) of a checkpoint folder; SdedgeError when it is
-    damaged (a file missing or changed, a tensor NaN/Inf)."""
+def load_checkpoint(folder: Path) -> tuple[dict, dict, dict[str, Any]]:
+    """(trainable tensors, optimizer state dict, state.json's fields) of a checkpoint folder; SdedgeError when it
+    is damaged (a file missing or changed, a tensor NaN/Inf). The fields are `CheckpointState`'s, read strictly,
+    handed on as a dict (what the training loops of train.py, lcm.py and sdxl_train.py read)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -135,10 +157,11 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     check_finite(trainable, str(folder / TENSOR_FILES[0]))
     check_finite(opt_tensors, str(folder / TENSOR_FILES[1]))
     try:
-        optimizer = optimizer_from_flat(opt_tensors, state["optimizer"])
+        optimizer = optimizer_from_flat(opt_tensors, {"param_groups": state.optimizer.param_groups,
+                                                       "scalars": state.optimizer.scalars})
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SdedgeError(f"{folder / 'state.json'}: corrupt optimizer state: {e!r}") from e
-    return trainable, optimizer, state
+    return trainable, optimizer, to_dict(state)
 
 
 def _steps(root: Path) -> list[tuple[int, Path]]:

@@ -13,7 +13,6 @@ depends on earlier steps, so a resumed run visits exactly the images an uninterr
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from sdedge.runtime.errors import SdedgeError
 
 from .hashing import combined_sha256, sha256_file
-from .prepare import DATA_FORMAT, DATA_VERSION
+from .prepare import DATASET, METADATA_NAME
 
 __all__ = ["Item", "PreparedData", "load_prepared", "BatchPlan", "seed_for", "image_tensor"]
 
@@ -48,48 +47,33 @@ def _fail(meta: Path, msg: str) -> SdedgeError:
 
 def load_prepared(folder: str | Path, verify: bool = True) -> PreparedData:
     folder = Path(folder)
-    meta_path = folder / "metadata.json"
+    meta_path = folder / METADATA_NAME
     if not meta_path.is_file():
         raise SdedgeError(f"--data {folder}: no metadata.json; prepare the images first with `sdedge prepare`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(meta_path, f"corrupt: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT:
-        raise _fail(meta_path, f"not an sdedge dataset (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != DATA_VERSION:
-        raise _fail(meta_path, f"dataset version {meta.get('version')!r}; this sdedge reads version {DATA_VERSION}")
-    raw_items = meta.get("items")
-    if not isinstance(raw_items, list) or not raw_items:
+    meta = DATASET.read(meta_path)
+    if not meta.items:
         raise _fail(meta_path, "lists no images")
     items, files = [], []
     root = folder.resolve()
-    for i, e in enumerate(raw_items):
-        try:
-            image_rel, caption_rel, text = str(e["image"]), str(e["caption"]), str(e["text"])
-            width, height = int(e["width"]), int(e["height"])
-            image_sha, caption_sha = str(e["sha256"]), str(e["caption_sha256"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _fail(meta_path, f"item {i} is malformed ({exc!r})") from exc
-        for rel in (image_rel, caption_rel):
+    for i, e in enumerate(meta.items):
+        for rel in (e.image, e.caption):
             p = (folder / rel).resolve()
             if root not in p.parents:
                 raise _fail(meta_path, f"item {i}: path {rel!r} leaves the dataset folder")
             if not p.is_file():
                 raise _fail(meta_path, f"item {i}: {rel} is missing")
         if verify:
-            for rel, want in ((image_rel, image_sha), (caption_rel, caption_sha)):
+            for rel, want in ((e.image, e.sha256), (e.caption, e.caption_sha256)):
                 got = sha256_file(folder / rel)
                 if got != want:
                     raise SdedgeError(f"{folder / rel}: SHA-256 {got[:16]}… differs from metadata.json's {want[:16]}…; "
                                       "the dataset changed after `sdedge prepare` (prepare it again)")
-        files += [(image_rel, image_sha), (caption_rel, caption_sha)]
-        items.append(Item(folder / image_rel, text, width, height))
+        files += [(e.image, e.sha256), (e.caption, e.caption_sha256)]
+        items.append(Item(folder / e.image, e.text, e.width, e.height))
     sha = combined_sha256(files)
-    recorded = meta.get("dataset_sha256")
-    if recorded is not None and recorded != sha:
+    if meta.dataset_sha256 is not None and meta.dataset_sha256 != sha:
         raise _fail(meta_path, "dataset_sha256 does not match its items")
-    return PreparedData(folder=folder, items=tuple(items), sha256=sha, resolution=int(meta.get("resolution", 0)))
+    return PreparedData(folder=folder, items=tuple(items), sha256=sha, resolution=meta.resolution)
 
 
 def image_tensor(path: Path):

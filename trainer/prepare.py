@@ -15,26 +15,83 @@ The output is written to a temporary folder and renamed into place. An input wit
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from sdedge.runtime.documents import DocumentType
 from sdedge.runtime.errors import BadInput, SdedgeError
-from sdedge.runtime.files import check_replaceable, replace_dir, scratch_dir
+from sdedge.runtime.files import check_replaceable, staged_dir
+from sdedge.runtime.strict import NonNegative
 
 from .captions import METADATA_FILES, Captioner, read_captions, txt_caption
 from .dedup import clip_embeddings, find_duplicates, phash, pixel_sha256
 from .hashing import combined_sha256, sha256_bytes, sha256_file
 from .images import AUGMENTS, ImageSkip, bucket_sizes, fit, nearest_bucket, open_image
 
-__all__ = ["PrepareOptions", "PrepareReport", "prepare_dataset", "DATA_FORMAT", "DATA_VERSION"]
+__all__ = ["PrepareOptions", "PrepareReport", "prepare_dataset", "DATA_FORMAT", "DATA_VERSION", "DATASET",
+           "DatasetMetadata", "DataItem"]
 
 DATA_FORMAT = "sdedge-data"
 DATA_VERSION = 1
+METADATA_NAME = "metadata.json"
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One training image of metadata.json: its files (relative to the dataset), their SHA-256 and its source."""
+
+    image: str
+    caption: str
+    text: str
+    width: NonNegative
+    height: NonNegative
+    sha256: str
+    caption_sha256: str
+    phash: str | None  # None for an augmented copy
+    source: str
+    source_sha256: str
+    source_format: str
+    source_size: tuple[int, int]
+    augment: str | None = None  # the augmentation of an augmented copy
+    of: str | None = None  # the image an augmented copy was made from
+    caption_by: str = "file"  # "file", or "model" (--caption-model); datasets before --caption-model: file
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    inputs: NonNegative
+    kept: NonNegative
+    augmented: NonNegative
+    skipped: NonNegative
+
+
+@dataclass(frozen=True)
+class DatasetMetadata:
+    """A prepared dataset's metadata.json (format "sdedge-data", version 1)."""
+
+    created: str  # ISO 8601, UTC
+    source: str  # the input folder
+    resolution: NonNegative
+    buckets: bool
+    options: dict[str, Any]  # the PrepareOptions it was prepared with (min_size resolved)
+    counts: Counts
+    items: tuple[DataItem, ...]
+    dataset_sha256: str | None = None  # the combined SHA-256 of its files (trainer/hashing.py)
+    skipped: tuple[Skipped, ...] = ()
+    caption_model: dict[str, Any] | None = None  # --caption-model's name and settings, and how many it captioned
+
+
+DATASET = DocumentType(DatasetMetadata, DATA_FORMAT, DATA_VERSION, METADATA_NAME)
 
 
 @dataclass(frozen=True)
@@ -166,9 +223,7 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
     for rel in sorted(set(captions) - found):
         skipped.append((rel, "listed in metadata but not found"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = scratch_dir(out.parent, out.name)
-    try:
+    with staged_dir(out) as stage:
         (stage / "images").mkdir()
         (stage / "captions").mkdir()
         items: list[_Item] = []
@@ -267,27 +322,21 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
         files_sha = [(e["image"], e["sha256"]) for e in entries] + [(e["caption"], e["caption_sha256"]) for e in entries]
         dataset_sha = combined_sha256(files_sha)
         kept = sum(1 for e in entries if e["augment"] is None)
-        meta = {
-            "format": DATA_FORMAT,
-            "version": DATA_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": str(src.resolve()),
-            "resolution": opts.resolution,
-            "buckets": opts.buckets,
-            "options": {**asdict(opts), "min_size": min_size, "augment": list(opts.augment)},
-            "counts": {"inputs": len(candidates), "kept": kept, "augmented": len(entries) - kept,
-                       "skipped": len(skipped)},
-            "dataset_sha256": dataset_sha,
-            "caption_model": {**captioner.info, "captioned": sum(1 for it in items if it.caption_by == "model")}
+        options = {**asdict(opts), "min_size": min_size, "augment": list(opts.augment)}
+        options.pop("overwrite", None)
+        meta = DatasetMetadata(
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            source=str(src.resolve()),
+            resolution=opts.resolution,
+            buckets=opts.buckets,
+            options=options,
+            counts=Counts(inputs=len(candidates), kept=kept, augmented=len(entries) - kept, skipped=len(skipped)),
+            dataset_sha256=dataset_sha,
+            items=tuple(DataItem(**e) for e in entries),
+            skipped=tuple(Skipped(s, r) for s, r in skipped),
+            caption_model={**captioner.info, "captioned": sum(1 for it in items if it.caption_by == "model")}
             if captioner else None,
-            "items": entries,
-            "skipped": [{"source": s, "reason": r} for s, r in skipped],
-        }
-        meta["options"].pop("overwrite", None)
-        (stage / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        replace_dir(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        )
+        DATASET.write(stage / METADATA_NAME, meta)
     return PrepareReport(out=out, kept=kept, augmented=len(entries) - kept, skipped=skipped,
                          dataset_sha256=dataset_sha)

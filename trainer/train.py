@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import atomic_write_json
 from sdedge.runtime.strict import ConfigError, to_dict
 
-from .adapter import adapter_tensors, inject_lora, lora_layers, lora_parameters, write_adapter
+from .adapter import adapter_tensors, inject_lora, lora_layers, lora_parameters, write_adapter, write_adapter_json
 from .batches import Batch, Batches, latent_cache, text_cache, tokenize
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig, resolve, save_config
@@ -378,7 +377,7 @@ class Trainer:
         tensors, header = adapter_tensors(unet_layers, text_layers, cfg.format, cfg.rank, cfg.alpha,
                                           cfg.target_modules, cfg.text_encoder_target_modules)
         write_adapter(adapter_path, tensors, header)
-        atomic_write_json(self.out / "adapter.json", self.adapter_document(adapter_path, len(unet_layers),
+        write_adapter_json(self.out / "adapter.json", self.adapter_document(adapter_path, len(unet_layers),
                                                                            len(text_layers)))
 
     def adapter_document(self, adapter_path: Path, unet_layers: int, text_layers: int) -> dict:
