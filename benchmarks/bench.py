@@ -267,7 +267,10 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
                 e.images.append(np.load(req["image"]))
             return reply
 
-        total = len(engines) * (s.warmup + s.runs)
+        def warmups(e: EngineProcess) -> int:  # an engine's own (a compile-at-first-use engine's), else the suite's
+            return e.spec.get("run", {}).get("warmup", s.warmup)
+
+        total = sum(warmups(e) + s.runs for e in engines)
         try:
             if poller is not None:
                 poller.start()
@@ -280,9 +283,9 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
                         if poller is not None:
                             poller.current = e.pid
                         e.start()
-                    for w in range(s.warmup):
-                        for e in group:
-                            bar.update(task, description=f"warm-up {w + 1}/{s.warmup} {e.name}")
+                    for w in range(max(map(warmups, group))):
+                        for e in (e for e in group if w < warmups(e)):
+                            bar.update(task, description=f"warm-up {w + 1}/{warmups(e)} {e.name}")
                             request(e, 0, warmup=True)
                             bar.advance(task)
                     for r in range(s.runs):

@@ -69,7 +69,7 @@ VERIFY = ("required", "if-signed", "off")
 # Peers: the pipelines users would pick instead of sdedge, run by benchmarks/peers.py in their own venvs ("diffusers":
 # diffusers' eager pipeline in sdedge's own, e.g. with an LCM-LoRA and a light decoder at few steps).
 PEER_KINDS = ("optimum-onnxruntime", "optimum-openvino", "diffusers")
-RUN_KEYS = ("steps", "scheduler", "guidance")  # what an engine, peer or the reference may run other than settings
+RUN_KEYS = ("steps", "scheduler", "guidance", "warmup")  # what an engine, peer or the reference may set for itself
 
 
 class BenchError(SdedgeError):
@@ -113,9 +113,10 @@ class ReferenceSpec:
     threads: int | None = None  # default: settings.threads
     loras: tuple[tuple[str, float], ...] = ()  # (adapter .safetensors, scale): fused into the UNet at load
     decoder: str | None = None  # a diffusers AutoencoderTiny folder in place of the base VAE's decoder
-    steps: int | None = None  # default: settings.steps (likewise scheduler, guidance)
+    steps: int | None = None  # default: settings.steps (likewise scheduler, guidance, warmup)
     scheduler: str | None = None
     guidance: float | None = None
+    warmup: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class EngineSpec:
     steps: int | None = None  # default: settings.steps (likewise scheduler, guidance): a few-step bundle's own
     scheduler: str | None = None
     guidance: float | None = None
+    warmup: int | None = None  # default: settings.warmup (an engine that compiles at first use: 1)
     parity_against: str | None = None  # a peer run with this engine's settings; default: the reference
 
 
@@ -154,9 +156,10 @@ class PeerSpec:
     build_hint: str | None = None  # how to make the model or the venv when missing (shown in the error)
     loras: tuple[tuple[str, float], ...] = ()  # diffusers: fused into the UNet at load
     decoder: str | None = None  # diffusers: an AutoencoderTiny folder in place of the base VAE's decoder
-    steps: int | None = None  # default: settings.steps (likewise scheduler, guidance)
+    steps: int | None = None  # default: settings.steps (likewise scheduler, guidance, warmup)
     scheduler: str | None = None
     guidance: float | None = None
+    warmup: int | None = None
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,8 @@ def validate_suite(suite: Suite) -> None:
         ]
     for entry, spec in run_overrides(suite):
         checks += [(spec.steps is None or 1 <= spec.steps <= 1000, f"{entry}: steps must be from 1 to 1000"),
-                    (spec.guidance is None or spec.guidance >= 0, f"{entry}: guidance must be 0 or more")]
+                    (spec.guidance is None or spec.guidance >= 0, f"{entry}: guidance must be 0 or more"),
+                    (spec.warmup is None or spec.warmup >= 0, f"{entry}: warmup must be 0 or more")]
     peers = {p.name for p in suite.peers}
     for i, e in enumerate(suite.engines):
         checks.append((e.parity_against is None or e.parity_against in peers,

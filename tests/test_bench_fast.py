@@ -32,7 +32,7 @@ def _suite(tmp_path: Path, tiny_base: Path, **changes) -> Path:
         "settings": {"runs": 1, "warmup": 0, "steps": 3, "size": 64, "threads": 2, "interleave": False},
         "reference": {"base": str(tiny_base)},
         "engines": [{"name": "fast", "bundle": "{work}/fast", "backend": "onnxruntime", "steps": 2,
-                     "scheduler": "lcm", "guidance": 1.0, "parity_against": "diffusers-lcm"}],
+                     "scheduler": "lcm", "guidance": 1.0, "warmup": 1, "parity_against": "diffusers-lcm"}],
         "peers": [{"name": "diffusers-lcm", "kind": "diffusers", "model": str(tiny_base),
                    "loras": [["{work}/lcm.safetensors", 1.0]], "decoder": "{work}/taesd", "steps": 2,
                    "scheduler": "lcm", "guidance": 1.0}],
@@ -62,7 +62,8 @@ def test_fast_suite_runs_each_engine_with_its_own_settings(tiny_base, tmp_path):
 
     report = run_bench(suite, tmp_path / "out", progress=False)
     rows = {e["name"]: e for e in report["engines"]}
-    assert rows["fast"]["run"] == {"steps": 2, "scheduler": "lcm", "guidance": 1.0}
+    assert rows["fast"]["run"] == {"steps": 2, "scheduler": "lcm", "guidance": 1.0, "warmup": 1}
+    assert len(rows["fast"]["warmup_seconds"]) == 1 and rows["diffusers"]["warmup_seconds"] == []
     assert len(rows["fast"]["runs"][0]["step_seconds"]) == 2 and len(rows["diffusers"]["runs"][0]["step_seconds"]) == 3
     peer = rows["diffusers-lcm"]
     assert peer["kind"] == "diffusers" and len(peer["runs"][0]["step_seconds"]) == 2
