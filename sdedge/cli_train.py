@@ -56,12 +56,37 @@ def _pruned_unet_loader():
     return load_pruned_unet
 
 
+def _lora_fuser():
+    """The LoRA fuser of `train --lcm --lcm-fuse` (sdedge.export.lora), when the export extra is installed."""
+    try:
+        from sdedge.export.lora import fuse_loras
+    except ImportError:  # a train-only install: lcm_fuse is then refused with the reason
+        return None
+    return fuse_loras
+
+
+def _ldm_key_mapping():
+    """The exporter's diffusers -> original (LDM) UNet key mapping, for kohya SDXL adapter keys (`lora_unet_input_
+    blocks_...`), when the export extra is installed."""
+    try:
+        from sdedge.export.single_file import unet_key_to_ldm
+    except ImportError:  # a train-only install: kohya keys on an SDXL base are then refused with the reason
+        return None
+    return unet_key_to_ldm
+
+
 def cmd_train(args) -> int:
     from sdedge.trainer.config import config_from_args
-    from sdedge.trainer.train import train
 
     cfg = config_from_args(args, args.config)
-    result = train(cfg, console=console, unet_loader=_pruned_unet_loader())
+    if cfg.lcm:
+        from sdedge.trainer.lcm import train_lcm
+
+        result = train_lcm(cfg, console=console, unet_loader=_pruned_unet_loader(), lora_fuser=_lora_fuser())
+    else:
+        from sdedge.trainer.train import train
+
+        result = train(cfg, console=console, unet_loader=_pruned_unet_loader(), unet_key_to_ldm=_ldm_key_mapping())
     if _is_main_process():
         console.print(f"adapter written to [bold]{result.adapter}[/bold]: {result.steps} steps, final loss "
                       f"{result.final_loss:.4f}, {result.seconds:.1f} s"
@@ -75,10 +100,11 @@ def cmd_distill_decoder(args) -> int:
     from sdedge.trainer.decoder_distill import DistillDecoderConfig, distill_decoder
 
     blocks = tuple(int(b) for b in args.blocks.split(",")) if args.blocks else None
-    cfg = DistillDecoderConfig(base=args.base, out=args.out, width=args.width, blocks=blocks, steps=args.steps,
-                               batch=args.batch, lr=args.lr, crop=args.crop or None, latents=args.latents,
-                               eval_latents=args.eval_latents, gen_steps=args.gen_steps, guidance=args.guidance,
-                               images=args.images, prompts=args.prompts, seed=args.seed, overwrite=args.overwrite)
+    given = {k: v for k in ("width", "steps", "batch", "lr", "l1", "encoder_every", "latents", "eval_latents",
+                            "gen_steps", "guidance", "images", "prompts", "seed") if (v := getattr(args, k)) is not None}
+    if args.crop is not None:
+        given["crop"] = args.crop or None
+    cfg = DistillDecoderConfig(base=args.base, out=args.out, blocks=blocks, overwrite=args.overwrite, **given)
     r = distill_decoder(cfg, Stages(console))
     extra = ""
     if r.classifier_agreement is not None:
@@ -137,15 +163,18 @@ def register(subparsers) -> None:
                    "on the tiny base, else a built-in set)")
     d.add_argument("--width", type=int, help="the decoder's width (default 16 for a base of <= 128 px, else 64)")
     d.add_argument("--blocks", help="blocks per decoder stage, e.g. 3,3,3,1 (default: 2,1,1 small, TAESD's else)")
-    d.add_argument("--steps", type=int, default=1500, help="training steps")
-    d.add_argument("--batch", type=int, default=32)
-    d.add_argument("--lr", type=float, default=2e-3)
-    d.add_argument("--crop", type=int, default=8, help="train on random crops of this many latents a side "
-                   "(0: whole latents)")
-    d.add_argument("--latents", type=int, default=720, help="training generations")
-    d.add_argument("--eval-latents", type=int, default=90, help="held-out generations for the figures")
-    d.add_argument("--gen-steps", type=int, default=15, help="DPM++ 2M steps per generation")
+    # defaults: trainer/decoder_distill.py's DistillDecoderConfig (not imported here: it needs torch)
+    d.add_argument("--steps", type=int, help="training steps (default 1500)")
+    d.add_argument("--batch", type=int, help="latents a step (default 16)")
+    d.add_argument("--lr", type=float, help="AdamW's peak learning rate, then cosine annealing (default 5e-3)")
+    d.add_argument("--l1", type=float, help="weight of an L1 term beside the mean squared error (default 0)")
+    d.add_argument("--encoder-every", type=int, help="train the encoder on every n-th step (default 4)")
+    d.add_argument("--crop", type=int, help="train on random crops of this many latents a side (default 0: whole "
+                   "latents)")
+    d.add_argument("--latents", type=int, help="training generations (default 720)")
+    d.add_argument("--eval-latents", type=int, help="held-out generations for the figures (default 90)")
+    d.add_argument("--gen-steps", type=int, help="DPM++ 2M steps per generation (default 15)")
     d.add_argument("--guidance", type=float, help="guidance of the generations (default: the base's hint, else 7.5)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, help="seed of the generations and the training (default 0)")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=cmd_distill_decoder)

@@ -67,3 +67,25 @@ def bundle_without(bundle: Path, out: Path, component: str) -> Path:
     (out / "sdedge.json").write_text(json.dumps(doc))
     shutil.rmtree(out / component)
     return out
+
+
+def disc_dataset(root: Path, colours: dict[str, tuple[int, int, int]], n: int = 8) -> Path:
+    """`n` captioned 64x64 pictures of coloured discs ("a red circle") on textured backgrounds, prepared into
+    root/data (the training tests' small set)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
+
+    src = root / "src"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        name = list(colours)[i % len(colours)]
+        im = Image.fromarray(rng.integers(0, 70, (8, 8, 3)).astype(np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
+        x = int(rng.integers(4, 24))
+        ImageDraw.Draw(im).ellipse((x, x, x + 34, x + 34), fill=colours[name])
+        im.save(src / f"img{i}.png")
+        (src / f"img{i}.txt").write_text(f"a {name} circle")
+    prepare_dataset(src, root / "data", PrepareOptions(resolution=64))
+    return root / "data"

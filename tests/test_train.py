@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import disc_dataset
+from PIL import Image
 
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.strict import ConfigError
 from sdedge.trainer.config import TrainConfig, add_config_flags, config_from_args, resolve
 from sdedge.trainer.metrics import read_metrics
-from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
 from sdedge.trainer.train import lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,19 +41,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """8 captioned 64x64 pictures of coloured discs on textured backgrounds, prepared."""
-    root = tmp_path_factory.mktemp("train-data")
-    src = root / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        name = list(COLORS)[i % 4]
-        im = Image.fromarray(rng.integers(0, 70, (8, 8, 3)).astype(np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
-        x = int(rng.integers(4, 24))
-        ImageDraw.Draw(im).ellipse((x, x, x + 34, x + 34), fill=COLORS[name])
-        im.save(src / f"img{i}.png")
-        (src / f"img{i}.txt").write_text(f"a {name} circle")
-    prepare_dataset(src, root / "data", PrepareOptions(resolution=64))
-    return root / "data"
+    return disc_dataset(tmp_path_factory.mktemp("train-data"), COLORS)
 
 
 def cfg(tiny_base, data, out, **kw) -> TrainConfig:

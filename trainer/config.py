@@ -23,6 +23,7 @@ __all__ = [
     "TrainConfig",
     "UNET_TARGETS",
     "RECOVERY_TARGETS",
+    "LCM_TARGETS",
     "TEXT_ENCODER_TARGETS",
     "HELP",
     "load_config",
@@ -39,6 +40,9 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # attention, its projections and feed-forwards. On the tiny base pruned by 30 % (the first, MetaPruner pruning),
 # 200 steps: UNet cosine vs the unpruned model 0.885 -> 0.970 with UNET_TARGETS, -> 0.986 with these.
 RECOVERY_TARGETS = UNET_TARGETS + ("conv1", "conv2", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+# An LCM-LoRA (--lcm) covers what latent-consistency/lcm-lora-sdv1-5 does: attention, feed-forward, proj_in/out,
+# the resnet convolutions and shortcuts, time_emb_proj and the down/up-samplers.
+LCM_TARGETS = RECOVERY_TARGETS + ("conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,15 @@ class TrainConfig:
     cache_text_embeddings: bool | None = None
     distill_from: str | None = None
     distill_weight: float = 1.0
+    # latent consistency distillation (--lcm, trainer/lcm.py)
+    lcm: bool = False
+    lcm_fuse: tuple[str, ...] = ()
+    lcm_ddim_timesteps: int = 50
+    lcm_guidance_min: float = 6.0
+    lcm_guidance_max: float = 16.0
+    lcm_loss: str = "huber"
+    lcm_huber_c: float = 0.001
+    lcm_timestep_scaling: float = 10.0
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     seed: int = 0
@@ -128,6 +141,19 @@ HELP: dict[str, str] = {
                     "`sdedge prune`, with the unpruned parent as teacher)",
     "distill_weight": "with --distill-from: weight of the teacher's prediction in the target (1: distillation only; "
                       "0.5: half the denoising loss)",
+    "lcm": "latent consistency distillation: train an LCM-LoRA so the base samples in 2-8 steps without a guidance "
+           "pass (sdedge export --lora OUT/adapter.safetensors:1.0 --scheduler lcm --steps 4 --guidance 1)",
+    "lcm_fuse": "with --lcm: LoRAs (FILE:SCALE) fused into the base first, so the LCM-LoRA is distilled from your "
+                "own model (export it with the same --lora FILE:SCALE before the LCM-LoRA)",
+    "lcm_ddim_timesteps": "with --lcm: the teacher's DDIM solver steps over the training schedule (50 of 1000: "
+                          "each step skips 20 timesteps); LCMScheduler's original_inference_steps",
+    "lcm_guidance_min": "with --lcm: smallest guidance scale sampled for the teacher (diffusers' guidance_scale; "
+                        "the LoRA bakes guidance in, so it samples at guidance 1)",
+    "lcm_guidance_max": "with --lcm: largest guidance scale sampled for the teacher",
+    "lcm_loss": "with --lcm: huber (pseudo-Huber, as latent consistency distillation) or l2",
+    "lcm_huber_c": "with --lcm: the pseudo-Huber loss's c",
+    "lcm_timestep_scaling": "with --lcm: timestep scaling of the c_skip/c_out boundary conditions (LCMScheduler's "
+                            "timestep_scaling)",
     "min_snr_gamma": "min-SNR loss weighting gamma (5 is usual; default off)",
     "noise_offset": "noise offset (e.g. 0.05; default 0)",
     "seed": "seed of the LoRA init, data order, noise and timesteps",
@@ -151,6 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("auto", "adamw", "adamw8bit"),
     "lr_scheduler": ("constant", "linear", "cosine"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "lcm_loss": ("huber", "l2"),
 }
 
 # Settings a resumed run may change without changing the loss curve up to the checkpoint.
@@ -240,6 +267,17 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_lcm(cfg: TrainConfig) -> None:
+    for key in ("distill_from", "train_text_encoder", "min_snr_gamma"):
+        _check(not getattr(cfg, key), key, "cannot be used with lcm (latent consistency distillation has its own "
+               "teacher, the base, and its own loss)")
+    _check(cfg.lcm_ddim_timesteps >= 2, "lcm_ddim_timesteps", "must be at least 2")
+    _check(1.0 <= cfg.lcm_guidance_min <= cfg.lcm_guidance_max, "lcm_guidance_min",
+           f"must lie in [1, lcm_guidance_max] ({cfg.lcm_guidance_min} and {cfg.lcm_guidance_max} given)")
+    _check(cfg.lcm_huber_c > 0, "lcm_huber_c", "must be positive")
+    _check(cfg.lcm_timestep_scaling > 0, "lcm_timestep_scaling", "must be positive")
+
+
 def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainConfig:
     """Check ranges and fill derived values: alpha (= rank), cache_text_embeddings, max_steps (from epochs)."""
     for key in ("base", "data", "out"):
@@ -269,6 +307,8 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
         _check(bool(cfg.distill_from), "distill_from", "name a teacher base folder")
         _check(not cfg.train_text_encoder, "distill_from",
                "cannot be used with train_text_encoder (both UNets read the same, frozen, text embeddings)")
+    if cfg.lcm:
+        _check_lcm(cfg)
     _check(cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
     _check(cfg.noise_offset >= 0, "noise_offset", "must be >= 0")
     _check(cfg.seed >= 0, "seed", "must be >= 0")
@@ -284,7 +324,7 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
                "cannot be on with train_text_encoder (the embeddings change as the text encoder trains)")
     changes: dict[str, Any] = {}
     if cfg.target_modules is None:
-        changes["target_modules"] = RECOVERY_TARGETS if cfg.distill_from else UNET_TARGETS
+        changes["target_modules"] = LCM_TARGETS if cfg.lcm else RECOVERY_TARGETS if cfg.distill_from else UNET_TARGETS
     if cfg.alpha is None:
         changes["alpha"] = float(cfg.rank)
     if cfg.cache_text_embeddings is None:

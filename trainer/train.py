@@ -77,10 +77,17 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None) -> TrainResult:
+def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None,
+          unet_key_to_ldm=None) -> TrainResult:
     """Train a LoRA as `cfg` says; returns what was written. `stop_after` (tests) ends the run after that step's
-    checkpoint as if it were killed. `unet_loader` reads a pruned base's UNet (trainer/base.py)."""
-    return Trainer(cfg, console=console, stop_after=stop_after, unet_loader=unet_loader).run()
+    checkpoint as if it were killed. `unet_loader` reads a pruned base's UNet (trainer/base.py). An SDXL base
+    trains with trainer/sdxl_train.py; `unet_key_to_ldm` (the exporter's key mapping) names its kohya keys."""
+    from .sdxl_train import SdxlTrainer, is_sdxl_base
+
+    kw = dict(console=console, stop_after=stop_after, unet_loader=unet_loader)
+    if is_sdxl_base(cfg.base):
+        return SdxlTrainer(cfg, unet_key_to_ldm=unet_key_to_ldm, **kw).run()
+    return Trainer(cfg, **kw).run()
 
 
 class Trainer:
@@ -224,6 +231,11 @@ class Trainer:
             return torch.stack([self.text_cache[c] for c in captions]).to(self.device)
         return self.text_p(tokenize(self.base.tokenizer, captions).to(self.device))[0]
 
+    def unet_conditioning(self, batch: Batch) -> dict:
+        """The UNet's conditioning keywords for a micro-batch (trainer/sdxl_train.py adds SDXL's pooled text and
+        time ids as added_cond_kwargs)."""
+        return {"encoder_hidden_states": self.encode_text(batch.captions)}
+
     def micro_loss(self, micro: int):
         return self.loss(self.batches(micro))
 
@@ -235,13 +247,13 @@ class Trainer:
         cfg, sched, acc = self.cfg, self.noise_scheduler, self.accelerator
         latents, noise, t = batch.latents, batch.noise, batch.timesteps
         noisy = sched.add_noise(latents, noise, t)
-        hidden = self.encode_text(batch.captions)
+        cond = self.unet_conditioning(batch)
         target = noise if self.prediction == "epsilon" else sched.get_velocity(latents, noise, t)
         with acc.autocast():
-            pred = self.unet_p(noisy, t, hidden).sample
+            pred = self.unet_p(noisy, t, **cond).sample
             if self.teacher is not None:  # w·‖p − teacher‖² + (1 − w)·‖p − target‖² = ‖p − (w·teacher + (1 − w)·target)‖² + c
                 with torch.no_grad():
-                    taught = self.teacher.unet(noisy, t, hidden).sample.float()
+                    taught = self.teacher.unet(noisy, t, **cond).sample.float()
                 target = cfg.distill_weight * taught + (1.0 - cfg.distill_weight) * target.float()
         loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
@@ -251,6 +263,10 @@ class Trainer:
         return loss.mean()
 
     # -- validation and checkpoints --------------------------------------------------------------------------------
+    def validation_sampling(self) -> tuple:
+        """(base whose scheduler renders, steps, guidance) of the validation images."""
+        return self.base, self.cfg.validation_inference_steps, self.cfg.validation_guidance
+
     def validate(self, step: int) -> None:
         cfg, acc = self.cfg, self.accelerator
         if not cfg.validation_prompts:
@@ -260,9 +276,10 @@ class Trainer:
 
             from .validation import render_validation
 
-            paths = render_validation(self.base, acc.unwrap_model(self.unet_p), acc.unwrap_model(self.text_p),
+            base, steps, guidance = self.validation_sampling()
+            paths = render_validation(base, acc.unwrap_model(self.unet_p), acc.unwrap_model(self.text_p),
                                       cfg.validation_prompts, negative=cfg.validation_negative_prompt,
-                                      steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance,
+                                      steps=steps, guidance=guidance,
                                       seed=cfg.validation_seed, width=self.width, height=self.height,
                                       out_dir=self.out / "validation", step=step, autocast=acc.autocast)
             for i, p in enumerate(paths):
