@@ -271,3 +271,44 @@ def record_reference_bundle(bundle_dir: Path, out_dir: Path, *, prompt: str, lat
     pipe.close()
     return Reference(files=files, image=image, latents=latents, prompt=prompt, steps=steps, guidance=guidance,
                      scheduler=scheduler, size=size)
+
+
+def available_backends() -> list[str]:
+    """The backends the speed gate times when none are named: ONNX Runtime, and OpenVINO when installed."""
+    from sdedge.runtime.backends.openvino import openvino_available
+
+    return ["onnxruntime"] + (["openvino"] if openvino_available() else [])
+
+
+def engine_for(backend: str, bundle, name: str = "unet"):
+    """An (unloaded) engine of `bundle`'s component `name` on `backend`, on the CPU, with no compiled-model cache."""
+    info = bundle.manifest.components[name]
+    if backend == "openvino":
+        from sdedge.runtime.backends.openvino import OvEngine
+
+        return OvEngine(bundle, name, info, cache_dir=None,
+                        precision_hint=bundle.manifest.backend.openvino_inference_precision)
+    from sdedge.runtime.backends.onnxruntime import OrtEngine
+
+    return OrtEngine(bundle, name, info, ["CPUExecutionProvider"], cache_dir=None)
+
+
+def engine_parity(backend: str, bundle, reference: Reference, guidance: float) -> tuple[float, float, int]:
+    """unet_parity of `bundle`'s UNet on `backend`, the engine loaded for the measurement and released after."""
+    engine = engine_for(backend, bundle)
+    engine.load()
+    try:
+        return unet_parity(engine, reference, guidance)
+    finally:
+        engine.unload()
+        del engine
+        gc.collect()
+
+
+def choose_preferred(reports, guided: dict[str, float], min_cosine: float | None, slack: float = 0.01):
+    """The fastest backend among those whose cosine after guidance meets `min_cosine` (when set) and is
+    within `slack` of the best one measured: a faster but less exact engine is not preferred."""
+    top = max(guided.values())
+    ok = [r for r in reports if guided[r.backend] >= top - slack
+          and (min_cosine is None or guided[r.backend] >= min_cosine)]
+    return min(ok or [max(reports, key=lambda r: guided[r.backend])], key=lambda r: r.seconds)

@@ -1,4 +1,4 @@
-"""Reduced precisions of an exported fp32 bundle, with their parity, speed and size measured and gated.
+"""Reduced precisions of an exported fp32 bundle: the graph transforms per component.
 
 What each precision does to each component (a standard-ONNX graph that both backends run):
 
@@ -16,9 +16,8 @@ or AMX), not a file format: ONNX Runtime has no bf16 CPU kernels, so the bundle 
 bytes, exactly representable in the fp32 graph) and the manifest asks OpenVINO for bf16. On a CPU without
 native bf16 the runtime falls back to fp32 and says so.
 
-`apply_precision` rewrites the staging bundle in place: calibration (from the still-fp32 bundle), the
-transform per component, then the speed gate on each installed backend, the parity gates on the fastest,
-and the size report; the fp32 UNet is kept aside in a work folder for the speed baseline and removed after.
+These are the transforms only: they rewrite ONNX files. The export's precision stages (export/pipeline_precision.py)
+run them on the staging bundle, then measure and gate the result (export/gates.py).
 """
 
 from __future__ import annotations
@@ -26,21 +25,15 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from sdedge.runtime.bundle import Bundle
-from sdedge.runtime.files import scratch_dir
-from sdedge.runtime.manifest import BackendHint, Manifest, Precision, PrecisionParity
-from sdedge.runtime.memory import peak_rss_bytes
+from sdedge.runtime.manifest import ComponentInfo, Manifest, Precision
 
 from . import graph_passes
-from .gates import Reference, check_gates, image_psnr, size_report, speed_gate, unet_parity
 from .onnx_export import EXTERNAL_DATA_NAME, ExportError
 
 log = logging.getLogger("sdedge.export")
@@ -205,135 +198,46 @@ def transform(name: str, precision: Precision, src: Path, work: Path, *, calibra
     return model
 
 
-# -- the stage export runs -----------------------------------------------------------------------------------
-def available_backends() -> list[str]:
-    from sdedge.runtime.backends.openvino import openvino_available
-
-    return ["onnxruntime"] + (["openvino"] if openvino_available() else [])
-
-
-def apply_precision(stage_dir: Path, manifest: Manifest, reference: Reference, *, precision: Precision,
-                    calibration_prompts: tuple[str, ...] = (), calibration_source: str = "",
-                    calibration_steps: int = 10, calibration_size: int | None = None, int8_method: str = "nncf",
-                    int8_samples: int = 16, min_cosine: float | None = None, min_psnr: float | None = None,
-                    sensitivity: bool = True, speed_calls: int = 3, backends: list[str] | None = None,
-                    pruned: bool = False, stages=None) -> Manifest:
-    """Turn the fp32 bundle in `stage_dir` into `precision` (see the module docstring); returns its manifest."""
-    from .bundle_writer import hash_files, write_manifest
-    from .calibration import collect
-
-    stages = stages or _NoStages()
-    fp32_manifest = manifest
-    plan = component_plan(precision, manifest.pipeline)
-    work = scratch_dir(stage_dir.parent, "quant")
-    try:
-        calibration = None
-        if precision is Precision.INT8:
-            with stages(f"calibration: UNet inputs from {len(calibration_prompts)} prompts"):
-                calibration = collect(stage_dir, calibration_prompts, work / "calibration", steps=calibration_steps,
-                                      timesteps_per_prompt=calibration_steps, size=calibration_size,
-                                      source=calibration_source)
-        components = dict(manifest.components)
-        if precision is not Precision.FP32:
-            # the fp32 UNet moves aside: the speed gate's baseline
-            (work / "fp32" / "unet").mkdir(parents=True)
-            unet_info = manifest.components["unet"]
-            for rel in (unet_info.file, *unet_info.external_data):
-                os.replace(stage_dir / rel, work / "fp32" / rel)
-            for name, info in manifest.components.items():
-                p = plan[name]
-                if p is Precision.FP32:  # kept as exported
-                    components[name] = replace(info, precision=p)
-                    continue
-                src = (work / "fp32" / info.file) if name == "unet" else stage_dir / info.file
-                with stages(f"{p.value} {name}"):
-                    model = transform(name, p, src, work, calibration=calibration, int8_method=int8_method,
-                                      int8_samples=int8_samples)
-                    written = save_model(model, stage_dir / name)
-                    del model
-                    gc.collect()
-                components[name] = replace(info, precision=p if p is not precision else None,
-                                           opset=max(info.opset, 13) if p in (Precision.INT8, Precision.INT8_WEIGHTS)
-                                           else info.opset,
-                                           external_data=tuple(f"{name}/{w.name}" for w in written[1:]))
-        # else (a pruned fp32 bundle): files unchanged, and the UNet is its own speed baseline
-        manifest = replace(manifest, precision=precision, components=components)
-        manifest = manifest.with_files(hash_files(stage_dir))
-        write_manifest(stage_dir, manifest)
-
-        # speed gate: on every installed backend, optimised vs fp32 UNet, same inputs
-        ref_feeds = next(iter(reference.samples()))
-        ref_feeds.pop("out_sample")
-        reports = []
-        fp32_bundle = Bundle(root=work / "fp32", manifest=fp32_manifest)
-        test_bundle = Bundle(root=stage_dir, manifest=manifest)
-        for backend in backends or available_backends():
-            with stages(f"speed gate on {backend}"):
-                make_fp32 = None if precision is Precision.FP32 else (lambda b=backend: _engine(b, fp32_bundle))
-                reports.append(speed_gate(make_fp32, lambda b=backend: _engine(b, test_bundle), ref_feeds,
-                                          backend=backend, calls=speed_calls))
-            r = reports[-1]
-            log.info("speed gate %s: fp32 %.3f s, %s %.3f s per UNet call: %.2fx", backend, r.fp32_seconds,
-                     precision.value, r.seconds, r.ratio)
-            if r.ratio < 1.0 and not pruned:
-                log.warning("the %s UNet is NOT faster than fp32 on %s on this machine (%.2fx: %.3f s vs %.3f s "
-                            "per call)", precision.value, backend, r.ratio, r.seconds, r.fp32_seconds)
-        # parity on every timed backend: the same file may run accurately on one and not on another
-        parities = {}
-        for r in reports:
-            with stages(f"parity gates on {r.backend}"):
-                engine = _engine(r.backend, test_bundle)
-                engine.load()
-                parities[r.backend] = unet_parity(engine, reference, manifest.defaults.guidance)
-                engine.unload()
-                del engine
-                gc.collect()
-            log.info("parity %s: UNet cosine %.5f, after guidance %.4f", r.backend, *parities[r.backend][:2])
-        best = choose_preferred(reports, {b: p[1] for b, p in parities.items()}, min_cosine)
-        hint = BackendHint(preferred=best.backend, reason=f"{best.backend} {best.seconds:.3f} s per UNet call at "
-                           f"{best.shape}, {best.ratio:.2f}x its fp32, cosine after guidance "
-                           f"{parities[best.backend][1]:.4f}" + "".join(
-                               f"; {r.backend} {r.seconds:.3f} s, cosine {parities[r.backend][1]:.4f}"
-                               for r in reports if r is not best))
-        manifest = replace(manifest, speed=tuple(reports), backend=hint)
-        raw, gui, n = parities[best.backend]
-        kept: list[str] = []
-        if precision is Precision.INT8 and sensitivity and min_cosine is not None and gui < min_cosine:
-            with stages("sensitivity sweep: layers kept in fp32"):
-                manifest, raw, gui, kept = _sensitivity_sweep(stage_dir, manifest, reference, best.backend,
-                                                              min_cosine, raw, gui)
-        write_manifest(stage_dir, manifest)
-        with stages(f"image parity on {best.backend}"):
-            psnr_db = image_psnr(stage_dir, best.backend, reference)
-        parity = PrecisionParity(unet_cosine=round(raw, 6), guided_cosine=round(gui, 6),
-                                 guidance=manifest.defaults.guidance, samples=n, image_psnr_db=round(psnr_db, 2),
-                                 backend=best.backend, min_cosine=min_cosine, min_psnr=min_psnr)
-        described = _describe(precision, int8_method)
-        if kept:
-            described += f"; activations kept in fp32 in {', '.join(kept)} (sensitivity sweep)"
-        prov = replace(manifest.provenance, quantisation=described,
-                       calibration=calibration.source if calibration is not None else None,
-                       export_peak_rss_bytes=peak_rss_bytes())
-        manifest = replace(manifest, parity=replace(manifest.parity, precision=parity), provenance=prov,
-                           sizes=size_report(fp32_manifest, manifest))
-        write_manifest(stage_dir, manifest)
-        check_gates(guided_cosine=gui, image_psnr_db=psnr_db, min_cosine=min_cosine, min_psnr=min_psnr,
-                    what=f"the {precision.value} bundle")
-        return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def set_fp32_unet_aside(stage_dir: Path, manifest: Manifest, work: Path) -> Path:
+    """Move the fp32 UNet's files from the staging bundle to `work`/fp32/ (the speed gate's baseline, and the
+    source its transform reads); returns that folder, a bundle root for `manifest`'s UNet."""
+    root = work / "fp32"
+    (root / "unet").mkdir(parents=True)
+    info = manifest.components["unet"]
+    for rel in (info.file, *info.external_data):
+        os.replace(stage_dir / rel, root / rel)
+    return root
 
 
-def choose_preferred(reports, guided: dict[str, float], min_cosine: float | None, slack: float = 0.01):
-    """The fastest backend among those whose cosine after guidance meets `min_cosine` (when set) and is
-    within `slack` of the best one measured: a faster but less exact engine is not preferred."""
-    top = max(guided.values())
-    ok = [r for r in reports if guided[r.backend] >= top - slack
-          and (min_cosine is None or guided[r.backend] >= min_cosine)]
-    return min(ok or [max(reports, key=lambda r: guided[r.backend])], key=lambda r: r.seconds)
+def transform_component(name: str, info: ComponentInfo, p: Precision, bundle_precision: Precision, src: Path,
+                        stage_dir: Path, work: Path, **kw) -> ComponentInfo:
+    """Component `name` at precision `p` (from the ONNX file `src`) written into `stage_dir`/name; its manifest entry.
+    `kw`: transform's calibration, int8_method, int8_samples."""
+    model = transform(name, p, src, work, **kw)
+    written = save_model(model, stage_dir / name)
+    del model
+    gc.collect()
+    opset = max(info.opset, 13) if p in (Precision.INT8, Precision.INT8_WEIGHTS) else info.opset
+    return replace(info, precision=p if p is not bundle_precision else None, opset=opset,
+                   external_data=tuple(f"{name}/{w.name}" for w in written[1:]))
 
 
-def _describe(precision: Precision, int8_method: str) -> str | None:
+def without_activation_qdq(src: Path, groups: list[str], comp_dir: Path, info: ComponentInfo) -> ComponentInfo:
+    """The int8 UNet at `src` with the activation QDQ of the node `groups` removed (those run in fp32), written to
+    `comp_dir`; its manifest entry."""
+    model = graph_passes.remove_qdq_pairs(load_model(src), groups)
+    written = save_model(model, comp_dir)
+    del model
+    return replace(info, external_data=tuple(f"unet/{w.name}" for w in written[1:]))
+
+
+def unet_groups(src: Path) -> list[str]:
+    """The UNET_GROUPS present in the UNet at `src` (the sensitivity sweep's candidates)."""
+    names = {n.name for n in onnx.load(str(src), load_external_data=False).graph.node}
+    return [g for g in UNET_GROUPS if any(n.startswith(g) for n in names)]
+
+
+def describe(precision: Precision, int8_method: str) -> str | None:
     return {
         Precision.FP32: None,
         Precision.FP16: "fp16 weights and compute, normalisations/softmax/exp in fp32 (onnxruntime float16 converter)",
@@ -344,118 +248,3 @@ def _describe(precision: Precision, int8_method: str) -> str | None:
                             else "ONNX Runtime quantize_static, U8S8, reduce_range")
                          + "); weight-only int8 for the text encoder and VAE"),
     }[precision]
-
-
-def _engine(backend: str, bundle: Bundle, name: str = "unet"):
-    info = bundle.manifest.components[name]
-    if backend == "openvino":
-        from sdedge.runtime.backends.openvino import OvEngine
-
-        return OvEngine(bundle, name, info, cache_dir=None,
-                        precision_hint=bundle.manifest.backend.openvino_inference_precision)
-    from sdedge.runtime.backends.onnxruntime import OrtEngine
-
-    return OrtEngine(bundle, name, info, ["CPUExecutionProvider"], cache_dir=None)
-
-
-def _sensitivity_sweep(stage_dir: Path, manifest: Manifest, reference: Reference, backend: str, min_cosine: float,
-                       raw: float, gui: float, max_groups: int = 4) -> tuple[Manifest, float, float, list[str]]:
-    """Greedy: put back in fp32 (remove activation QDQ for) the UNet node group whose removal helps the guided
-    cosine most, until the gate is met or `max_groups` groups are out. Returns the new manifest and figures."""
-    from .bundle_writer import hash_files, write_manifest
-
-    info = manifest.components["unet"]
-    src = stage_dir / info.file
-    base = load_model(src)
-    kept: list[str] = []
-    names = {n.name for n in base.graph.node}
-    groups = [g for g in UNET_GROUPS if any(n.startswith(g) for n in names)]
-    del base
-    for _ in range(max_groups):
-        best = None
-        for g in (g for g in groups if g not in kept):
-            m = graph_passes.remove_qdq_pairs(load_model(src), [*kept, g])
-            trial = manifest
-            with tempfile.TemporaryDirectory(dir=stage_dir.parent) as tmp:
-                root = Path(tmp)
-                written = save_model(m, root / "unet")
-                del m
-                files = hash_files(root)
-                comp = replace(info, external_data=tuple(f"unet/{w.name}" for w in written[1:]))
-                trial = replace(manifest, components={**manifest.components, "unet": comp}, files=files)
-                engine = _engine(backend, Bundle(root=root, manifest=trial))
-                engine.load()
-                r, c, _ = unet_parity(engine, reference, manifest.defaults.guidance)
-                engine.unload()
-            log.info("sensitivity: fp32 %s -> guided cosine %.4f", g, c)
-            if best is None or c > best[1]:
-                best = (g, c, r)
-        if best is None or best[1] <= gui:
-            break
-        kept.append(best[0])
-        gui, raw = best[1], best[2]
-        if gui >= min_cosine:
-            break
-    if kept:
-        m = graph_passes.remove_qdq_pairs(load_model(src), kept)
-        written = save_model(m, stage_dir / "unet")
-        comp = replace(info, external_data=tuple(f"unet/{w.name}" for w in written[1:]))
-        manifest = replace(manifest, components={**manifest.components, "unet": comp})
-        manifest = manifest.with_files(hash_files(stage_dir))
-        write_manifest(stage_dir, manifest)
-        log.info("sensitivity sweep kept %s in fp32: guided cosine %.4f", kept, gui)
-    return manifest, raw, gui, kept
-
-
-class _NoStages:
-    def __call__(self, label):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-def derive_bundle(src: str | Path, out: str | Path, opts, stages=None) -> Manifest:
-    """A reduced-precision bundle from an existing fp32 bundle, without the PyTorch model: the fp32 bundle (checked
-    against diffusers when it was exported) is the reference. `opts` is an ExportOptions; pruning needs
-    the PyTorch model and is refused here."""
-    from sdedge.runtime.errors import BadInput
-
-    from .bundle_writer import staging_dir, write_manifest
-    from .calibration import read_prompts
-    from .gates import record_reference_bundle
-
-    src = Path(src)
-    fp32 = Bundle.open(src).manifest
-    if fp32.precision is not Precision.FP32 or fp32.provenance.quantisation:
-        raise BadInput(f"{src}: a {fp32.precision.value} bundle; derive from an fp32 bundle")
-    if opts.prune:
-        raise BadInput("--prune needs the PyTorch base (a diffusers folder), not a bundle")
-    if opts.precision is Precision.FP32:
-        raise BadInput(f"{src} is already fp32")
-    stages = stages or _NoStages()
-    prompts, source = read_prompts(opts.calibration)
-    size = opts.parity_size or (fp32.parity.image.width if fp32.parity.image else fp32.shapes.default_width)
-    lat = fp32.latent
-    latents = np.random.default_rng(opts.parity_seed).standard_normal(
-        (1, lat.channels, size // lat.vae_scale_factor, size // lat.vae_scale_factor), dtype=np.float32)
-    with staging_dir(Path(out), overwrite=opts.overwrite, inputs=(src, opts.calibration)) as tmp:
-        with stages("copy the fp32 bundle"):
-            for rel in fp32.files:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src / rel, tmp / rel)
-            write_manifest(tmp, fp32)
-        ref_dir = scratch_dir(Path(out).parent, "reference")
-        try:
-            with stages("fp32 reference run (the fp32 bundle)"):
-                reference = record_reference_bundle(src, ref_dir, prompt=opts.parity_prompt, latents=latents,
-                                                    steps=opts.parity_steps, guidance=fp32.defaults.guidance,
-                                                    scheduler=opts.parity_scheduler)
-            manifest = apply_precision(
-                tmp, fp32, reference, precision=opts.precision, calibration_prompts=prompts,
-                calibration_source=source, calibration_steps=opts.calibration_steps, calibration_size=size,
-                int8_method=opts.int8_method, int8_samples=opts.int8_samples, min_cosine=opts.min_cosine,
-                min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, stages=stages,
-                backends=list(opts.speed_backends) if opts.speed_backends else None)
-        finally:
-            shutil.rmtree(ref_dir, ignore_errors=True)
-    return manifest

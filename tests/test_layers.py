@@ -163,3 +163,35 @@ def import_cycles() -> list[list[str]]:
 def test_no_import_cycles():
     cycles = import_cycles()
     assert not cycles, "modules that import each other:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+# The export is one ordered list of stages (export/build.py, its stages in export/pipeline*.py): what the stages
+# call never calls back up to them.
+EXPORT_CALLEES = ("quantize", "gates", "calibration", "reference", "onnx_export", "bundle_writer")
+EXPORT_ORCHESTRATION = ("sdedge.export.build", "sdedge.export.pipeline")  # pipeline.py, pipeline_*.py
+
+
+def export_callbacks() -> list[str]:
+    """Imports of the export's orchestration (build, the pipeline modules) by the modules its stages call."""
+    found = []
+    for name in EXPORT_CALLEES:
+        path = ROOT / "export" / f"{name}.py"
+        for line, target in _imports("export", path):
+            if target.startswith(EXPORT_ORCHESTRATION):
+                found.append(f"export/{name}.py:{line}: imports {target}")
+    return found
+
+
+def test_the_export_pipeline_is_one_directional():
+    bad = export_callbacks()
+    assert not bad, "the export's callees import its pipeline:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("source", ["from .build import ExportOptions\n", "def f():\n    from . import pipeline_base\n",
+                                    "def f():\n    from sdedge.export.pipeline_run import ExportRun\n"])
+def test_the_export_callback_check_sees_a_call_back_up(tmp_path, monkeypatch, source):
+    (tmp_path / "export").mkdir()
+    for name in EXPORT_CALLEES:
+        (tmp_path / "export" / f"{name}.py").write_text(source if name == "gates" else "")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    assert [v for v in export_callbacks() if v.startswith("export/gates.py:")]

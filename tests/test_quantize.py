@@ -263,7 +263,7 @@ def test_activation_matmuls_are_found():
 
 
 def test_preferred_backend_is_the_fastest_of_the_exact_ones():
-    from sdedge.export.quantize import choose_preferred
+    from sdedge.export.gates import choose_preferred
     from sdedge.runtime.manifest import SpeedReport
 
     def r(b, s):
