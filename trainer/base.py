@@ -1,4 +1,7 @@
-"""The base model for training: a local diffusers SD1.x folder, loaded component by component, offline.
+"""The base model for training: a local diffusers SD1.x or SDXL folder, loaded component by component, offline.
+
+An SDXL folder (`text_encoder_2` in model_index.json) adds the second text encoder (CLIP with its projection) and
+tokenizer; the trainer for it is trainer/sdxl_train.py.
 
 The trainer does not import `sdedge.export` (the two meet only through files), so it reads the folder with
 diffusers and transformers directly, refusing anything that is not a Stable Diffusion pipeline folder.
@@ -37,6 +40,12 @@ class Base:
     noise_scheduler: Any  # DDPMScheduler with the base's training schedule
     scheduler_config: dict  # the base's own scheduler config (for validation images)
     scheduler_class: str
+    text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection), else None
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
 def _offline() -> None:
@@ -68,16 +77,19 @@ def load_training_base(path: str | Path, unet_loader: Callable[[Path], Any] | No
         raise SdedgeError(f"--base {path}: no model_index.json, not a diffusers pipeline folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SdedgeError(f"{index_file} is corrupt: {e}") from e
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    sdxl = "text_encoder_2" in index
+    if sdxl and (index.get("requires_aesthetics_score") or not (index.get("text_encoder") or [None])[0]):
+        raise SdedgeError(f"--base {path}: an SDXL refiner (no text_encoder, or requires_aesthetics_score); "
+                          "train a LoRA on the SDXL base instead")
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if sdxl else ())
+    for part in parts:
         if not isinstance(index.get(part), list) or not (path / part).is_dir():
             raise SdedgeError(f"--base {path}: no {part}/ (model_index.json), not a Stable Diffusion pipeline folder")
-    if "text_encoder_2" in index:
-        raise SdedgeError(f"--base {path}: an SDXL pipeline (text_encoder_2); sdedge train handles SD1.x bases")
 
     import logging
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -100,20 +112,28 @@ def load_training_base(path: str | Path, unet_loader: Callable[[Path], Any] | No
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer", local_files_only=True)
+        text_encoder_2 = tokenizer_2 = None
+        if sdxl:
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2",
+                                                                         local_files_only=True)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(str(path), subfolder="tokenizer_2", local_files_only=True)
         sched_cfg = DDPMScheduler.load_config(str(path), subfolder="scheduler", local_files_only=True)
     except SdedgeError:
         raise
     except Exception as e:
         raise SdedgeError(f"cannot load the base {path}: {e}") from e
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise SdedgeError(f"--base {path}: text encoder width {text_encoder.config.hidden_size} does not match the "
-                          f"UNet's cross_attention_dim {unet.config.cross_attention_dim}")
+    width = text_encoder.config.hidden_size + (text_encoder_2.config.hidden_size if sdxl else 0)
+    if width != unet.config.cross_attention_dim:
+        which = "text encoders' widths add up to" if sdxl else "text encoder width"
+        raise SdedgeError(f"--base {path}: the {which} {width}, which does not match the UNet's cross_attention_dim "
+                          f"{unet.config.cross_attention_dim}")
     sched_cfg = {k: v for k, v in dict(sched_cfg).items()}
     noise_scheduler = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
-    for m in (unet, vae, text_encoder):
+    for m in (unet, vae, text_encoder) + ((text_encoder_2,) if sdxl else ()):
         m.requires_grad_(False)
         m.float()
     return Base(path=path, id=path.resolve().name, sha256=base_sha256(path), unet=unet, vae=vae,
                 text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
                 scheduler_config={k: v for k, v in sched_cfg.items() if not k.startswith("_")},
-                scheduler_class=str(sched_cfg.get("_class_name", "PNDMScheduler")))
+                scheduler_class=str(sched_cfg.get("_class_name", "PNDMScheduler")), text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2)

@@ -201,21 +201,22 @@ class Trainer:
                            if cfg.cache_text_embeddings else None)
         self.batches = Batches(cfg, self.base, self.data, self.plan, self.accelerator, self.latent_cache)
 
+    def trained_text_encoders(self) -> list:
+        """The text encoders that get a LoRA, in order (trainer/sdxl_train.py: both of SDXL's)."""
+        return [self.text_encoder] if self.cfg.train_text_encoder else []
+
     def prepare_optimizer(self, opt_state: dict | None, state: dict) -> None:
         cfg, acc = self.cfg, self.accelerator
+        texts = self.trained_text_encoders()
         groups = [{"params": [p for _, p in lora_parameters(self.unet)], "lr": cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            groups.append({"params": [p for _, p in lora_parameters(self.text_encoder)],
+        if texts:  # one group for the text encoders: their learning rate
+            groups.append({"params": [p for m in texts for _, p in lora_parameters(m)],
                            "lr": cfg.text_encoder_lr or cfg.learning_rate})
         self.peak_lrs = [g["lr"] for g in groups]
         optimizer, self.optimizer_kind = make_optimizer(cfg, groups)
-        if cfg.train_text_encoder:
-            self.unet_p, self.text_p, self.optimizer = acc.prepare(self.unet, self.text_encoder, optimizer)
-            self.models = (self.unet_p, self.text_p)
-        else:
-            self.unet_p, self.optimizer = acc.prepare(self.unet, optimizer)
-            self.text_p = self.text_encoder
-            self.models = (self.unet_p,)
+        self.unet_p, *self.text_ps, self.optimizer = acc.prepare(self.unet, *texts, optimizer)
+        self.text_p = self.text_ps[0] if self.text_ps else self.text_encoder
+        self.models = (self.unet_p, *self.text_ps)
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
             if state.get("scaler") and acc.scaler is not None:

@@ -49,19 +49,15 @@ def render_validation(base, unet, text_encoder, prompts, *, negative: str, steps
                       width: int, height: int, out_dir: Path, step: int, autocast=None) -> list[Path]:
     import contextlib
 
-    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
-    sched_cls = getattr(diffusers, base.scheduler_class, None) or diffusers.PNDMScheduler
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
-                                   scheduler=sched_cls.from_config(base.scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = _pipeline(base, unet, text_encoder)
     pipe.set_progress_bar_config(disable=True)
     device = next(unet.parameters()).device
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
+    models = [m for m in (unet, text_encoder, getattr(base, "text_encoder_2", None)) if m is not None]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -80,6 +76,21 @@ def render_validation(base, unet, text_encoder, prompts, *, negative: str, steps
                 paths.append(path)
         write_validation_grid(out_dir, prompts)
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     return paths
+
+
+def _pipeline(base, unet, text_encoder):
+    """diffusers' pipeline of the base with the LoRA-adapted models: StableDiffusionXLPipeline for an SDXL base
+    (its second text encoder is the base's, LoRA-adapted in place when trained), no watermark or safety checker."""
+    import diffusers
+
+    sched = (getattr(diffusers, base.scheduler_class, None) or diffusers.PNDMScheduler).from_config(base.scheduler_config)
+    if getattr(base, "text_encoder_2", None) is not None:
+        return diffusers.StableDiffusionXLPipeline(vae=base.vae, text_encoder=text_encoder, text_encoder_2=base.text_encoder_2,
+                                                   tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=unet,
+                                                   scheduler=sched, add_watermarker=False)
+    return diffusers.StableDiffusionPipeline(vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
+                                             scheduler=sched, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
