@@ -114,7 +114,7 @@ class ReplicaMetrics:
     def __init__(self):
         from ray.serve import metrics
 
-        from .server import LATENCY_BUCKETS
+        from .server_metrics import LATENCY_BUCKETS
 
         self.jobs = metrics.Counter("sdedge_jobs_total", "Jobs by final state.", tag_keys=("state",))
         self.images = metrics.Counter("sdedge_images_total", "Images generated.")
