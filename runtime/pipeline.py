@@ -329,6 +329,35 @@ class Pipeline:
         watermark: mark the images with the bundle's invisible watermark (runtime/watermark.py, docs/provenance.md);
         False for the decoder's pixels as they are (parity measurements).
         """
+        req = self._request(prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
+                            height=height, scheduler=scheduler, num_images=num_images, latents=latents, image=image,
+                            mask=mask, strength=strength, rng=rng, micro_conditioning=micro_conditioning)
+        with self._lock:
+            timings: dict[str, float] = {}
+            # (2B or B, 77, D) and the pipeline's extra UNet inputs (SDXL: text_embeds, time_ids)
+            embeddings, extra = self.conditioning.encode(req.prompts, req.negatives, req.do_cfg,
+                                                         {**req.settings, "micro_conditioning": micro_conditioning},
+                                                         timings)
+            latents, timesteps = self._first_latents(req, timings)
+            latents, step_times = self._denoise(req, latents, timesteps, embeddings, extra, on_step, cancel)
+            timings["unet"] = float(sum(step_times))
+            decoded = self._decode(latents, timings)  # (B, 3, H, W)
+
+        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)  # (B, H, W, 3)
+        mark = None
+        if watermark:
+            from .provenance import watermark_images
+
+            t0 = time.perf_counter()
+            images, mark = watermark_images(self, images)
+            timings["watermark"] = time.perf_counter() - t0
+        return GenerationResult(images=images, timings=timings, step_times=step_times,
+                                peak_rss_bytes=peak_rss_bytes(), settings=req.settings, watermark=mark)
+
+    def _request(self, prompt, negative_prompt, *, steps, guidance, seed, width, height, scheduler, num_images,
+                 latents, image, mask, strength, rng, micro_conditioning) -> _Request:
+        """A generation's arguments checked against the bundle, with its batch, scheduler, random streams and (for
+        text-to-image) initial latents; refused with BadInput naming the argument."""
         init, width, height = self._init_request(image, mask, strength, width, height)
         cfg_ = self._settings(steps, guidance, width, height, scheduler, num_images)
         self.conditioning.check(micro_conditioning)  # SDXL's sdedge.runtime.sdxl.MicroConditioning
@@ -338,14 +367,7 @@ class Pipeline:
             if latents is not None:
                 raise BadInput("latents= replaces text-to-image's initial noise; with image= the noise comes from "
                                "the seed (or rng=)")
-        prompts = _as_list(prompt, "prompt")
-        negatives = _as_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise BadInput(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        prompts = [p for p in prompts for _ in range(cfg_["num_images"])]
-        negatives = [n for n in negatives for _ in range(cfg_["num_images"])]
+        prompts, negatives = _prompt_batch(prompt, negative_prompt, cfg_["num_images"])
         batch = len(prompts)
         do_cfg = cfg_["guidance"] > 1.0
         if batch * (2 if do_cfg else 1) > self.manifest.shapes.batch_max:
@@ -364,63 +386,87 @@ class Pipeline:
                 latents = noise_rng.standard_normal(shape, dtype=np.float32)  # (B, 4, H/8, W/8)
             elif latents.shape != shape:
                 raise BadInput(f"latents have shape {latents.shape}, expected {shape}")
+        return _Request(prompts=prompts, negatives=negatives, do_cfg=do_cfg, settings=cfg_, sched=sched,
+                        noise_rng=noise_rng, step_rng=step_rng, shape=shape, latents=latents, init=init)
 
-        with self._lock:
-            timings: dict[str, float] = {}
-            # (2B or B, 77, D) and the pipeline's extra UNet inputs (SDXL: text_embeds, time_ids)
-            embeddings, extra = self.conditioning.encode(prompts, negatives, do_cfg,
-                                                         {**cfg_, "micro_conditioning": micro_conditioning}, timings)
+    def _first_latents(self, req: _Request, timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """The latents the denoising loop starts from, and its timesteps: the seeded noise scaled for the scheduler
+        (text-to-image), or the image's latents noised to the strength's timestep (image-to-image, inpainting)."""
+        sched, steps = req.sched, req.settings["steps"]
+        sched.set_timesteps(steps, rng=req.step_rng)
+        if req.init is None:
+            return req.latents.astype(np.float32) * np.float32(sched.init_noise_sigma), sched.timesteps
+        timesteps = strength_timesteps(sched, steps, req.init.strength)
+        t0 = time.perf_counter()
+        latents = self._init_latents(req.init, sched, timesteps, req.shape, req.do_cfg, req.noise_rng)
+        timings["vae_encoder"] = time.perf_counter() - t0
+        return latents, timesteps
 
-            sched.set_timesteps(cfg_["steps"], rng=step_rng)
-            if init is None:
-                timesteps = sched.timesteps
-                latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-            else:
-                timesteps = strength_timesteps(sched, cfg_["steps"], init.strength)
-                t0 = time.perf_counter()
-                latents = self._init_latents(init, sched, timesteps, shape, do_cfg, noise_rng)
-                timings["vae_encoder"] = time.perf_counter() - t0
-            unet = self._load("unet")
-            step_times = []
-            total = len(timesteps)
-            for i, t in enumerate(timesteps):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"cancelled after {i} of {total} steps")
-                s0 = time.perf_counter()
-                model_in = np.concatenate([latents, latents]) if do_cfg else latents  # (2B, 4, h, w)
-                model_in = sched.scale_model_input(model_in, t)
-                if init is not None and init.masked_latents is not None:  # (2B, 4 + 1 + 4, h, w)
-                    model_in = np.concatenate([model_in, init.unet_mask, init.masked_latents], axis=1)
-                tt = np.full((model_in.shape[0],), t, dtype=np.float32)
-                eps = unet.infer({"sample": model_in, "timestep": tt, "encoder_hidden_states": embeddings, **extra})[0]
-                if do_cfg:
-                    uncond, cond = eps[:batch], eps[batch:]
-                    eps = uncond + np.float32(cfg_["guidance"]) * (cond - uncond)
-                latents = sched.step(eps, t, latents)
-                if init is not None and init.blend:
-                    latents = _blend(sched, init, latents, timesteps, i)
-                step_times.append(time.perf_counter() - s0)
-                if on_step is not None:
-                    on_step(i + 1, total)
-            self._release("unet")
-            timings["unet"] = float(sum(step_times))
+    def _denoise(self, req: _Request, latents: np.ndarray, timesteps, embeddings: np.ndarray, extra: dict,
+                 on_step, cancel) -> tuple[np.ndarray, list[float]]:
+        """The denoising loop (module docstring): the final latents (B, 4, h, w) and each step's seconds."""
+        sched, init, batch, do_cfg = req.sched, req.init, len(req.prompts), req.do_cfg
+        guidance = np.float32(req.settings["guidance"])
+        unet = self._load("unet")
+        step_times = []
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after {i} of {total} steps")
+            s0 = time.perf_counter()
+            model_in = np.concatenate([latents, latents]) if do_cfg else latents  # (2B, 4, h, w)
+            model_in = sched.scale_model_input(model_in, t)
+            if init is not None and init.masked_latents is not None:  # (2B, 4 + 1 + 4, h, w)
+                model_in = np.concatenate([model_in, init.unet_mask, init.masked_latents], axis=1)
+            tt = np.full((model_in.shape[0],), t, dtype=np.float32)
+            eps = unet.infer({"sample": model_in, "timestep": tt, "encoder_hidden_states": embeddings, **extra})[0]
+            if do_cfg:
+                uncond, cond = eps[:batch], eps[batch:]
+                eps = uncond + guidance * (cond - uncond)
+            latents = sched.step(eps, t, latents)
+            if init is not None and init.blend:
+                latents = _blend(sched, init, latents, timesteps, i)
+            step_times.append(time.perf_counter() - s0)
+            if on_step is not None:
+                on_step(i + 1, total)
+        self._release("unet")
+        return latents, step_times
 
-            t0 = time.perf_counter()
-            vae = self._load("vae_decoder")
-            decoded = vae.infer({"latent_sample": latents / np.float32(lat.decoder_scaling)})[0]  # (B, 3, H, W)
-            self._release("vae_decoder")
-            timings["vae_decoder"] = time.perf_counter() - t0
+    def _decode(self, latents: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+        """The VAE decoder's image (B, 3, H, W) in [-1, 1] of the final latents (B, 4, h, w)."""
+        t0 = time.perf_counter()
+        vae = self._load("vae_decoder")
+        decoded = vae.infer({"latent_sample": latents / np.float32(self.manifest.latent.decoder_scaling)})[0]
+        self._release("vae_decoder")
+        timings["vae_decoder"] = time.perf_counter() - t0
+        return decoded
 
-        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)  # (B, H, W, 3)
-        mark = None
-        if watermark:
-            from .provenance import watermark_images
 
-            t0 = time.perf_counter()
-            images, mark = watermark_images(self, images)
-            timings["watermark"] = time.perf_counter() - t0
-        return GenerationResult(images=images, timings=timings, step_times=step_times,
-                                peak_rss_bytes=peak_rss_bytes(), settings=cfg_, watermark=mark)
+@dataclass
+class _Request:
+    """One generation's checked arguments (Pipeline._request)."""
+
+    prompts: list[str]  # B: each prompt repeated num_images times
+    negatives: list[str]
+    do_cfg: bool  # guidance > 1: the negative prompts share the UNet's batch (2B)
+    settings: dict  # steps, guidance, width, height, scheduler, num_images, seed (and strength)
+    sched: object
+    noise_rng: object  # the latents' (and the VAE posterior's) draws
+    step_rng: object  # ancestral / LCM schedulers' per-step draws
+    shape: tuple[int, int, int, int]  # (B, 4, h, w)
+    latents: np.ndarray | None  # text-to-image's initial noise (unscaled)
+    init: InitImage | None
+
+
+def _prompt_batch(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:
+    """The prompts and negative prompts of a call, each repeated `num_images` times (one negative serves them all)."""
+    prompts = _as_list(prompt, "prompt")
+    negatives = _as_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise BadInput(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+    return ([p for p in prompts for _ in range(num_images)], [n for n in negatives for _ in range(num_images)])
 
 
 def _blend(sched, init: InitImage, latents: np.ndarray, timesteps: np.ndarray, i: int) -> np.ndarray:
