@@ -43,13 +43,9 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(work):
-    return write_builtin_base("tiny", work / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tiny_dir):
-    return load_base(tiny_dir)
+def tiny_dir(tiny_base):
+    """The session's tiny base (conftest: write_builtin_base("tiny", seed=0)); its pipeline is conftest's tiny_pipe."""
+    return tiny_base
 
 
 @pytest.fixture(scope="module")

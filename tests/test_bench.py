@@ -96,6 +96,7 @@ def test_validator_catches_departures():
 
 
 # -- benches on the tiny model -------------------------------------------------------------------------------
+@pytest.mark.slow  # diffusers and the bundle, 3 images each: 10-18 s
 def test_quick_bench_against_reference(tiny_bundle, tiny_base, tmp_path):
     """The quickstart's bench: inline, a few seconds, every file written and valid."""
     out = tmp_path / "quick"

@@ -245,6 +245,29 @@ def test_distill_decoder_writes_an_autoencoder_tiny_folder(tiny_base, tmp_path):
     assert report["eval_latents"] == 30 and 0 <= report["classifier_agreement"] <= 1 and report["psnr_vs_full_db"] > 0
 
 
+@pytest.mark.parametrize("kw,words", [
+    ({"encoder_every": 0}, "--encoder-every 0"), ({"l1": -1.0}, "--l1 -1.0"), ({"lr": float("nan")}, "--lr nan"),
+    ({"width": 2}, "--width 2"), ({"steps": 0}, "--steps 0"),
+])
+def test_distill_decoder_bad_settings_refused(tiny_base, tmp_path, kw, words):
+    from sdedge.runtime.errors import BadInput
+    from sdedge.trainer.decoder_distill import DistillDecoderConfig, distill_decoder
+
+    with pytest.raises(BadInput) as e:
+        distill_decoder(DistillDecoderConfig(base=str(tiny_base), out=str(tmp_path / "d"), **kw))
+    assert words in str(e.value) and e.value.exit_code == 2 and not (tmp_path / "d").exists(), e.value
+
+
+def test_distill_decoder_schedule_warms_up_then_anneals():
+    """The learning rate's factor: linear warm-up over 5 % of the steps to the peak, then cosine down to 1 %."""
+    from sdedge.trainer.decoder_distill import warmup_cosine
+
+    f = [warmup_cosine(s, 1000) for s in range(1000)]
+    assert f[0] == pytest.approx(1 / 50) and f[49] == 1.0 and max(f) == 1.0
+    assert all(a >= b for a, b in zip(f[49:], f[50:])) and f[-1] == pytest.approx(0.01, abs=1e-4)
+    assert warmup_cosine(0, 10) == 1.0  # fewer than 20 steps: no warm-up
+
+
 @pytest.mark.slow
 def test_shipped_tiny_decoder_quality(tiny_base, decoder_dir):
     """The shipped decoder on 90 fresh generations of the trained tiny base (seeds it never saw) against the full

@@ -11,6 +11,7 @@ from sdedge.runtime.bundle import Bundle
 pytest.importorskip("torch_pruning")
 
 
+@pytest.mark.slow  # 7-11 s
 def test_prune_unet_removes_channels(tiny_base):
     import torch
 

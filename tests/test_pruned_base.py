@@ -125,6 +125,7 @@ def test_distillation_refuses_a_teacher_with_another_text_encoder(pruned, shapes
         train(cfg, unet_loader=load_pruned_unet)
 
 
+@pytest.mark.slow  # three training runs: 18-30 s
 def test_distillation_target_is_the_teachers_prediction(tiny_base, shapes_data, tmp_path):
     """A base distilled from itself starts at zero loss (the LoRA starts as the identity); weight 0.5 halves the
     residual to the denoising target, so the first step's loss is a quarter of plain training's on the same batch."""
