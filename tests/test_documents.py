@@ -77,7 +77,7 @@ def _dataset() -> DatasetMetadata:
 
 def _checkpoint() -> CheckpointState:
     groups = ({"lr": 1e-4, "betas": [0.9, 0.999], "params": [0, 1]},)
-    return CheckpointState(step=3, config={"rank": 4}, optimizer=OptimizerRest(groups, {"0.step": 3.0}),
+    return CheckpointState(step=3, optimizer=OptimizerRest(groups, {"0.step": 3.0}), config={"rank": 4},
                            base_sha256=SHA, dataset_sha256=SHA, loss=0.25, files={"trainable.safetensors": SHA})
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from sdedge.runtime.documents import DocumentType, Legacy
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.files import atomic_write_bytes, staged_dir
-from sdedge.runtime.strict import NonNegative, to_dict
+from sdedge.runtime.strict import NonNegative, from_dict, to_dict
 
 from .hashing import sha256_bytes, sha256_file
 
@@ -54,12 +54,13 @@ class CheckpointState:
     """state.json: where the run was, what it trained on (checked on resume) and the SHA-256 of the tensor files."""
 
     step: NonNegative
-    config: dict[str, Any]  # the run's TrainConfig (to_dict)
     optimizer: OptimizerRest
+    config: dict[str, Any] = field(default_factory=dict)  # the run's TrainConfig (to_dict)
     world_size: int = 1
     base_sha256: str | None = None
     dataset_sha256: str | None = None
     teacher_sha256: str | None = None  # --distill-from's; None without one (and before distillation existed)
+    prior: dict[str, Any] | None = None  # --prior-data's SHA-256, size, path and weight (trainer/prior.py); None without
     loss: float | None = None
     optimizer_kind: str = "adamw"
     scaler: dict[str, Any] | None = None  # the grad scaler's state (fp16 mixed precision)
@@ -122,7 +123,8 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, Any], optimizer_
             data = save(tensors)
             atomic_write_bytes(tmp / name, data)  # fsynced
             files[name] = sha256_bytes(data)
-        doc = CheckpointState(step=step, optimizer=OptimizerRest(**opt_rest), files=files, **state)
+        doc = from_dict(CheckpointState, {"step": step, **state, "optimizer": opt_rest, "files": files},
+                        f"checkpoint of step {step}")
         STATE.write(tmp / "state.json", doc)  # last: its presence says the rest is there
     load_checkpoint(final)  # read back: known good before prune_checkpoints may drop an older one
     return final
