@@ -61,6 +61,13 @@ class DatasetRef:
 
 
 @dataclass(frozen=True)
+class PriorRef(DatasetRef):
+    """The class images of a prior-preservation run (--prior-data, trainer/prior.py) and their loss weight."""
+
+    weight: float
+
+
+@dataclass(frozen=True)
 class LoraShape:
     rank: NonNegative
     alpha: float
@@ -91,6 +98,7 @@ class AdapterDocument:
     toolchain: dict[str, str]
     config: dict[str, Any]  # the run's TrainConfig but resume and overwrite
     distilled_from: TeacherRef | None = None  # --distill-from's teacher (or the LCM teacher); absent before distillation
+    prior: PriorRef | None = None  # --prior-data's class images; absent before prior preservation
 
 
 ADAPTER_JSON = DocumentType(AdapterDocument, "sdedge-adapter", 1, "adapter.json")

@@ -57,6 +57,8 @@ def text_cache(text_encoder, tokenizer, data, device) -> dict:
 class Batches:
     """The tensors of one micro-step on this process, from the plan and the per-slot generators."""
 
+    stream = "sample"  # the label of this stream's seeds (trainer/prior.py's prior batches draw their own)
+
     def __init__(self, cfg, base, data, plan, accelerator, latent_cache):
         self.cfg, self.base, self.data, self.plan = cfg, base, data, plan
         self.acc = accelerator
@@ -82,7 +84,7 @@ class Batches:
         mine = [indices[s] for s in slots]
         latents, noises, timesteps = [], [], []
         for (mean, std), slot in zip(self._stats(mine), slots):
-            g = torch.Generator().manual_seed(seed_for(self.cfg.seed, "sample", micro, slot))
+            g = torch.Generator().manual_seed(seed_for(self.cfg.seed, self.stream, micro, slot))
             z = (mean + std * torch.randn(mean.shape, generator=g)) * self.scaling
             noise = torch.randn(z.shape, generator=g)
             if self.cfg.noise_offset:

@@ -79,6 +79,8 @@ class TrainConfig:
     cache_text_embeddings: bool | None = None
     distill_from: str | None = None
     distill_weight: float = 1.0
+    prior_data: str | None = None
+    prior_weight: float = 1.0
     # latent consistency distillation (--lcm, trainer/lcm.py)
     lcm: bool = False
     lcm_fuse: tuple[str, ...] = ()
@@ -141,6 +143,10 @@ HELP: dict[str, str] = {
                     "`sdedge prune`, with the unpruned parent as teacher)",
     "distill_weight": "with --distill-from: weight of the teacher's prediction in the target (1: distillation only; "
                       "0.5: half the denoising loss)",
+    "prior_data": "prior preservation (DreamBooth): a folder written by `sdedge prepare` from class images the base "
+                  "itself generated; a batch of them joins every step, so the LoRA keeps what the base drew "
+                  "(trainer/prior.py)",
+    "prior_weight": "with --prior-data: weight of the class images' loss (1 as DreamBooth)",
     "lcm": "latent consistency distillation: train an LCM-LoRA so the base samples in 2-8 steps without a guidance "
            "pass (sdedge export --lora OUT/adapter.safetensors:1.0 --scheduler lcm --steps 4 --guidance 1)",
     "lcm_fuse": "with --lcm: LoRAs (FILE:SCALE) fused into the base first, so the LCM-LoRA is distilled from your "
@@ -268,7 +274,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 def _check_lcm(cfg: TrainConfig) -> None:
-    for key in ("distill_from", "train_text_encoder", "min_snr_gamma"):
+    for key in ("distill_from", "train_text_encoder", "min_snr_gamma", "prior_data"):
         _check(not getattr(cfg, key), key, "cannot be used with lcm (latent consistency distillation has its own "
                "teacher, the base, and its own loss)")
     _check(cfg.lcm_ddim_timesteps >= 2, "lcm_ddim_timesteps", "must be at least 2")
@@ -309,6 +315,8 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
                "cannot be used with train_text_encoder (both UNets read the same, frozen, text embeddings)")
     if cfg.lcm:
         _check_lcm(cfg)
+    _check(cfg.prior_data is None or bool(cfg.prior_data), "prior_data", "name a folder written by `sdedge prepare`")
+    _check(cfg.prior_weight > 0, "prior_weight", "must be positive")
     _check(cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
     _check(cfg.noise_offset >= 0, "noise_offset", "must be >= 0")
     _check(cfg.seed >= 0, "seed", "must be >= 0")

@@ -53,7 +53,7 @@ def prepare_out(cfg: TrainConfig, is_main: bool) -> None:
         raise SdedgeError(f"--out {out} holds an earlier run ({', '.join(present)}): pass --resume to continue it "
                           "or --overwrite to start again")
     if present:  # deleted only in a run folder sdedge made, which holds none of the inputs
-        check_sdedge_folder(out, RUN_MARKERS, (cfg.base, cfg.data, cfg.distill_from))
+        check_sdedge_folder(out, RUN_MARKERS, (cfg.base, cfg.data, cfg.distill_from, cfg.prior_data))
     for n in present:
         p = out / n
         shutil.rmtree(p) if p.is_dir() else p.unlink()

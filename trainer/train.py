@@ -1,4 +1,5 @@
-"""`sdedge train`: a LoRA on a Stable Diffusion 1.x base, with accelerate (one CPU, one GPU, or several).
+"""`sdedge train`: a LoRA on a Stable Diffusion 1.x base (SDXL: trainer/sdxl_train.py), with accelerate (one CPU, one
+GPU, or several).
 
     config ─► prepared data (SHA-256 checked) ─► base ─► LoRA (UNet [+ text encoder]) ─► caches
            ─► loop: accumulate micro-batches ─► clip ─► AdamW ─► metrics / progress / validation / checkpoint
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.errors import BadInput, SdedgeError
 from sdedge.runtime.strict import ConfigError, to_dict
 
 from .adapter import adapter_tensors, inject_lora, lora_layers, lora_parameters, write_adapter, write_adapter_json
@@ -29,6 +30,7 @@ from .config import TrainConfig, resolve, save_config
 from .dataset import BatchPlan, load_prepared
 from .hashing import sha256_file
 from .metrics import MetricsLog, Progress, read_metrics
+from .prior import check_prior_resume, prior_batches, prior_record
 from .run_setup import (
     OUTPUTS,
     check_resume,
@@ -78,14 +80,21 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None,
-          unet_key_to_ldm=None) -> TrainResult:
+          unet_key_to_ldm=None, lora_fuser=None) -> TrainResult:
     """Train a LoRA as `cfg` says; returns what was written. `stop_after` (tests) ends the run after that step's
     checkpoint as if it were killed. `unet_loader` reads a pruned base's UNet (trainer/base.py). An SDXL base
-    trains with trainer/sdxl_train.py; `unet_key_to_ldm` (the exporter's key mapping) names its kohya keys."""
+    trains with trainer/sdxl_train.py; `unet_key_to_ldm` (the exporter's key mapping) names its kohya keys.
+    `lcm` distils an LCM-LoRA (trainer/lcm.py); `lora_fuser` (the exporter's fuse) fuses its `lcm_fuse` LoRAs."""
     from .sdxl_train import SdxlTrainer, is_sdxl_base
 
     kw = dict(console=console, stop_after=stop_after, unet_loader=unet_loader)
+    if cfg.lcm:
+        from .lcm import LcmTrainer
+
+        return LcmTrainer(cfg, lora_fuser=lora_fuser, **kw).run()
     if is_sdxl_base(cfg.base):
+        if cfg.prior_data:
+            raise BadInput(f"--prior-data: prior preservation trains SD 1.x bases; {cfg.base} is an SDXL base")
         return SdxlTrainer(cfg, unet_key_to_ldm=unet_key_to_ldm, **kw).run()
     return Trainer(cfg, **kw).run()
 
@@ -99,6 +108,8 @@ class Trainer:
     objective of one micro-batch), `checkpoint_state` / `adapter_document` (what it records). trainer/lcm.py's
     latent consistency distillation is one.
     """
+
+    prior: Batches | None = None  # the prior-preservation stream (build_caches sets it with --prior-data)
 
     def __init__(self, cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None):
         self.t_start = time.perf_counter()
@@ -176,6 +187,7 @@ class Trainer:
             return None, {}
         trainable, opt_state, state = load_checkpoint(checkpoint)
         check_resume(cfg, state, checkpoint, self.base.sha256, self.data.sha256)
+        check_prior_resume(cfg, state, checkpoint)
         if self.teacher is not None and state.get("teacher_sha256") != self.teacher.sha256:
             raise SdedgeError(f"--resume {checkpoint}: the teacher changed since the checkpoint (SHA-256 differs)")
         self.resumed_from = int(state["step"])
@@ -200,6 +212,7 @@ class Trainer:
         self.text_cache = (text_cache(self.text_encoder, self.base.tokenizer, self.data, self.device)
                            if cfg.cache_text_embeddings else None)
         self.batches = Batches(cfg, self.base, self.data, self.plan, self.accelerator, self.latent_cache)
+        self.prior = prior_batches(self)  # --prior-data (trainer/prior.py), else None
 
     def trained_text_encoders(self) -> list:
         """The text encoders that get a LoRA, in order (trainer/sdxl_train.py: both of SDXL's)."""
@@ -238,7 +251,10 @@ class Trainer:
         return {"encoder_hidden_states": self.encode_text(batch.captions)}
 
     def micro_loss(self, micro: int):
-        return self.loss(self.batches(micro))
+        loss = self.loss(self.batches(micro))
+        if self.prior is not None:  # prior preservation: + w · the loss on the base's own class images
+            loss = loss + self.cfg.prior_weight * self.loss(self.prior(micro))
+        return loss
 
     def loss(self, batch: Batch):
         """The denoising loss of one micro-batch (a scalar), with the teacher's target mixed in when distilling."""
@@ -293,7 +309,8 @@ class Trainer:
         acc = self.accelerator
         return {"config": to_dict(self.cfg), "world_size": self.world, "base_sha256": self.base.sha256,
                 "teacher_sha256": self.teacher.sha256 if self.teacher is not None else None,
-                "dataset_sha256": self.data.sha256, "loss": loss, "optimizer_kind": self.optimizer_kind,
+                "dataset_sha256": self.data.sha256, "prior": prior_record(self), "loss": loss,
+                "optimizer_kind": self.optimizer_kind,
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
 
     def checkpoint_now(self, step: int, loss: float) -> None:
@@ -411,6 +428,7 @@ class Trainer:
             "distilled_from": ({"id": teacher.id, "sha256": teacher.sha256, "path": str(teacher.path.resolve()),
                                 "weight": cfg.distill_weight} if teacher is not None else None),
             "dataset": {"sha256": data.sha256, "images": len(data.items), "path": str(Path(cfg.data).resolve())},
+            "prior": prior_record(self),
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "unet_targets": list(cfg.target_modules),
                      "unet_layers": unet_layers,
                      "text_encoder_targets": list(cfg.text_encoder_target_modules) if cfg.train_text_encoder else None,
