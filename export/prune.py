@@ -53,7 +53,21 @@ def _example_inputs(unet, latent_size: int, batch: int = 1):
         "sample": torch.randn(batch, c.in_channels, latent_size, latent_size, generator=g),
         "timestep": torch.full((batch,), 500.0),
         "encoder_hidden_states": torch.randn(batch, 77, c.cross_attention_dim, generator=g),
+        **_added_conditioning(c, batch, latent_size, g),
     }
+
+
+def _added_conditioning(config, batch: int, latent_size: int, g) -> dict:
+    """SDXL's added conditioning (addition_embed_type "text_time"): pooled text embeds (B, P) and the six
+    micro-conditioning time ids (B, 6) at the example's pixel size; nothing for an SD 1.x UNet."""
+    import torch
+
+    if config.addition_embed_type != "text_time":
+        return {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    size = float(latent_size * 8)
+    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1)  # (B, 6)
+    return {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, generator=g), "time_ids": time_ids}}
 
 
 def count_macs_params(unet, inputs) -> tuple[int, int]:
@@ -156,7 +170,7 @@ def prune_unet(pipe, ratio: float, criterion: str = "magnitude", *, latent_size:
             x = _example_inputs(unet, latent_size, batch=2)
             noise = torch.randn(x["sample"].shape, generator=g)
             x["timestep"] = torch.randint(0, 1000, (2,), generator=g).float()
-            out = unet(x["sample"] + noise, x["timestep"], x["encoder_hidden_states"]).sample
+            out = unet(**{**x, "sample": x["sample"] + noise}).sample
             torch.nn.functional.mse_loss(out, noise).backward()
     graph = tp.DependencyGraph().build_dependency(unet, example_inputs=inputs)
     for layer, fn, idxs in _plan(unet, graph, importance, ratio, round_to or (unet.config.norm_num_groups or 32)):

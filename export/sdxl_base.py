@@ -571,12 +571,18 @@ def load_sdxl_folder(source: Path, allow_pickle: bool):
     from diffusers import StableDiffusionXLPipeline
 
     from .base_io import _quiet, check_folder_weights, finish_loading
+    from .markers import read_pruned_marker
 
     source = Path(source)
     _check_sdxl_folder(source, "base")
     meta = _meta_models(source)
     _check_unet_conditioning(meta["unet"].config, source)
-    load_kwargs = check_folder_weights(source, allow_pickle, meta)
+    pruned = read_pruned_marker(source) is not None  # `sdedge prune`: its UNet is narrower than its config says
+    load_kwargs = check_folder_weights(source, allow_pickle, meta, skip=("unet",) if pruned else ())
+    if pruned:
+        from .pruned_unet import load_pruned_unet
+
+        load_kwargs["unet"] = load_pruned_unet(source / "unet")
     try:
         with _quiet(), _quiet_transformers():
             pipe = StableDiffusionXLPipeline.from_pretrained(str(source), local_files_only=True, add_watermarker=False,
