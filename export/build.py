@@ -18,6 +18,7 @@ from sdedge.runtime.files import check_replaceable
 from sdedge.runtime.manifest import Manifest
 from sdedge.runtime.stages import Stages
 
+from . import openvino_int8
 from . import pipeline_base as base
 from . import pipeline_parity as parity
 from . import pipeline_precision as precision
@@ -29,6 +30,7 @@ from .pipeline_run import ExportRun, Stage, run_stages
 PRECISION: tuple[Stage, ...] = (
     precision.open_work,  # a work folder; the fp32 manifest kept
     precision.calibrate,  # int8: the UNet's inputs from the fp32 bundle
+    openvino_int8.int8_ir,  # int8, --int8-method openvino: the UNet's OpenVINO IR, gated (the QDQ stages then pass)
     precision.transform_components,  # each component to its precision (export/quantize.py)
     precision.speed_gates,  # optimised vs fp32 UNet per backend
     precision.parity_gates,  # cosines vs the fp32 truth per backend; the preferred backend

@@ -1,7 +1,7 @@
 """Static int8 of the UNet as OpenVINO's own model: NNCF applied to the OpenVINO model read from the fp32 bundle's
 ONNX (`sdedge export --precision int8 --int8-method openvino`).
 
-    fp32 bundle ─► calibration: UNet inputs of the bundle's own generations (calibration.collect, ONNX Runtime fp32)
+    fp32 bundle ─► calibration: UNet inputs of the bundle's own generations (pipeline_precision.calibrate, ONNX Runtime)
                 ─► core.read_model(unet/model.onnx) ─► nncf.quantize(ov_model, ..., model_type=TRANSFORMER)
                 ─► unet/openvino_int8.xml + .bin in the bundle (ComponentInfo.openvino_ir), hashed like every file
                 ─► speed gate: the int8 IR against the fp32 ONNX on OpenVINO (at the compute `auto` gives an fp32
@@ -22,7 +22,6 @@ bundle (runtime/backends/select.py int8_ir_gate), so export and runtime cannot d
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import shutil
@@ -31,27 +30,43 @@ from pathlib import Path
 
 from sdedge.runtime.bundle import Bundle
 from sdedge.runtime.errors import MissingDependency
-from sdedge.runtime.files import scratch_dir
 from sdedge.runtime.manifest import BackendHint, Manifest, Precision, PrecisionParity
 from sdedge.runtime.memory import peak_rss_bytes
 
 from .bundle_writer import hash_files, write_manifest
-from .gates import GateFailed, Reference, check_gates, image_psnr, size_report, speed_gate, unet_parity
+from .gates import (
+    GateFailed,
+    Reference,
+    check_gates,
+    engine_for,
+    engine_parity,
+    image_psnr,
+    size_report,
+    speed_gate,
+)
 
 log = logging.getLogger("sdedge.export")
 
 IR_FILES = ("unet/openvino_int8.xml", "unet/openvino_int8.bin")
 
 
+def require() -> None:
+    """Refuse --int8-method openvino up front (before any export work) where OpenVINO or NNCF is missing."""
+    import importlib.util
+
+    missing = [m for m in ("openvino", "nncf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependency(f"--int8-method openvino needs {' and '.join(missing)}: pip install "
+                                "'sdedge[openvino]' nncf")
+
+
 def quantize_unet_ir(onnx_path: Path, calibration, xml_path: Path, *, samples: int) -> int:
     """NNCF's static int8 (TRANSFORMER preset) of the OpenVINO model read from `onnx_path`, calibrated on
     `samples` UNet calls of `calibration`, saved as `xml_path` (+ .bin beside it); returns the calls used."""
-    try:
-        import nncf
-        import openvino as ov
-    except ImportError:
-        raise MissingDependency("--int8-method openvino needs OpenVINO and NNCF: pip install 'sdedge[openvino]' nncf"
-                                ) from None
+    require()
+    import nncf
+    import openvino as ov
+
     from sdedge.runtime.backends.openvino import core
 
     from .quantize import quiet_nncf
@@ -69,52 +84,33 @@ def quantize_unet_ir(onnx_path: Path, calibration, xml_path: Path, *, samples: i
     return len(calib)
 
 
-def _engine(bundle: Bundle, backend: str, hint: str | None = None):
-    info = bundle.manifest.components["unet"]
-    if backend == "openvino":
-        from sdedge.runtime.backends.openvino import OvEngine
-
-        return OvEngine(bundle, "unet", info, cache_dir=None, precision_hint=hint)
-    from sdedge.runtime.backends.onnxruntime import OrtEngine
-
-    return OrtEngine(bundle, "unet", info, ["CPUExecutionProvider"], cache_dir=None)
-
-
-def fp32_view(bundle: Bundle) -> Bundle:
-    """The same bundle as OpenVINO sees it without the IR: the fp32 ONNX UNet (the speed gate's baseline)."""
+def fp32_view(bundle: Bundle, hint: str) -> Bundle:
+    """The same bundle as OpenVINO sees it without the IR: the fp32 ONNX UNet, compiled with `hint` (the speed
+    gate's baseline)."""
     m = bundle.manifest
     unet = replace(m.components["unet"], openvino_ir=(), precision=Precision.FP32)
-    return Bundle(root=bundle.root, manifest=replace(m, components={**m.components, "unet": unet}))
+    return Bundle(root=bundle.root, manifest=replace(m, components={**m.components, "unet": unet},
+                                                     backend=BackendHint(openvino_inference_precision=hint)))
 
 
-def apply_int8_ir(stage_dir: Path, manifest: Manifest, reference: Reference, *, precision: Precision = Precision.INT8,
-                  calibration_prompts: tuple[str, ...] = (), calibration_source: str = "", calibration_steps: int = 10,
-                  calibration_size: int | None = None, int8_samples: int = 16, min_cosine: float | None = None,
-                  min_psnr: float | None = None, speed_calls: int = 3, stages=None, **_ignored) -> Manifest:
-    """The int8 bundle of this module (docstring) from the fp32 bundle in `stage_dir`; returns its manifest.
-    Takes apply_precision's keywords (int8_method, sensitivity, backends, pruned do not apply here)."""
-    from .calibration import collect
-
-    stages = stages or (lambda label: contextlib.nullcontext())
-    fp32_manifest = manifest
-    work = scratch_dir(stage_dir.parent, "int8-ir")
-    try:
-        with stages(f"calibration: UNet inputs from {len(calibration_prompts)} prompts"):
-            calibration = collect(stage_dir, calibration_prompts, work / "calibration", steps=calibration_steps,
-                                  timesteps_per_prompt=calibration_steps, size=calibration_size,
-                                  source=calibration_source)
-        unet = manifest.components["unet"]
-        with stages(f"int8 UNet: NNCF on the OpenVINO model ({min(int8_samples, len(calibration))} calls)"):
-            used = quantize_unet_ir(stage_dir / unet.file, calibration, stage_dir / IR_FILES[0], samples=int8_samples)
-        shutil.rmtree(work / "calibration", ignore_errors=True)
-        components = {**manifest.components, "unet": replace(unet, openvino_ir=IR_FILES)}
-        manifest = replace(manifest, precision=Precision.INT8, components=components)
-        manifest = manifest.with_files(hash_files(stage_dir))
-        write_manifest(stage_dir, manifest)
-        return _gates(stage_dir, fp32_manifest, manifest, reference, used=used, min_cosine=min_cosine,
-                      min_psnr=min_psnr, speed_calls=speed_calls, stages=stages, source=calibration_source)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def int8_ir(run) -> None:
+    """Stage (export/build.py PRECISION, after calibrate): `--precision int8 --int8-method openvino` on the fp32
+    bundle in the staging folder: the IR from the calibration data, the manifest, the gates; then
+    `run.precision_done`, so the QDQ transforms and their gates pass (pipeline_precision.generic)."""
+    opts = run.opts
+    if not (run.optimise and opts.precision is Precision.INT8 and opts.int8_method == "openvino"):
+        return
+    unet = run.manifest.components["unet"]
+    with run.stages(f"int8 UNet: NNCF on the OpenVINO model ({min(opts.int8_samples, len(run.calibration))} calls)"):
+        used = quantize_unet_ir(run.tmp / unet.file, run.calibration, run.tmp / IR_FILES[0], samples=opts.int8_samples)
+    shutil.rmtree(run.work / "calibration", ignore_errors=True)  # GBs at SD1.5 sizes: gone before the gates load
+    components = {**run.manifest.components, "unet": replace(unet, openvino_ir=IR_FILES)}
+    manifest = replace(run.manifest, precision=Precision.INT8, components=components).with_files(hash_files(run.tmp))
+    write_manifest(run.tmp, manifest)
+    run.manifest = _gates(run.tmp, run.fp32_manifest, manifest, run.reference, used=used, min_cosine=opts.min_cosine,
+                          min_psnr=opts.min_psnr, speed_calls=opts.speed_calls, stages=run.stages,
+                          source=run.prompts_source)
+    run.precision_done = True
 
 
 def _gates(stage_dir: Path, fp32_manifest: Manifest, manifest: Manifest, reference: Reference, *, used: int,
@@ -128,19 +124,15 @@ def _gates(stage_dir: Path, fp32_manifest: Manifest, manifest: Manifest, referen
     bundle = Bundle(root=stage_dir, manifest=manifest)
     fp32_hint = "bf16" if cpu_has_bf16() else "f32"  # what auto gives an fp32 bundle on OpenVINO here
     with stages("speed gate on openvino (int8 IR vs the fp32 ONNX)"):
-        ov = speed_gate(lambda: _engine(fp32_view(bundle), "openvino", fp32_hint), lambda: _engine(bundle, "openvino"),
-                        feeds, backend="openvino", calls=speed_calls)
+        ov = speed_gate(lambda: engine_for("openvino", fp32_view(bundle, fp32_hint)),
+                        lambda: engine_for("openvino", bundle), feeds, backend="openvino", calls=speed_calls)
     with stages("speed gate on onnxruntime (the fp32 ONNX UNet)"):
-        ort = speed_gate(None, lambda: _engine(bundle, "onnxruntime"), feeds, backend="onnxruntime", calls=speed_calls)
+        ort = speed_gate(None, lambda: engine_for("onnxruntime", bundle), feeds, backend="onnxruntime",
+                         calls=speed_calls)
     log.info("speed gate: OpenVINO int8 IR %.3f s, fp32 ONNX on OpenVINO (%s) %.3f s, ONNX Runtime fp32 %.3f s "
              "per UNet call", ov.seconds, fp32_hint, ov.fp32_seconds, ort.seconds)
     with stages("parity gates on openvino"):
-        engine = _engine(bundle, "openvino")
-        engine.load()
-        raw, gui, n = unet_parity(engine, reference, manifest.defaults.guidance)
-        engine.unload()
-        del engine
-        gc.collect()
+        raw, gui, n = engine_parity("openvino", bundle, reference, manifest.defaults.guidance)
     log.info("parity openvino int8 IR: UNet cosine %.5f, after guidance %.4f", raw, gui)
     parity = PrecisionParity(unet_cosine=round(raw, 6), guided_cosine=round(gui, 6), guidance=manifest.defaults.guidance,
                              samples=n, backend="openvino", min_cosine=min_cosine, min_psnr=min_psnr)
@@ -166,4 +158,4 @@ def _gates(stage_dir: Path, fp32_manifest: Manifest, manifest: Manifest, referen
     return manifest
 
 
-__all__ = ["GateFailed", "IR_FILES", "apply_int8_ir", "fp32_view", "quantize_unet_ir"]
+__all__ = ["GateFailed", "IR_FILES", "fp32_view", "int8_ir", "quantize_unet_ir", "require"]

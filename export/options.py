@@ -34,7 +34,7 @@ class ExportOptions:
     min_cosine: float | None = None  # gate on the UNet's cosine after guidance vs fp32 (reduced precisions, pruning)
     calibration: str | None = None  # prompts file (one per line) for static int8; None: the built-in set
     calibration_steps: int = 10  # steps per calibration prompt (each recorded)
-    int8_method: str = "nncf"  # static int8 quantiser: nncf | ort
+    int8_method: str = "nncf"  # static int8 quantiser: nncf | ort (QDQ ONNX) | openvino (an IR: export/openvino_int8.py)
     int8_samples: int = 16  # UNet calls the quantiser calibrates on, spread over prompts and timesteps
     prune: float = 0.0  # structural pruning ratio of the UNet's channels (torch-pruning)
     prune_criterion: str = "magnitude"
@@ -60,8 +60,12 @@ def check_options(opts: ExportOptions) -> None:
                 "export with --target onnx and run it with --backend onnxruntime --device cuda"
             )
         raise BadInput(f"--target {opts.target!r}: choose onnx or trt")
-    if opts.int8_method not in ("nncf", "ort"):
-        raise BadInput(f"--int8-method {opts.int8_method!r}: choose nncf or ort")
+    if opts.int8_method not in ("nncf", "ort", "openvino"):
+        raise BadInput(f"--int8-method {opts.int8_method!r}: choose nncf, ort or openvino")
+    if opts.int8_method == "openvino" and opts.precision is Precision.INT8:
+        from .openvino_int8 import require
+
+        require()  # OpenVINO and NNCF, before any work
     if opts.prune != 0.0:  # 0: no pruning
         from .prune import check_ratio
 

@@ -385,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-cosine", type=float, default=None,
                    help="gate on the UNet's cosine after guidance against fp32 (e.g. 0.97 for int8, 0.995 for bf16)")
     e.add_argument("--calibration", help="prompts file (one per line) for static int8 (default: a built-in set)")
-    e.add_argument("--int8-method", default="nncf", choices=["nncf", "ort"], help="static int8 quantiser")
+    e.add_argument("--int8-method", default="nncf", choices=["nncf", "ort", "openvino"],
+                   help="static int8 quantiser: nncf / ort write a QDQ ONNX UNet; openvino quantises the OpenVINO "
+                   "model itself (NNCF) and stores its IR beside the fp32 ONNX UNet (fast and exact on VNNI CPUs)")
     e.add_argument("--prune", type=float, default=0.0,
                    help="prune this share of every UNet block's inner widths (torch-pruning; no recovery: see "
                    "`sdedge prune` for the recovery fine-tune)")
