@@ -9,7 +9,8 @@ Two pairs:
 - sd15 (--sd15): SD1.5's VAE decoder architecture (sdedge base sd15-arch's config, seeded random weights) against
   TAESD's architecture (diffusers' AutoencoderTiny defaults, random weights) at 64x64 latents (512x512 images).
   Speed does not depend on the weights' values.
-The figures (median seconds per decode, batch 1) are written with the machine's CPU flags.
+The figures (median seconds per decode, batch 1; the two decoders timed in alternating rounds) are written with
+the machine's CPU flags and load average.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from sdedge.runtime.files import atomic_write_json
 from .machine import describe_machine
 
 
-def ort_seconds(spec, vae, latent: int, threads: int, calls: int, folder: Path) -> float:
-    """Median seconds of one decode (1, C, latent, latent) on ONNX Runtime of `vae` exported through `spec`."""
+def ort_session(spec, vae, latent: int, threads: int, folder: Path):
+    """(ONNX Runtime session, feed) of one decode (1, C, latent, latent) of `vae` exported through `spec`."""
     import onnxruntime as ort
 
     channels = int(vae.config.latent_channels)
@@ -42,22 +43,31 @@ def ort_seconds(spec, vae, latent: int, threads: int, calls: int, folder: Path) 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = threads, 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feed = {"latent_sample": x.numpy()}
-    session.run(None, feed)  # warm-up
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return session, {"latent_sample": x.numpy()}
+
+
+def interleaved_seconds(runs: list, calls: int, rounds: int = 10) -> list[float]:
+    """Median seconds a call of each (session, feed) in `runs`, timed in alternating rounds of calls/rounds calls
+    each, so that a change in the machine's load falls on every decoder alike."""
+    times, rounds = [[] for _ in runs], min(rounds, calls)
+    for session, feed in runs:
+        session.run(None, feed)  # warm-up
+    for _ in range(rounds):
+        for (session, feed), out in zip(runs, times):
+            for _ in range(max(1, calls // rounds)):
+                t0 = time.perf_counter()
+                session.run(None, feed)
+                out.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def time_pair(label: str, full, tiny, latent: int, threads: int, calls: int) -> dict:
     from sdedge.export.specs import SPECS, TINY_VAE_DECODER
 
     with tempfile.TemporaryDirectory(prefix="sdedge-decoder-time-") as tmp:
-        full_s = ort_seconds(SPECS["vae_decoder"], full, latent, threads, calls, Path(tmp))
-        tiny_s = ort_seconds(TINY_VAE_DECODER, tiny, latent, threads, calls, Path(tmp))
+        runs = [ort_session(spec, vae, latent, threads, Path(tmp)) for spec, vae in
+                ((SPECS["vae_decoder"], full), (TINY_VAE_DECODER, tiny))]
+        full_s, tiny_s = interleaved_seconds(runs, calls)
     params = {k: sum(p.numel() for p in m.decoder.parameters()) for k, m in (("full", full), ("tiny", tiny))}
     return {"pair": label, "latent": [latent, latent], "image": latent * int(2 ** (len(full.config.block_out_channels) - 1)),
             "full_seconds": round(full_s, 5), "tiny_seconds": round(tiny_s, 5), "speedup": round(full_s / tiny_s, 2),
