@@ -14,6 +14,16 @@ Stages (each one's result is kept in --work, so a rerun resumes after the last f
                  prompt-match rate per guidance scale, and a grid PNG
   6. ship        weights (fp16) + classifier + tiny-base.json into --out (default tinyworld/data) and a results
                  page into --results (default benchmarks/results/tiny-base)
+  7. lcm         an LCM-LoRA of the shipped base by `sdedge train --lcm` on rendered base-colour scenes, shipped as
+                 tinyworld/data/tiny-lcm-lora.* with its prompt-match curve at 1, 2, 4, 8 LCM steps
+                 (benchmarks/results/tiny-lcm); `--stage lcm` runs only this stage, on the base already shipped
+
+    python scripts/train_tiny_base.py --work /tmp/tiny-work --stage lcm
+  8. decoder     the light AutoencoderTiny decoder of the shipped base by `sdedge distill-decoder`'s recipe
+                 (trainer/decoder_distill.py), shipped as tinyworld/data/tiny-decoder.* with its training record in
+                 benchmarks/results/decoder-time/tiny-decoder-distill.json; `--stage decoder` runs only this stage
+
+    python scripts/train_tiny_base.py --work /tmp/tiny-work --stage decoder
 
 Seeds are fixed: the same torch version on the same machine gives the same weights.
 """
@@ -505,6 +515,81 @@ def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path,
     (results / "record.json").write_text(json.dumps(meta, indent=2, default=list) + "\n", encoding="utf-8")
 
 
+# --- stage 7: the LCM-LoRA ------------------------------------------------------------------------------------
+
+LCM_RUN = dict(rank=8, learning_rate=1e-3, batch_size=8, lcm_guidance_min=5.0, lcm_guidance_max=10.0,
+               format="kohya", lr_warmup_steps=50, seed=0)
+
+
+def stage_lcm(work: Path, out: Path, results: Path, steps: int, images: int) -> dict:
+    """Distil the shipped tiny base's LCM-LoRA (resumable: checkpoints in WORK/lcm-run), pack it into `out`,
+    measure the curve on the packed file and write it to `results` and the note."""
+    from sdedge.benchmarks.tiny_lcm import lcm_curve, write_results
+    from sdedge.export.bases import write_builtin_base
+    from sdedge.export.lora import fuse_loras
+    from sdedge.tinyworld.lcm_lora import pack_lcm_lora, packaged_lcm_lora, record_curve
+    from sdedge.tinyworld.shapes import BASE_COLOURS, write_dataset
+    from sdedge.trainer.config import TrainConfig
+    from sdedge.trainer.lcm import train_lcm
+    from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
+
+    base = work / "lcm-base"
+    if not (base / "model_index.json").is_file():
+        write_builtin_base("tiny", base, overwrite=True)
+    data = work / "lcm-data"
+    if not (data / "metadata.json").is_file():
+        raw = write_dataset(work / "lcm-images", images, colours=BASE_COLOURS, seed=7)
+        prepare_dataset(raw, data, PrepareOptions(resolution=64, dedup=None, overwrite=True))
+    run = work / "lcm-run"
+    resume = "latest" if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()) else None
+    cfg = TrainConfig(base=str(base), data=str(data), out=str(run), lcm=True, max_steps=steps, checkpoint_steps=100,
+                      log_steps=25, tensorboard=False, resume=resume, overwrite=resume is None, **LCM_RUN)
+    t = time.perf_counter()
+    result = train_lcm(cfg, lora_fuser=fuse_loras)
+    log(f"lcm: {result.steps} steps, final loss {result.final_loss:.5f} ({time.perf_counter() - t:.0f} s)")
+    pack_lcm_lora(run, out)
+    curve = lcm_curve(base, packaged_lcm_lora(out))
+    write_results(curve, results)
+    log(f"lcm: base {curve['base']['prompt_match']:.3f}; LCM " +
+        ", ".join(f"{r['steps']} steps {r['prompt_match']:.3f}" for r in curve["lcm"]))
+    return record_curve(curve, out)
+
+
+# --- stage 8: the light decoder ---------------------------------------------------------------------------------
+
+DECODER_RESULTS = REPO / "benchmarks" / "results" / "decoder-time"
+
+
+def stage_decoder(work: Path, out: Path, results: Path, **recipe) -> dict:
+    """Distil the shipped tiny base's AutoencoderTiny decoder (DistillDecoderConfig's defaults: the recipe) and
+    pack it into `out` (fp16 weights + tiny-decoder.json with its SHA-256 and distill report)."""
+    from contextlib import contextmanager
+
+    from sdedge.export.bases import write_builtin_base
+    from sdedge.runtime.files import atomic_write_json
+    from sdedge.trainer.decoder_distill import DistillDecoderConfig, distill_decoder, pack_decoder
+
+    @contextmanager
+    def stage(label):
+        t = time.perf_counter()
+        log(f"decoder: {label}")
+        yield
+        log(f"decoder: {label}: {time.perf_counter() - t:.0f} s")
+
+    base = work / "decoder-base"
+    if not (base / "model_index.json").is_file():
+        write_builtin_base("tiny", base, overwrite=True)
+    given = {k: v for k, v in recipe.items() if v is not None}  # the rest: DistillDecoderConfig's defaults
+    cfg = DistillDecoderConfig(base=str(base), out=str(work / "decoder"), overwrite=True, **given)
+    r = distill_decoder(cfg, stages=stage)
+    log(f"decoder: {r.psnr_vs_full_db:.2f} dB against the full decoder, classifier agreement "
+        f"{r.classifier_agreement:.1%}, {r.decoder_parameters} decoder parameters, {r.seconds:.0f} s")
+    note = pack_decoder(work / "decoder", out)
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results / "tiny-decoder-distill.json", note["distill"])
+    return note
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="folder for the stages' results (resumable)")
@@ -516,6 +601,15 @@ def main(argv=None) -> int:
     ap.add_argument("--widen-steps", type=int, default=600)
     ap.add_argument("--classifier-steps", type=int, default=800)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stage", choices=("all", "lcm", "decoder"), default="all",
+                    help="lcm: only the LCM-LoRA of the shipped base; decoder: only its light decoder")
+    ap.add_argument("--decoder-steps", type=int, help="default: DistillDecoderConfig's")
+    ap.add_argument("--decoder-latents", type=int, help="training generations (default: DistillDecoderConfig's)")
+    ap.add_argument("--decoder-blocks", help="blocks per decoder stage, e.g. 2,1,1 (default: DistillDecoderConfig's)")
+    ap.add_argument("--decoder-results", type=Path, default=DECODER_RESULTS)
+    ap.add_argument("--lcm-steps", type=int, default=800)
+    ap.add_argument("--lcm-images", type=int, default=1024)
+    ap.add_argument("--lcm-results", type=Path, default=REPO / "benchmarks" / "results" / "tiny-lcm")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     smoke = args.scale < 1.0
@@ -523,6 +617,20 @@ def main(argv=None) -> int:
         args.out = args.work / "ship"
         args.results = args.work / "results"
     args.work.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        args.lcm_results = args.work / "results-lcm"
+    blocks = tuple(int(b) for b in args.decoder_blocks.split(",")) if args.decoder_blocks else None
+    decoder_run = dict(steps=args.decoder_steps and max(20, int(args.decoder_steps * args.scale)),
+                       latents=args.decoder_latents, blocks=blocks)
+    if smoke:  # a few short generations
+        decoder_run.update(latents=args.decoder_latents or 16, eval_latents=8, gen_steps=2)
+    decoder_results = args.work / "results-decoder" if smoke else args.decoder_results
+    if args.stage == "decoder":
+        stage_decoder(args.work, args.out, decoder_results, **decoder_run)
+        return 0
+    if args.stage == "lcm":
+        stage_lcm(args.work, args.out, args.lcm_results, max(20, int(args.lcm_steps * args.scale)), args.lcm_images)
+        return 0
     t0 = time.perf_counter()
     n = lambda s: max(20, int(s * args.scale))  # noqa: E731
     x_train, x_val, c_train, c_val = stage_data(args.work, 20000 if not smoke else 2000, 512)
@@ -538,6 +646,9 @@ def main(argv=None) -> int:
               "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
               "threads": args.threads, "command": " ".join(sys.argv[1:])}
     stage_ship(args.out, args.results, unet, vae, text_encoder, tok_dir, classifier, record)
+    if not smoke:  # the LCM-LoRA distils the base just shipped (write_builtin_base reads the package data)
+        stage_lcm(args.work, args.out, args.lcm_results, args.lcm_steps, args.lcm_images)
+        stage_decoder(args.work, args.out, decoder_results, **decoder_run)
     log(f"done in {record['seconds_total']:.0f} s")
     return 0
 

@@ -77,16 +77,11 @@ def _ldm_key_mapping():
 
 def cmd_train(args) -> int:
     from sdedge.trainer.config import config_from_args
+    from sdedge.trainer.train import train
 
     cfg = config_from_args(args, args.config)
-    if cfg.lcm:
-        from sdedge.trainer.lcm import train_lcm
-
-        result = train_lcm(cfg, console=console, unet_loader=_pruned_unet_loader(), lora_fuser=_lora_fuser())
-    else:
-        from sdedge.trainer.train import train
-
-        result = train(cfg, console=console, unet_loader=_pruned_unet_loader(), unet_key_to_ldm=_ldm_key_mapping())
+    result = train(cfg, console=console, unet_loader=_pruned_unet_loader(), unet_key_to_ldm=_ldm_key_mapping(),
+                   lora_fuser=_lora_fuser() if cfg.lcm else None)
     if _is_main_process():
         console.print(f"adapter written to [bold]{result.adapter}[/bold]: {result.steps} steps, final loss "
                       f"{result.final_loss:.4f}, {result.seconds:.1f} s"

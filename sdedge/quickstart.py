@@ -1,9 +1,14 @@
 """`sdedge quickstart`: the whole flow on the built-in trained tiny base, in a few minutes on a laptop CPU.
 
     base tiny ─► export (fp32, parity vs diffusers)                       ─► "before" images of a new concept
-    concept images ("a purple …", a colour the base never saw) ─► prepare ─► train a LoRA
-    ─► export with the LoRA fused (fp32, then int8) ─► sign with a fresh key ─► verify
-    ─► generate (signature required) ─► prompt-match rates before/after, int8 vs fp32 PSNR ─► bench ─► summary.json
+    concept images ("a purple …", a colour the base never saw) + the base's own class images of the base colours
+    ─► prepare ─► train a LoRA (prior preservation; the recipe and its experiments: sdedge/quickstart_lora.py)
+    ─► export with the LoRA fused (fp32) ─► sign with a fresh key ─► generate (signature required)
+    ─► the optimised bundle: int8, else bf16, kept only when the export's speed gate measures it faster here and its
+       prompt match stays within 0.05 of fp32's (else fp32, with why) ─► prompt-match rates (new colour, base
+       colours) of base, LoRA fp32 and optimised ─► bench
+    ─► fast mode: the base with its shipped LCM-LoRA and tiny decoder, 4 LCM steps at guidance 1, against the
+       20-step bundle (seconds per image and prompt match on the base captions) ─► summary.json
 """
 
 from __future__ import annotations
@@ -20,33 +25,24 @@ from rich.table import Table
 
 from sdedge.runtime.stages import Stages
 
-SEEDS = (11, 12)
-CONCEPT_IMAGES = 96
-LORA_STEPS = 300
-
-
-def concept_prompts() -> list[str]:
-    """Every shape on every base background, in the colour the base never saw."""
-    from sdedge.tinyworld.shapes import BASE_COLOURS, NEW_COLOUR, SHAPES, caption
-
-    return [caption(s, NEW_COLOUR, b) for s in SHAPES for b in BASE_COLOURS]
+from .quickstart_lora import (
+    CONCEPT_IMAGES,
+    LORA_STEPS,
+    SEEDS,
+    base_colour_prompts,
+    choose_optimised,
+    class_prompts,
+    concept_prompts,
+    generate,
+    lora_config,
+    rates,
+    write_prior_data,
+)
 
 
 def base_prompts() -> list[str]:
     return ["a red circle on a blue background", "a yellow triangle on a black background",
             "a green square on a white background", "a blue circle on a yellow background"]
-
-
-def _generate(pipe, prompts: list[str], seeds=SEEDS) -> np.ndarray:
-    """uint8 (len(prompts) · len(seeds), H, W, 3), prompt-major; 4 prompts a call (the bundle's batch limit of 8
-    counts the unconditional half)."""
-    from sdedge.runtime.pipeline import to_uint8
-
-    out = []
-    for prompt in prompts:
-        for seed in seeds:
-            out.append(to_uint8(pipe.generate(prompt, seed=seed).images)[0])
-    return np.stack(out)
 
 
 def _grid_png(rows: list[tuple[str, np.ndarray]], prompts: list[str], path: Path, scale: int = 2) -> None:
@@ -58,6 +54,46 @@ def _grid_png(rows: list[tuple[str, np.ndarray]], prompts: list[str], path: Path
                              GridLayout(cell=cell, label_w=110)), path)
 
 
+def _time_and_match(bundle: Path, prompts: list[str], classifier) -> dict:
+    """Seconds per image (after one warm-up image) and prompt match of a bundle at its defaults, one image a prompt."""
+    from sdedge.runtime.pipeline import Pipeline, to_uint8
+    from sdedge.tinyworld.classifier import match_rate
+
+    pipe = Pipeline.load(bundle, verify="off")
+    try:
+        pipe.generate(prompts[0], seed=0)
+        t0 = time.perf_counter()
+        images = [to_uint8(pipe.generate(p, seed=i).images)[0] for i, p in enumerate(prompts)]
+        seconds = (time.perf_counter() - t0) / len(prompts)
+        d = pipe.manifest.defaults
+    finally:
+        pipe.close()
+    return {"scheduler": d.scheduler, "steps": d.steps, "guidance": d.guidance, "seconds_per_image": round(seconds, 4),
+            "prompt_match": round(match_rate(classifier, images, prompts), 3), "images": len(prompts)}
+
+
+def fast_mode(base_dir: Path, bundle_base: Path, out: Path, classifier) -> dict:
+    """Export the fast bundle of the tiny base (its shipped LCM-LoRA fused, LCM 4 steps, guidance 1, the shipped tiny
+    decoder) and measure it against the 20-step bundle on every third base caption."""
+    from sdedge.export.build import ExportOptions, export_bundle
+    from sdedge.tinyworld.classifier import base_captions
+    from sdedge.tinyworld.lcm_lora import packaged_lcm_lora
+    from sdedge.trainer.decoder_distill import write_packaged_decoder
+
+    decoder = write_packaged_decoder(out / "tiny-decoder", overwrite=True)
+    manifest = export_bundle(base_dir, out / "bundle-fast", ExportOptions(
+        loras=((str(packaged_lcm_lora()), 1.0),), default_scheduler="lcm", default_steps=4, default_guidance=1.0,
+        decoder=str(decoder), overwrite=True))
+    prompts = base_captions()[::3]
+    base, fast = _time_and_match(bundle_base, prompts, classifier), _time_and_match(out / "bundle-fast", prompts,
+                                                                                    classifier)
+    p = manifest.parity
+    return {"bundle": str(out / "bundle-fast"), "base_20_steps": base, "fast": fast,
+            "speedup": round(base["seconds_per_image"] / fast["seconds_per_image"], 2),
+            "parity_image_psnr_db": p.image.psnr_db if p.image else None,
+            "decoder_psnr_vs_full_db": p.decoder.psnr_vs_full_db if p.decoder else None}
+
+
 def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict:
     from sdedge.benchmarks.bench import psnr
     from sdedge.export.bases import write_builtin_base
@@ -65,12 +101,10 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     from sdedge.export.signing import keygen, sign
     from sdedge.runtime.errors import SdedgeError
     from sdedge.runtime.files import atomic_write_text
-    from sdedge.runtime.manifest import Precision
     from sdedge.runtime.pipeline import Pipeline
     from sdedge.runtime.signing import verify_bundle
-    from sdedge.tinyworld.classifier import load_classifier, match_rate
+    from sdedge.tinyworld.classifier import load_classifier
     from sdedge.tinyworld.shapes import NEW_COLOUR, write_dataset
-    from sdedge.trainer.config import TrainConfig
     from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
     from sdedge.trainer.train import train
 
@@ -81,70 +115,66 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
     t_start = time.perf_counter()
     stages = Stages(console)
     base_dir, keys_dir = out / "tiny-base", out / "keys"
-    bundle_base, bundle, bundle_int8 = out / "bundle-base", out / "bundle", out / "bundle-int8"
+    bundle_base, bundle = out / "bundle-base", out / "bundle"
     images_dir = out / "images"
     images_dir.mkdir(exist_ok=True)
     classifier = load_classifier()
     prompts = concept_prompts()
-    tag = lambda p: [p_ for p_ in p for _ in SEEDS]  # noqa: E731 - one prompt per generated image
 
-    with stages("1/9 write the built-in trained tiny base (64×64 coloured shapes)"):
+    with stages("1/10 write the built-in trained tiny base (64×64 coloured shapes)"):
         write_builtin_base("tiny", base_dir, overwrite=True)
-    with stages("2/9 export the base to an ONNX bundle (parity checked against diffusers)"):
+    with stages("2/10 export the base to an ONNX bundle (parity checked against diffusers)"):
         manifest_base = export_bundle(base_dir, bundle_base, ExportOptions(overwrite=True))
-    with stages(f"3/9 before: the base draws '{NEW_COLOUR}', a colour it never saw"):
+    with stages(f"3/10 before: the base draws '{NEW_COLOUR}' (a colour it never saw) and the base colours"):
         pipe = Pipeline.load(bundle_base, verify="off")
-        before = _generate(pipe, prompts)
-        base_imgs = _generate(pipe, base_prompts(), seeds=SEEDS[:1])
+        before = rates(pipe, classifier)
+        base_imgs = generate(pipe, base_prompts(), seeds=SEEDS[:1])
+    with stages(f"4/10 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and the base's own images of "
+                f"{len(class_prompts())} other base captions (prior preservation); prepare both"):
+        prior = write_prior_data(pipe, out)
         pipe.close()
-        match_base = match_rate(classifier, before, tag(prompts))
-        match_base_known = match_rate(classifier, base_imgs, base_prompts())
-    with stages(f"4/9 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and prepare them"):
         raw = write_dataset(out / "concept-images", CONCEPT_IMAGES, colours=(NEW_COLOUR,), seed=5)
         prepare_dataset(raw, out / "concept-data", PrepareOptions(resolution=64, dedup=None, overwrite=True))
-    with stages(f"5/9 train a LoRA on the new colour ({LORA_STEPS} steps)"):
-        cfg = TrainConfig(base=str(base_dir), data=str(out / "concept-data"), out=str(out / "lora"),
-                          rank=8, learning_rate=1e-3, batch_size=8, max_steps=LORA_STEPS,
-                          train_text_encoder=True, lr_warmup_steps=10, seed=0, tensorboard=False,
-                          progress=False, log_steps=25, overwrite=True)
-        trained = train(cfg, console=console)
-    with stages("6/9 export with the LoRA fused: fp32, then int8 (parity and speed gates)"):
+    with stages(f"5/10 train a LoRA on the new colour ({LORA_STEPS} steps, with the base's images as its prior)"):
+        trained = train(lora_config(base_dir, out / "concept-data", prior, out / "lora"), console=console)
+    with stages("6/10 export with the LoRA fused (fp32, parity gated) and sign it with a fresh key"):
         manifest = export_bundle(base_dir, bundle, ExportOptions(loras=((str(trained.adapter), 1.0),),
                                                                  overwrite=True))
-        manifest_int8 = export_bundle(bundle, bundle_int8, ExportOptions(precision=Precision.INT8, overwrite=True))
-    with stages("7/9 sign both bundles with a fresh key and verify"):
         shutil.rmtree(keys_dir, ignore_errors=True)
         keys = keygen(keys_dir)
-        for b in (bundle, bundle_int8):
-            sign(b, key=keys.private)
+        sign(bundle, key=keys.private)
         signer = verify_bundle(bundle, public_key=keys.public)
-        verify_bundle(bundle_int8, public_key=keys.public)
-    with stages("8/9 after: generate with the LoRA bundles (signature required)"):
-        imgs = {}
-        for name, b in (("fp32", bundle), ("int8", bundle_int8)):
-            pipe = Pipeline.load(b, verify="required", public_key=keys.public)
-            imgs[name] = _generate(pipe, prompts)
-            pipe.close()
-        match_lora = match_rate(classifier, imgs["fp32"], tag(prompts))
-        match_int8 = match_rate(classifier, imgs["int8"], tag(prompts))
-        int8_psnr = float(np.mean([psnr(a / 255.0, b / 255.0) for a, b in zip(imgs["int8"], imgs["fp32"])]))
-        first = slice(0, None, len(SEEDS))  # one image per prompt in the grid
-        _grid_png([("base", before[first]), ("LoRA fp32", imgs["fp32"][first]), ("LoRA int8", imgs["int8"][first])],
-                  prompts, images_dir / "before-after.png")
+    with stages("7/10 after: the LoRA bundle draws both colour sets (signature required)"):
+        lora = _signed_rates(bundle, keys, classifier)
+    with stages("8/10 the optimised bundle: int8, else bf16, kept when the export's speed gate measures it faster "
+                "here and its prompt match stays within 0.05 of fp32's (signed, signature required)"):
+        opt = choose_optimised(bundle, out, lora,
+                               lambda b: (sign(b, key=keys.private), _signed_rates(b, keys, classifier))[1])
+        opt_rates = opt.rates or lora
+        opt_label = f"LoRA {opt.precision}" + (" (optimised)" if opt.rates else " (kept: nothing faster)")
+        opt_psnr = (float(np.mean([psnr(a / 255.0, b / 255.0) for a, b in zip(opt_rates.new_images, lora.new_images)]))
+                    if opt.rates else None)
+        first = slice(0, None, len(SEEDS))  # one image per prompt in the grids
+        _grid_png([("base", before.new_images[first]), ("LoRA fp32", lora.new_images[first]),
+                   (opt_label, opt_rates.new_images[first])], prompts, images_dir / "before-after.png")
+        _grid_png([("base", before.base_images[first]), ("LoRA fp32", lora.base_images[first]),
+                   (opt_label, opt_rates.base_images[first])], base_colour_prompts(), images_dir / "base-colours.png")
         _grid_png([("base", base_imgs)], base_prompts(), images_dir / "base.png", scale=3)
-    with stages("9/9 bench the base bundle against diffusers on the same weights and latents"):
+    with stages("9/10 bench the base bundle against diffusers on the same weights and latents"):
         from sdedge.benchmarks.bench import quick_bench
 
         with warnings.catch_warnings():  # "not signed": bundle-base is the unsigned "before" bundle
             warnings.simplefilter("ignore")
             report = quick_bench(bundle_base, base_dir, out / "bench", runs=4, steps=20,
                                  prompts=tuple(base_prompts()))
+    with stages("10/10 fast mode: the shipped LCM-LoRA and tiny decoder, 4 LCM steps at guidance 1, vs 20 steps"):
+        fast = fast_mode(base_dir, bundle_base, out, classifier)
 
     e = engine_of(report)
     summary = {
         "base": str(base_dir),
         "bundle": str(bundle),
-        "bundle_int8": str(bundle_int8),
+        "bundle_optimised": str(opt.bundle),
         "bundle_base": str(bundle_base),
         "signature": str(bundle / "model.sig"),
         "signer": signer.describe(),
@@ -152,22 +182,29 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
         "new_concept": NEW_COLOUR,
         "concept_prompts": len(prompts),
         "images_per_rate": len(prompts) * len(SEEDS),
-        "match_rate_base": round(match_base, 3),
-        "match_rate_lora": round(match_lora, 3),
-        "match_rate_lora_int8": round(match_int8, 3),
-        "match_rate_base_known_colours": round(match_base_known, 3),
-        "int8_psnr": round(int8_psnr, 2),
-        "int8_size_ratio": _size_ratio(manifest_int8),
+        "images_per_base_colour_rate": len(base_colour_prompts()) * len(SEEDS),
+        "match_rate_base": round(before.new, 3),
+        "match_rate_lora": round(lora.new, 3),
+        "match_rate_optimised": round(opt_rates.new, 3),
+        "match_rate_base_known_colours": round(before.base, 3),
+        "match_rates": {"base": before.figures(), "lora_fp32": lora.figures(), "optimised": opt_rates.figures()},
+        "optimised": {"precision": opt.precision, "reason": opt.reason, "speed_ratio": opt.speed_ratio,
+                      "backend": opt.backend, "tried": list(opt.tried),
+                      "psnr_vs_fp32_db": round(opt_psnr, 2) if opt_psnr is not None else None,
+                      "size_ratio": _size_ratio(opt.manifest) if opt.manifest is not None else None},
+        "prior_images": len(class_prompts()),
         "parity_image_psnr_db": manifest_base.parity.image.psnr_db if manifest_base.parity.image else None,
         "parity_lora_image_psnr_db": manifest.parity.image.psnr_db if manifest.parity.image else None,
         "parity_max_abs_err": {k: v.max_abs_err for k, v in manifest_base.parity.components.items()},
         "lora_steps": trained.steps,
         "lora_final_loss": round(trained.final_loss, 4),
-        "images": {"before_after": str(images_dir / "before-after.png"), "base": str(images_dir / "base.png")},
+        "images": {"before_after": str(images_dir / "before-after.png"), "base": str(images_dir / "base.png"),
+                   "base_colours": str(images_dir / "base-colours.png")},
         "bench": str(out / "bench" / "report.md"),
         "bench_speedup_vs_diffusers": e["speedup_vs_reference"]["median"],
         "bench_psnr_db": e["parity"]["psnr_db"]["median"],
         "bench_prompt_match": (e.get("prompt_match") or {}).get("rate"),
+        "fast_mode": fast,
         "stage_seconds": {k: round(v, 2) for k, v in stages.seconds.items()},
         "seconds_total": round(time.perf_counter() - t_start, 1),
     }
@@ -175,14 +212,25 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
 
     table = Table("what", "where / figure")
     table.add_row("base model (diffusers layout)", str(base_dir))
-    table.add_row("LoRA bundle, fp32 / int8 (ONNX + sdedge.json)", f"{bundle} / {bundle_int8}")
+    table.add_row(f"LoRA bundle fp32 / optimised: {opt.precision} (ONNX + sdedge.json)", f"{bundle} / {opt.bundle}")
+    table.add_row("why that optimised bundle (the export's speed gate)", opt.reason)
     table.add_row(f"signatures ({signer.describe()})", str(bundle / "model.sig"))
-    table.add_row("before / after grid (base, LoRA fp32, LoRA int8)", str(images_dir / "before-after.png"))
-    table.add_row(f"prompt match on '{NEW_COLOUR}' prompts: base → LoRA",
-                  f"{match_base:.0%} → {match_lora:.0%} (int8 {match_int8:.0%}; {summary['images_per_rate']} images)")
-    table.add_row("prompt match of the base on colours it knows", f"{match_base_known:.0%}")
-    table.add_row("int8 vs fp32 (same latents)", f"{int8_psnr:.1f} dB PSNR")
+    table.add_row(f"grids: '{NEW_COLOUR}' / base colours (rows base, LoRA fp32, LoRA {opt.precision})",
+                  f"{images_dir / 'before-after.png'} / {images_dir / 'base-colours.png'}")
+    n_new, n_base = summary["images_per_rate"], summary["images_per_base_colour_rate"]
+    for label, r in (("base", before), ("LoRA fp32", lora), (f"LoRA {opt.precision} (optimised)", opt_rates)):
+        table.add_row(f"prompt match, {label}: '{NEW_COLOUR}' ({n_new} images) / base colours ({n_base})",
+                      f"{r.new:.0%} / {r.base:.0%}")
+    if opt_psnr is not None:
+        table.add_row(f"{opt.precision} vs fp32 (same latents)", f"{opt_psnr:.1f} dB PSNR")
     table.add_row("bench report (vs diffusers)", str(out / "bench" / "report.md"))
+    b20, f4 = fast["base_20_steps"], fast["fast"]
+    table.add_row(f"base bundle, {b20['steps']} {b20['scheduler']} steps, guidance {b20['guidance']:g}",
+                  f"{b20['seconds_per_image']:.3f} s / image, prompt match {b20['prompt_match']:.0%} "
+                  f"({b20['images']} base captions)")
+    table.add_row(f"fast bundle (LCM-LoRA + tiny decoder), {f4['steps']} {f4['scheduler']} steps, guidance "
+                  f"{f4['guidance']:g}", f"{f4['seconds_per_image']:.3f} s / image ({fast['speedup']:.1f}× faster), "
+                  f"prompt match {f4['prompt_match']:.0%}; {fast['bundle']}")
     table.add_row("summary", str(out / "summary.json"))
     console.print(table)
     if manifest_base.parity.image:
@@ -194,6 +242,17 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
                   f"sdedge generate {bundle} \"a {NEW_COLOUR} circle on a white background\" --out out.png "
                   f"--public-key {keys.public}")
     return summary
+
+
+def _signed_rates(bundle: Path, keys, classifier):
+    """The prompt-match rates of a bundle loaded with its signature required (sdedge/quickstart_lora.py `rates`)."""
+    from sdedge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(bundle, verify="required", public_key=keys.public)
+    try:
+        return rates(pipe, classifier)
+    finally:
+        pipe.close()
 
 
 def _size_ratio(derived) -> float | None:

@@ -1,9 +1,15 @@
 """`sdedge quickstart` end to end in a fresh process, as a new user runs it."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
+
+# Floors measured on the 2-core machine (docs/tiny-base.md, "Teaching it purple"): issue 23 asks for 0.85 on the new
+# colour and a drift of at most 0.05 on the base colours.
+NEW_COLOUR_FLOOR = 0.85
+BASE_DRIFT_CAP = 0.05
 
 
 @pytest.mark.slow
@@ -17,16 +23,39 @@ def test_quickstart_end_to_end(tmp_path):
     from PIL import Image
 
     assert Image.open(summary["images"]["before_after"]).size[0] > 64 * 18
-    # the LoRA teaches the colour the base never saw; the base still draws the colours it knows
-    print("\nquickstart summary:", {k: summary[k] for k in ("match_rate_base", "match_rate_lora",
-                                                          "match_rate_lora_int8", "match_rate_base_known_colours",
-                                                          "int8_psnr", "int8_size_ratio", "seconds_total")})
-    assert summary["match_rate_lora"] >= summary["match_rate_base"] + 0.1, summary
-    assert summary["match_rate_base_known_colours"] >= 0.5
-    assert summary["int8_psnr"] >= 15 and summary["parity_lora_image_psnr_db"] >= 40
+    assert Image.open(summary["images"]["base_colours"]).size[0] > 64 * 30
+    # issue 23: the LoRA teaches the colour the base never saw (36 images), keeps the base colours (30 captions x 2
+    # seeds), and the optimised bundle is the one the speed gate measured faster, as good as fp32
+    rates, opt = summary["match_rates"], summary["optimised"]
+    print("\nquickstart summary:", rates, opt, summary["seconds_total"])
+    assert summary["images_per_rate"] == 36 and summary["images_per_base_colour_rate"] == 60
+    assert rates["base"]["new_colour"] <= 0.5 and rates["base"]["base_colours"] >= 0.75, rates
+    assert rates["lora_fp32"]["new_colour"] >= NEW_COLOUR_FLOOR, rates
+    assert rates["lora_fp32"]["base_colours"] >= rates["base"]["base_colours"] - BASE_DRIFT_CAP, rates
+    if opt["precision"] == "fp32":  # nothing reduced was faster here: the reason names each candidate's speed
+        assert opt["speed_ratio"] is None and all(" not faster here" in t or "off by" in t for t in opt["tried"])
+        assert rates["optimised"] == rates["lora_fp32"] and opt["reason"].startswith("kept the fp32 bundle")
+    else:
+        assert opt["speed_ratio"] > 1.0 and opt["precision"] in ("int8", "bf16"), opt
+        for k in ("new_colour", "base_colours"):
+            assert abs(rates["optimised"][k] - rates["lora_fp32"][k]) <= 0.05, rates
+        assert (out / f"bundle-{opt['precision']}" / "model.sig").is_file()
+    assert summary["parity_lora_image_psnr_db"] >= 40
     assert summary["bench_prompt_match"] is not None
-    for b in ("bundle", "bundle_int8"):
-        assert (out / b.replace("_", "-") / "sdedge.json").is_file() and (out / b.replace("_", "-") / "model.sig").is_file()
+    # fast mode: the shipped LCM-LoRA and tiny decoder at 4 LCM steps and guidance 1, beside the 20-step bundle
+    fast = summary["fast_mode"]
+    b20, f4 = fast["base_20_steps"], fast["fast"]
+    print("fast mode:", fast)
+    assert (b20["steps"], f4["steps"], f4["scheduler"], f4["guidance"]) == (20, 4, "lcm", 1.0)
+    assert b20["images"] == f4["images"] == 30
+    assert 0 < f4["seconds_per_image"] < b20["seconds_per_image"] and fast["speedup"] >= 2.0, fast
+    # the shipped LCM-LoRA's own figures are in benchmarks/results/tiny-lcm (30 captions here: a coarse rate)
+    assert f4["prompt_match"] >= 0.4 and b20["prompt_match"] >= 0.6, fast
+    assert fast["parity_image_psnr_db"] >= 40 and fast["decoder_psnr_vs_full_db"] >= 20, fast
+    assert (out / "bundle-fast" / "sdedge.json").is_file()
+    assert "10/10 fast mode" in r.stderr
+    for b in ("bundle", "bundle_optimised"):
+        assert (Path(summary[b]) / "sdedge.json").is_file() and (Path(summary[b]) / "model.sig").is_file()
     assert (out / "tiny-base" / "model_index.json").is_file()
     assert summary["signer"].startswith("key sha256:")
     verify = run_cli("verify", str(out / "bundle"), "--public-key", summary["public_key"])

@@ -251,8 +251,8 @@ class LcmTrainer(Trainer):
 
 
 def train_lcm(cfg, *, console=None, stop_after: int | None = None, unet_loader=None, lora_fuser=None) -> TrainResult:
-    """Distil an LCM-LoRA as `cfg` says (cfg.lcm); `lora_fuser(base, ["file:scale", ...])` fuses `lcm_fuse`
-    (the CLI hands in sdedge.export.lora.fuse_loras)."""
+    """Distil an LCM-LoRA as `cfg` says (cfg.lcm; what `train` does with it); `lora_fuser(base, ["file:scale", ...])`
+    fuses `lcm_fuse` (the CLI hands in sdedge.export.lora.fuse_loras)."""
     if not cfg.lcm:
         raise SdedgeError("train_lcm: the config does not set lcm")
     return LcmTrainer(cfg, console=console, stop_after=stop_after, unet_loader=unet_loader,
