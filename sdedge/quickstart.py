@@ -1,8 +1,8 @@
 """`sdedge quickstart`: the whole flow on the built-in trained tiny base, in a few minutes on a laptop CPU.
 
     base tiny ─► export (fp32, parity vs diffusers)                       ─► "before" images of a new concept
-    concept images ("a purple …", a colour the base never saw) + the base's own class images of the base colours
-    ─► prepare ─► train a LoRA (prior preservation; the recipe and its experiments: sdedge/quickstart_lora.py)
+    concept images ("a purple …", a colour the base never saw) ─► prepare ─► train a LoRA
+       (the recipe: sdedge/quickstart_lora.py; what was tried: docs/tiny-base.md)
     ─► export with the LoRA fused (fp32) ─► sign with a fresh key ─► generate (signature required)
     ─► the optimised bundle: int8, else bf16, kept only when the export's speed gate measures it faster here and its
        prompt match stays within 0.05 of fp32's (else fp32, with why) ─► prompt-match rates (new colour, base
@@ -31,12 +31,10 @@ from .quickstart_lora import (
     SEEDS,
     base_colour_prompts,
     choose_optimised,
-    class_prompts,
     concept_prompts,
     generate,
     lora_config,
     rates,
-    write_prior_data,
 )
 
 
@@ -129,14 +127,12 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
         pipe = Pipeline.load(bundle_base, verify="off")
         before = rates(pipe, classifier)
         base_imgs = generate(pipe, base_prompts(), seeds=SEEDS[:1])
-    with stages(f"4/10 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and the base's own images of "
-                f"{len(class_prompts())} other base captions (prior preservation); prepare both"):
-        prior = write_prior_data(pipe, out)
         pipe.close()
+    with stages(f"4/10 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and prepare them"):
         raw = write_dataset(out / "concept-images", CONCEPT_IMAGES, colours=(NEW_COLOUR,), seed=5)
         prepare_dataset(raw, out / "concept-data", PrepareOptions(resolution=64, dedup=None, overwrite=True))
-    with stages(f"5/10 train a LoRA on the new colour ({LORA_STEPS} steps, with the base's images as its prior)"):
-        trained = train(lora_config(base_dir, out / "concept-data", prior, out / "lora"), console=console)
+    with stages(f"5/10 train a LoRA on the new colour ({LORA_STEPS} steps)"):
+        trained = train(lora_config(base_dir, out / "concept-data", out / "lora"), console=console)
     with stages("6/10 export with the LoRA fused (fp32, parity gated) and sign it with a fresh key"):
         manifest = export_bundle(base_dir, bundle, ExportOptions(loras=((str(trained.adapter), 1.0),),
                                                                  overwrite=True))
@@ -192,7 +188,6 @@ def run_quickstart(out: Path, console: Console, overwrite: bool = False) -> dict
                       "backend": opt.backend, "tried": list(opt.tried),
                       "psnr_vs_fp32_db": round(opt_psnr, 2) if opt_psnr is not None else None,
                       "size_ratio": _size_ratio(opt.manifest) if opt.manifest is not None else None},
-        "prior_images": len(class_prompts()),
         "parity_image_psnr_db": manifest_base.parity.image.psnr_db if manifest_base.parity.image else None,
         "parity_lora_image_psnr_db": manifest.parity.image.psnr_db if manifest.parity.image else None,
         "parity_max_abs_err": {k: v.max_abs_err for k, v in manifest_base.parity.components.items()},
