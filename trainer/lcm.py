@@ -1,7 +1,7 @@
 """Latent consistency distillation of an LCM-LoRA (`sdedge train --lcm`): few-step sampling for the user's own base.
 
 The method of diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py (Luo et al. 2023,
-"Latent Consistency Models"; LCM-LoRA), on `sdedge train`'s machinery (trainer/train.py's `Trainer`: data order,
+"Latent Consistency Models"; LCM-LoRA), on `sdedge train`'s machinery (trainer/lora_trainer.py's `Trainer`: data order,
 caches, accumulation, resume, checkpoints, validation, the adapter files). One micro-batch:
 
     z0 (VAE latents) ─► pick a solver step n per row, t = t_{n+k} (start), s = t_n = t − k (end; k = T / N)
@@ -36,7 +36,7 @@ from .batches import Batch, tokenize
 from .checkpoint import load_checkpoint
 from .dataset import seed_for
 from .hashing import sha256_bytes
-from .train import Trainer, TrainResult
+from .lora_trainer import Trainer, TrainResult
 
 __all__ = ["LcmTrainer", "train_lcm", "boundary_scalings", "DdimSolver", "check_lcm_base", "VALIDATION_STEPS"]
 

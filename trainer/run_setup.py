@@ -1,5 +1,5 @@
 """The environment of one `sdedge train` run: the output folder, accelerate, the optimizer, the resume checks,
-DeepSpeed's settings and the frozen teacher of a distillation run. Nothing here trains; trainer/train.py does.
+DeepSpeed's settings and the frozen teacher of a distillation run. Nothing here trains; trainer/lora_trainer.py does.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ The SDXL UNet is conditioned as diffusers' train_text_to_image_lora_sdxl.py cond
 The prepared images are already resized and cropped to the training size (`sdedge prepare`), so each row's time
 ids are (h, w, 0, 0, h, w) of its image: what that script computes for an image at the training resolution.
 
-Everything else is the SD 1.x trainer's (trainer/train.py): the seeded batches, resume from a checkpoint,
+Everything else is the SD 1.x trainer's (trainer/lora_trainer.py): the seeded batches, resume from a checkpoint,
 validation images (with `StableDiffusionXLPipeline`), the loss. The adapter is written in peft/diffusers keys or
 in kohya's SDXL keys (trainer/sdxl_adapter.py).
 """
@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from .adapter import inject_lora, lora_layers, lora_parameters, write_adapter, write_adapter_json
 from .batches import Batch, Batches, latent_cache, tokenize
+from .lora_trainer import Trainer
 from .sdxl_adapter import sdxl_adapter_tensors
-from .train import Trainer
 
 __all__ = ["SdxlTrainer", "is_sdxl_base", "encode_sdxl", "time_ids"]
 
