@@ -271,8 +271,9 @@ def test_distill_decoder_schedule_warms_up_then_anneals():
 @pytest.mark.slow
 def test_shipped_tiny_decoder_quality(tiny_base, decoder_dir):
     """The shipped decoder on 90 fresh generations of the trained tiny base (seeds it never saw) against the full
-    decoder's images. Issue 19 asks >= 28 dB and >= 95 % classifier agreement; the shipped one (3,000 steps, 31 min
-    on 2 shared cores) measured 26.5 dB and 92.2 % on its own held-out set: these floors hold what it reached."""
+    decoder's images. Issue 19 asks >= 28 dB and >= 95 % classifier agreement; the shipped one (width 16, blocks 6, 3,
+    0, 9,000 steps, 12 min on 2 shared cores) measured 28.9 dB and 95.6 % on its own held-out set, and on these 90
+    28.97 dB and 92.2 % (7 disagreements; Gaussian noise of the same MSE flips 1-2): the floors hold what it reached."""
     from diffusers import AutoencoderTiny
 
     from sdedge.tinyworld.classifier import base_captions
@@ -292,9 +293,9 @@ def test_shipped_tiny_decoder_quality(tiny_base, decoder_dir):
     with torch.inference_mode():
         ours = tiny.decode(z).sample.clamp(-1, 1)
     full = full_decode(pipe.vae, z)
-    assert float(psnr_each(ours, full).mean()) >= 26.0
+    assert float(psnr_each(ours, full).mean()) >= 28.5
     agree, _, _ = classifier_figures(ours, full, prompts)
-    assert agree >= 0.90
+    assert agree >= 0.91
 
 
 @pytest.mark.slow
