@@ -62,13 +62,14 @@ def lcm_curve(base_dir, lora, steps=STEPS, seeds=SEEDS) -> dict:
     from sdedge.export.lora import fuse_loras
     from sdedge.tinyworld.classifier import base_captions, load_classifier
 
-    torch.set_grad_enabled(False)
     pipe = load_base(base_dir)
     pipe.set_progress_bar_config(disable=True)
     classifier, prompts = load_classifier(), base_captions()
-    base = row(pipe, classifier, prompts, scheduler="dpm++2m", steps=BASE_STEPS, guidance=BASE_GUIDANCE, seeds=seeds)
-    fuse_loras(pipe, [(str(lora), 1.0)])
-    lcm = [row(pipe, classifier, prompts, scheduler="lcm", steps=n, guidance=1.0, seeds=seeds) for n in steps]
+    with torch.no_grad():  # not torch.set_grad_enabled(False): that left gradients off for the caller's process
+        base = row(pipe, classifier, prompts, scheduler="dpm++2m", steps=BASE_STEPS, guidance=BASE_GUIDANCE,
+                   seeds=seeds)
+        fuse_loras(pipe, [(str(lora), 1.0)])
+        lcm = [row(pipe, classifier, prompts, scheduler="lcm", steps=n, guidance=1.0, seeds=seeds) for n in steps]
     return {"captions": len(prompts), "seeds": list(seeds), "base": base, "lcm": lcm,
             "gap_at_4": round(base["prompt_match"] - next(r["prompt_match"] for r in lcm if r["steps"] == 4), 4)
             if 4 in steps else None}

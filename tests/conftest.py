@@ -23,6 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 
+@pytest.fixture(autouse=True)
+def _gradients_stay_on():
+    """A test (or the code it calls) that leaves torch's gradients off globally breaks every later training test
+    with "element 0 of tensors does not require grad": fail the test that did it instead."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left torch's gradients disabled for the process (torch.set_grad_enabled(False))")
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     from sdedge.export.bases import write_builtin_base
