@@ -320,13 +320,8 @@ def cmd_quickstart(args) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdedge", description="Stable Diffusion to a signed, optimised edge engine.")
-    p.add_argument("--version", action="version", version=f"sdedge {__version__}")
-    p.add_argument("--log-level", default="warning", type=str.lower, choices=("debug", "info", "warning", "error"),
-                   help="how much sdedge logs; third-party libraries log only at debug (default warning)")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_base(sub) -> None:
+    """`sdedge base`: write a built-in base."""
     b = sub.add_parser("base", help="write a built-in base model (diffusers layout)")
     b.add_argument("name", choices=["tiny", "tiny-random", "sd15-arch", "tiny-inpaint", "sdxl-tiny", "sdxl-arch"],
                    help="tiny: the trained tiny base (64×64 coloured shapes); tiny-random: its architecture with "
@@ -339,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=cmd_base)
 
+
+def _add_prune(sub) -> None:
+    """`sdedge prune`: prune a base into a new base folder."""
     pr = sub.add_parser("prune", help="prune a base's UNet channels into a new base folder (for a recovery "
                         "fine-tune with `sdedge train --distill-from`, then `sdedge export`)")
     pr.add_argument("base", help="a diffusers folder or a single-file .safetensors (with --config)")
@@ -352,12 +350,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_prune)
 
+
+def _add_build_engines(sub) -> None:
+    """`sdedge build-engines`: TensorRT engines from a bundle (GPU only)."""
     be = sub.add_parser("build-engines", help="build TensorRT engines for this GPU from a bundle's ONNX (GPU only)")
     be.add_argument("bundle")
     be.add_argument("--shapes", default="512x512", help="sizes to build profiles for, e.g. 512x512,768x768")
     be.add_argument("--batch", default="1", help="batch size or range, e.g. 1-4")
     be.set_defaults(func=cmd_build_engines)
 
+
+def _add_export(sub) -> None:
+    """`sdedge export`: a base to a bundle."""
     e = sub.add_parser("export", help="export a base to a bundle (ONNX + manifest)")
     e.add_argument("--base", required=True, help="a diffusers folder, a single-file .safetensors, or a .ckpt")
     e.add_argument("--out", required=True)
@@ -399,12 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sign-key", help="sign the bundle with this private key (PEM) as the last step")
     e.set_defaults(func=cmd_export)
 
+
+def _add_info(sub) -> None:
+    """`sdedge info`: describe a bundle."""
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
     i.add_argument("--public-key", help="verify the signature with this public key and show its fingerprint")
     i.set_defaults(func=cmd_info)
 
+
+def _add_generate(sub) -> None:
+    """`sdedge generate`: images from a bundle."""
     g = sub.add_parser("generate", help="generate images with a bundle")
     g.add_argument("bundle")
     g.add_argument("prompt")
@@ -438,10 +448,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_options(g)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_quickstart(sub) -> None:
+    """`sdedge quickstart`: the main job on the tiny model."""
     q = sub.add_parser("quickstart", help="the main job end to end on the built-in tiny model")
     q.add_argument("--out", default="qs")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quickstart)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdedge", description="Stable Diffusion to a signed, optimised edge engine.")
+    p.add_argument("--version", action="version", version=f"sdedge {__version__}")
+    p.add_argument("--log-level", default="warning", type=str.lower, choices=("debug", "info", "warning", "error"),
+                   help="how much sdedge logs; third-party libraries log only at debug (default warning)")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_base(sub)
+    _add_prune(sub)
+    _add_build_engines(sub)
+    _add_export(sub)
+    _add_info(sub)
+    _add_generate(sub)
+    _add_quickstart(sub)
 
     from sdedge import cli_bench, cli_provenance, cli_serve, cli_sign, cli_train
 
