@@ -193,6 +193,20 @@ def _walk(src: Path, exclude: Path | None) -> tuple[list[Path], list[tuple[str, 
     return sorted(files, key=lambda p: p.relative_to(src).as_posix()), outside
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """What every input image is read against: the options resolved once per run."""
+
+    src: Path
+    opts: PrepareOptions
+    min_size: int
+    buckets: list[tuple[int, int]]
+    background: tuple[int, int, int]
+    captioner: Any  # a Captioner with --caption-model, else None
+    captions: dict[str, str]  # from metadata.jsonl / metadata.csv
+    log: Any
+
+
 def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = PrepareOptions(),
                     log=None) -> PrepareReport:
     """Prepare `src` into `out`; returns the report (also written to out/metadata.json)."""
@@ -211,6 +225,29 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
     background = _background(opts.background)
     captioner = Captioner(opts.caption_model, opts.caption_prefix) if opts.caption_model else None
     captions, skipped = read_captions(src)
+    reading = _Reading(src, opts, min_size, buckets, background, captioner, captions, log)
+    candidates, rel_of = _candidates(src, out, captions, skipped)
+
+    with staged_dir(out) as stage:
+        (stage / "images").mkdir()
+        (stage / "captions").mkdir()
+        items = _read_images(reading, stage, candidates, rel_of, skipped)
+        items = _drop_duplicates(items, opts, skipped)
+        if not items:
+            reasons = "; ".join(f"{s}: {r}" for s, r in skipped[:8]) or "the folder holds no files"
+            more = f" (and {len(skipped) - 8} more)" if len(skipped) > 8 else ""
+            raise SdedgeError(f"no usable images in {src}: {reasons}{more}")
+        entries = _write_entries(stage, items, opts)
+        meta = _metadata(reading, entries, items, len(candidates), skipped)
+        DATASET.write(stage / METADATA_NAME, meta)
+    return PrepareReport(out=out, kept=meta.counts.kept, augmented=meta.counts.augmented, skipped=skipped,
+                         dataset_sha256=meta.dataset_sha256)
+
+
+def _candidates(src: Path, out: Path, captions: dict[str, str],
+                skipped: list[tuple[str, str]]) -> tuple[list[Path], dict[Path, str]]:
+    """The input files that may be images, and each file's path relative to `src`; the files that cannot be
+    (captions without an image, links out of the folder, metadata rows without a file) go to `skipped`."""
     files, outside = _walk(src, out.resolve())
     skipped += outside
     rel_of = {p: p.relative_to(src).as_posix() for p in files}
@@ -222,121 +259,136 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
     found = {rel_of[p] for p in candidates}
     for rel in sorted(set(captions) - found):
         skipped.append((rel, "listed in metadata but not found"))
+    return candidates, rel_of
 
-    with staged_dir(out) as stage:
-        (stage / "images").mkdir()
-        (stage / "captions").mkdir()
-        items: list[_Item] = []
-        for n, path in enumerate(candidates):
-            rel = rel_of[path]
-            try:
-                image, fmt = open_image(path, opts.max_pixels, background)
-                if rel in captions:
-                    caption = captions[rel]
-                else:
-                    try:
-                        caption = txt_caption(path, src)
-                    except ValueError as e:
-                        raise ImageSkip(str(e)) from None
-                    if caption is None and captioner is None:
-                        raise ImageSkip("no caption (no same-name .txt, not in metadata.jsonl/metadata.csv; "
-                                        "--caption-model writes one)")
-                caption_by = "file" if caption is not None else "model"
-                if caption is not None:
-                    caption = " ".join(caption.split())
-                    if not caption:
-                        raise ImageSkip("empty caption")
-                w, h = image.size
-                if min(w, h) < min_size:
-                    raise ImageSkip(f"too small: {w}x{h}, shorter side under --min-size {min_size}")
-                if caption is None:  # captioned after the cheap checks
-                    caption = captioner.caption([image])[0]
-                    if not caption:
-                        raise ImageSkip("the caption model wrote nothing")
-                    log(f"captioned {rel}: {caption}")
-            except ImageSkip as e:
-                skipped.append((rel, str(e)))
-                continue
-            size = nearest_bucket(w, h, buckets)
-            fitted = fit(image, *size)
-            staged = stage / "images" / f".{n:06d}.png"
-            fitted.save(staged, format="PNG", optimize=False)
-            items.append(_Item(rel, caption, sha256_file(path), fmt, (w, h), size, pixel_sha256(fitted),
-                               phash(fitted), staged, caption_by))
-            log(f"read {rel}")
 
-        if opts.dedup is not None and len(items) > 1:
-            embeddings = None
-            if opts.clip_model:
-                from PIL import Image
+def _read_one(r: _Reading, path: Path, rel: str):
+    """(image, format, caption, who wrote the caption) of one input; ImageSkip with the reason when it is not kept."""
+    image, fmt = open_image(path, r.opts.max_pixels, r.background)
+    if rel in r.captions:
+        caption = r.captions[rel]
+    else:
+        try:
+            caption = txt_caption(path, r.src)
+        except ValueError as e:
+            raise ImageSkip(str(e)) from None
+        if caption is None and r.captioner is None:
+            raise ImageSkip("no caption (no same-name .txt, not in metadata.jsonl/metadata.csv; "
+                            "--caption-model writes one)")
+    caption_by = "file" if caption is not None else "model"
+    if caption is not None:
+        caption = " ".join(caption.split())
+        if not caption:
+            raise ImageSkip("empty caption")
+    w, h = image.size
+    if min(w, h) < r.min_size:
+        raise ImageSkip(f"too small: {w}x{h}, shorter side under --min-size {r.min_size}")
+    if caption is None:  # captioned after the cheap checks
+        caption = r.captioner.caption([image])[0]
+        if not caption:
+            raise ImageSkip("the caption model wrote nothing")
+        r.log(f"captioned {rel}: {caption}")
+    return image, fmt, caption, caption_by
 
-                imgs = []
-                for it in items:
-                    with Image.open(it.staged) as im:
-                        imgs.append(im.convert("RGB"))
-                embeddings = clip_embeddings(opts.clip_model, imgs)
-            dups = find_duplicates([it.pixel_sha256 for it in items], [it.phash for it in items], opts.dedup,
-                                   embeddings)
-            drop = set()
-            for d in dups:
-                what = "exact duplicate" if d.how == "exact" else f"near duplicate ({d.how} similarity {d.similarity:.3f})"
-                skipped.append((items[d.index].source, f"{what} of {items[d.of].source}"))
-                items[d.index].staged.unlink()
-                drop.add(d.index)
-            items = [it for i, it in enumerate(items) if i not in drop]
 
-        if not items:
-            reasons = "; ".join(f"{s}: {r}" for s, r in skipped[:8]) or "the folder holds no files"
-            more = f" (and {len(skipped) - 8} more)" if len(skipped) > 8 else ""
-            raise SdedgeError(f"no usable images in {src}: {reasons}{more}")
+def _read_images(r: _Reading, stage: Path, candidates: list[Path], rel_of: dict[Path, str],
+                 skipped: list[tuple[str, str]]) -> list[_Item]:
+    """Each candidate read, checked and fitted to its bucket as a staged PNG; the ones not kept go to `skipped`."""
+    items: list[_Item] = []
+    for n, path in enumerate(candidates):
+        rel = rel_of[path]
+        try:
+            image, fmt, caption, caption_by = _read_one(r, path, rel)
+        except ImageSkip as e:
+            skipped.append((rel, str(e)))
+            continue
+        w, h = image.size
+        size = nearest_bucket(w, h, r.buckets)
+        fitted = fit(image, *size)
+        staged = stage / "images" / f".{n:06d}.png"
+        fitted.save(staged, format="PNG", optimize=False)
+        items.append(_Item(rel, caption, sha256_file(path), fmt, (w, h), size, pixel_sha256(fitted),
+                           phash(fitted), staged, caption_by))
+        r.log(f"read {rel}")
+    return items
 
-        entries, used = [], set()
-        rng = random.Random(opts.seed)
+
+def _drop_duplicates(items: list[_Item], opts: PrepareOptions, skipped: list[tuple[str, str]]) -> list[_Item]:
+    """The items without their exact and near duplicates (--dedup, --clip-model); each dropped one goes to
+    `skipped` naming the item it duplicates."""
+    if opts.dedup is None or len(items) <= 1:
+        return items
+    embeddings = None
+    if opts.clip_model:
+        from PIL import Image
+
+        imgs = []
         for it in items:
-            name = _safe_name(it.source, used)
-            image_rel, caption_rel = f"images/{name}.png", f"captions/{name}.txt"
-            os.replace(it.staged, stage / image_rel)
-            caption_bytes = (it.caption + "\n").encode("utf-8")
-            (stage / caption_rel).write_bytes(caption_bytes)
-            base = dict(image=image_rel, caption=caption_rel, text=it.caption, width=it.size[0], height=it.size[1],
-                        sha256=sha256_file(stage / image_rel), caption_sha256=sha256_bytes(caption_bytes),
-                        phash=f"{it.phash:048x}", source=it.source, source_sha256=it.source_sha256,
-                        source_format=it.source_format, source_size=list(it.source_size), augment=None, of=None,
-                        caption_by=it.caption_by)
-            entries.append(base)
-            if opts.augment:
-                from PIL import Image
+            with Image.open(it.staged) as im:
+                imgs.append(im.convert("RGB"))
+        embeddings = clip_embeddings(opts.clip_model, imgs)
+    dups = find_duplicates([it.pixel_sha256 for it in items], [it.phash for it in items], opts.dedup,
+                           embeddings)
+    drop = set()
+    for d in dups:
+        what = "exact duplicate" if d.how == "exact" else f"near duplicate ({d.how} similarity {d.similarity:.3f})"
+        skipped.append((items[d.index].source, f"{what} of {items[d.of].source}"))
+        items[d.index].staged.unlink()
+        drop.add(d.index)
+    return [it for i, it in enumerate(items) if i not in drop]
 
-                from .images import augment
 
-                with Image.open(stage / image_rel) as im:
-                    fitted = im.convert("RGB")
-                for kind in opts.augment:
-                    aug_name = _safe_name(f"{name}-{kind}", used)
-                    aug_rel, aug_cap = f"images/{aug_name}.png", f"captions/{aug_name}.txt"
-                    augment(fitted, kind, rng).save(stage / aug_rel, format="PNG")
-                    (stage / aug_cap).write_bytes(caption_bytes)
-                    entries.append({**base, "image": aug_rel, "caption": aug_cap, "sha256": sha256_file(stage / aug_rel),
-                                    "phash": None, "augment": kind, "of": image_rel})
+def _write_entries(stage: Path, items: list[_Item], opts: PrepareOptions) -> list[dict]:
+    """The kept images and captions under their final names, and their augmented copies (--augment): one
+    metadata entry (DataItem's fields) each."""
+    entries, used = [], set()
+    rng = random.Random(opts.seed)
+    for it in items:
+        name = _safe_name(it.source, used)
+        image_rel, caption_rel = f"images/{name}.png", f"captions/{name}.txt"
+        os.replace(it.staged, stage / image_rel)
+        caption_bytes = (it.caption + "\n").encode("utf-8")
+        (stage / caption_rel).write_bytes(caption_bytes)
+        base = dict(image=image_rel, caption=caption_rel, text=it.caption, width=it.size[0], height=it.size[1],
+                    sha256=sha256_file(stage / image_rel), caption_sha256=sha256_bytes(caption_bytes),
+                    phash=f"{it.phash:048x}", source=it.source, source_sha256=it.source_sha256,
+                    source_format=it.source_format, source_size=list(it.source_size), augment=None, of=None,
+                    caption_by=it.caption_by)
+        entries.append(base)
+        if opts.augment:
+            from PIL import Image
 
-        files_sha = [(e["image"], e["sha256"]) for e in entries] + [(e["caption"], e["caption_sha256"]) for e in entries]
-        dataset_sha = combined_sha256(files_sha)
-        kept = sum(1 for e in entries if e["augment"] is None)
-        options = {**asdict(opts), "min_size": min_size, "augment": list(opts.augment)}
-        options.pop("overwrite", None)
-        meta = DatasetMetadata(
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            source=str(src.resolve()),
-            resolution=opts.resolution,
-            buckets=opts.buckets,
-            options=options,
-            counts=Counts(inputs=len(candidates), kept=kept, augmented=len(entries) - kept, skipped=len(skipped)),
-            dataset_sha256=dataset_sha,
-            items=tuple(DataItem(**e) for e in entries),
-            skipped=tuple(Skipped(s, r) for s, r in skipped),
-            caption_model={**captioner.info, "captioned": sum(1 for it in items if it.caption_by == "model")}
-            if captioner else None,
-        )
-        DATASET.write(stage / METADATA_NAME, meta)
-    return PrepareReport(out=out, kept=kept, augmented=len(entries) - kept, skipped=skipped,
-                         dataset_sha256=dataset_sha)
+            from .images import augment
+
+            with Image.open(stage / image_rel) as im:
+                fitted = im.convert("RGB")
+            for kind in opts.augment:
+                aug_name = _safe_name(f"{name}-{kind}", used)
+                aug_rel, aug_cap = f"images/{aug_name}.png", f"captions/{aug_name}.txt"
+                augment(fitted, kind, rng).save(stage / aug_rel, format="PNG")
+                (stage / aug_cap).write_bytes(caption_bytes)
+                entries.append({**base, "image": aug_rel, "caption": aug_cap, "sha256": sha256_file(stage / aug_rel),
+                                "phash": None, "augment": kind, "of": image_rel})
+    return entries
+
+
+def _metadata(r: _Reading, entries: list[dict], items: list[_Item], inputs: int,
+              skipped: list[tuple[str, str]]) -> DatasetMetadata:
+    """metadata.json's document: the run's options, counts, every entry, every skipped input and why."""
+    files_sha = [(e["image"], e["sha256"]) for e in entries] + [(e["caption"], e["caption_sha256"]) for e in entries]
+    kept = sum(1 for e in entries if e["augment"] is None)
+    options = {**asdict(r.opts), "min_size": r.min_size, "augment": list(r.opts.augment)}
+    options.pop("overwrite", None)
+    return DatasetMetadata(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        source=str(r.src.resolve()),
+        resolution=r.opts.resolution,
+        buckets=r.opts.buckets,
+        options=options,
+        counts=Counts(inputs=inputs, kept=kept, augmented=len(entries) - kept, skipped=len(skipped)),
+        dataset_sha256=combined_sha256(files_sha),
+        items=tuple(DataItem(**e) for e in entries),
+        skipped=tuple(Skipped(s, why) for s, why in skipped),
+        caption_model={**r.captioner.info, "captioned": sum(1 for it in items if it.caption_by == "model")}
+        if r.captioner else None,
+    )
