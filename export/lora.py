@@ -11,7 +11,10 @@ Key formats read (safetensors only; a pickle LoRA is refused):
   (`attn1.processor.to_q_lora.down.weight`), text-encoder `q_proj.lora_linear_layer.down.weight`;
 - kohya / A1111: `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`, with
   diffusers module names or the original LDM names (`lora_unet_input_blocks_1_1_...`), and `lora_te_...` for the
-  text encoder; linear and convolution (LoCon) layers.
+  text encoder; linear and convolution (LoCon) layers;
+- trained token rows (textual inversion of a word the base already spells, `sdedge train --train-tokens`):
+  `text_encoder.<...>token_embedding.trainable_tokens_delta` (k, d) with `...trainable_tokens_indices` (k,) int64,
+  added to those rows of the text encoder's token embedding: E[i] = E_base[i] + Σ scale · delta.
 
 Weights are always computed from the base: W = W_base + Σ scale_i · (alpha_i / rank_i) · up_i @ down_i. The base
 weights of every touched module are kept on the model, so fusing again (another set of LoRAs or scales)
@@ -34,7 +37,7 @@ from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.strict import ConfigError, parse_json
 
-__all__ = ["LoraError", "LoraLayer", "LoraFile", "FusedLora", "FuseReport", "read_lora", "fuse_loras",
+__all__ = ["LoraError", "LoraLayer", "LoraFile", "TokenRows", "FusedLora", "FuseReport", "read_lora", "fuse_loras",
            "unfuse_loras", "parse_lora_arg"]
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (OpenCLIP bigG)
@@ -48,6 +51,9 @@ _UNSUPPORTED = (
     ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), (".lora_B.bias", "a LoRA bias (lora_bias)"),
     ("emb_params", "a textual-inversion embedding"), ("bundle_emb", "a textual-inversion embedding"),
 )
+
+
+_TOKENS = re.compile(r"^(.*)\.trainable_tokens_(delta|indices)$")
 
 
 class LoraError(SdedgeError):
@@ -66,6 +72,17 @@ class LoraLayer:
 
 
 @dataclass
+class TokenRows:
+    """Trained rows of a token embedding: `delta` (k, d) added to the rows `indices` (k,)."""
+
+    component: str | None
+    module: str  # the embedding's path as written in the file
+    delta: Any = None
+    indices: Any = None
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoraFile:
     path: Path
     sha256: str
@@ -74,6 +91,7 @@ class LoraFile:
     metadata: dict[str, str]
     key_count: int
     unmatched: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) seen while parsing
+    tokens: dict[tuple[str | None, str], TokenRows] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +104,7 @@ class FusedLora:
     matched_keys: int
     layers: dict[str, int]  # component -> modules changed
     unmatched: list[tuple[str, str]] = field(default_factory=list)
+    tokens: int = 0  # token-embedding rows changed
 
 
 @dataclass
@@ -100,7 +119,7 @@ class FuseReport:
     def to_dict(self) -> dict:
         return {
             "loras": [dict(path=a.path, sha256=a.sha256, scale=a.scale, format=a.format, keys=a.keys,
-                           matched_keys=a.matched_keys, layers=dict(a.layers),
+                           matched_keys=a.matched_keys, layers=dict(a.layers), tokens=a.tokens,
                            unmatched=[{"key": k, "reason": r} for k, r in a.unmatched]) for a in self.loras],
             "modules": dict(self.modules),
         }
@@ -164,6 +183,10 @@ def read_lora(path: str | Path) -> LoraFile:
     layers: dict[tuple[str | None, str], LoraLayer] = {}
     unmatched: list[tuple[str, str]] = []
     formats = set()
+    tokens, tensors = _token_rows(tensors, path), dict(tensors)
+    for rows in tokens.values():
+        for k in rows.keys:
+            del tensors[k]
 
     def layer(comp, module, kohya=False) -> LoraLayer:
         return layers.setdefault((comp, module), LoraLayer(comp, module, kohya))
@@ -234,7 +257,33 @@ def read_lora(path: str | Path) -> LoraFile:
     _apply_metadata_alphas(layers, header, path)
     fmt = "+".join(sorted(formats)) or "unknown"
     return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers, metadata=header,
-                    key_count=len(tensors), unmatched=unmatched)
+                    key_count=len(tensors) + sum(len(r.keys) for r in tokens.values()), unmatched=unmatched,
+                    tokens=tokens)
+
+
+def _token_rows(tensors: dict, path: Path) -> dict[tuple[str | None, str], TokenRows]:
+    """The trained token rows of a file (`trainable_tokens_delta` + `trainable_tokens_indices` per embedding),
+    each pair checked: integer indices, one delta row per index, no index twice."""
+    rows: dict[tuple[str | None, str], TokenRows] = {}
+    for key in sorted(tensors):
+        comp, rest = _split_component(key)
+        m = _TOKENS.match(rest)
+        if m:
+            r = rows.setdefault((comp, m[1]), TokenRows(comp, m[1]))
+            r.keys.append(key)
+            setattr(r, m[2] if m[2] == "delta" else "indices", tensors[key])
+    for r in rows.values():
+        first = r.keys[0]
+        if r.delta is None or r.indices is None:
+            missing = "trainable_tokens_indices" if r.indices is None else "trainable_tokens_delta"
+            raise LoraError(f"{path}: key {first!r}: trained token rows without their {missing} tensor")
+        if r.indices.is_floating_point() or r.indices.dim() != 1 or r.delta.dim() != 2 or \
+                r.delta.shape[0] != r.indices.shape[0]:
+            raise LoraError(f"{path}: key {first!r}: token indices {list(r.indices.shape)} ({r.indices.dtype}) and "
+                            f"delta {list(r.delta.shape)}: needs integer indices (k,) and a delta (k, d)")
+        if len(set(r.indices.tolist())) != r.indices.shape[0]:
+            raise LoraError(f"{path}: key {first!r}: a token index appears twice")
+    return rows
 
 
 def _check_finite(tensors: dict, path: Path) -> None:
@@ -437,13 +486,68 @@ def _check_shapes(lora: LoraFile, resolved, targets_by_comp) -> None:
 # --- fusing -------------------------------------------------------------------------------------------------------
 
 
+def _embeddings(model) -> dict[str, Any]:
+    """{module path: embedding} of a model's token embeddings (the rows `trainable_tokens_delta` changes)."""
+    import torch
+
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)
+            and name.endswith("token_embedding")}
+
+
+def _resolve_tokens(lora: LoraFile, models: dict) -> tuple[list[tuple[str, str, TokenRows]], list[tuple[str, str]]]:
+    """[(component, embedding path, rows)] and [(key, reason)] of token rows that match no embedding; rows that do
+    not fit their embedding (another width, an index past its vocabulary) are a LoraError naming the key."""
+    resolved, unmatched = [], []
+    for (comp, module), rows in sorted(lora.tokens.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        hit = None
+        for c in [comp] if comp else ["text_encoder", "text_encoder_2"]:
+            embeds = _embeddings(models[c]) if models.get(c) is not None else {}
+            names = {module, module.removeprefix("text_model."), "text_model." + module}
+            hit = next(((c, p, e) for p, e in embeds.items() if p in names), None)
+            if hit:
+                break
+        if hit is None:
+            unmatched.extend((k, f"no token embedding {module!r} in the {comp or 'text encoders'}") for k in rows.keys)
+            continue
+        c, p, emb = hit
+        vocab, width = emb.weight.shape
+        bad = [i for i in rows.indices.tolist() if not 0 <= i < vocab]
+        if rows.delta.shape[1] != width or bad:
+            raise LoraError(f"{lora.path}: key {rows.keys[0]!r} does not fit {c} module {p!r} ({vocab} tokens of width "
+                            f"{width}): delta {list(rows.delta.shape)}" + (f", token index {bad[0]}" if bad else "")
+                            + ": trained token rows made for another base")
+        resolved.append((c, p, rows))
+    return resolved, unmatched
+
+
+def _deltas(plan, modules_by_comp) -> dict[tuple[str, str], Any]:
+    """{(component, module path): the sum of every planned LoRA's scaled change to that weight}."""
+    import torch
+
+    deltas: dict[tuple[str, str], Any] = {}
+
+    def add(key, d):
+        deltas[key] = d if key not in deltas else deltas[key] + d
+
+    for _, scale, resolved, _, tokens in plan:
+        for comp, path, lay in resolved:
+            weight = modules_by_comp[comp][path].weight
+            rank = lay.down.shape[0]
+            alpha = lay.alpha if lay.alpha is not None else float(rank)
+            add((comp, path), _delta(weight, lay.down, lay.up) * (scale * alpha / rank))
+        for comp, path, rows in tokens:  # E[i] = E_base[i] + scale · delta
+            d = torch.zeros(modules_by_comp[comp][path].weight.shape, dtype=torch.float32)
+            add((comp, path), d.index_add_(0, rows.indices.long(), rows.delta.float() * scale))
+    return deltas
+
+
 def _restore(model) -> None:
     import torch
 
     store = model.__dict__.get(_BASE_ATTR)
     if not store:
         return
-    targets = _targets(model)
+    targets = {**_targets(model), **_embeddings(model)}
     with torch.no_grad():
         for path, w in store.items():
             targets[path].weight.copy_(w)
@@ -472,33 +576,27 @@ def fuse_loras(pipe, loras, *, strict: bool = True) -> FuseReport:
         raise LoraError("the pipeline has no UNet to fuse LoRAs into")
     targets_by_comp = {c: _targets(m) if m is not None else {} for c, m in models.items()}
     tables = {c: _aliases(c, m, targets_by_comp[c]) if m is not None else ({}, {}) for c, m in models.items()}
+    modules_by_comp = {c: {**targets_by_comp[c], **(_embeddings(m) if m is not None else {})} for c, m in models.items()}
 
-    plan: list[tuple[LoraFile, float, list, list]] = []
+    plan: list[tuple[LoraFile, float, list, list, list]] = []
     for path, scale in items:
         if not math.isfinite(scale):
             raise LoraError(f"{path}: scale {scale} is not a finite number")
         lora = read_lora(path)
         resolved, unmatched = _resolve(lora, tables)
-        unmatched = lora.unmatched + unmatched
+        tokens, token_unmatched = _resolve_tokens(lora, models)
+        unmatched = lora.unmatched + unmatched + token_unmatched
         if unmatched and strict:
             key, reason = sorted(unmatched)[0]
             more = f" ({len(unmatched) - 1} more unmatched key(s))" if len(unmatched) > 1 else ""
-            matched = sum(len(lay.keys) for _, _, lay in resolved)
+            matched = sum(len(lay.keys) for _, _, lay in resolved) + sum(len(r.keys) for _, _, r in tokens)
             raise LoraError(f"{lora.path}: key {key!r}: {reason}{more}; {matched} of {lora.key_count} keys "
                             "matched a module. Nothing was fused")
         _check_shapes(lora, resolved, targets_by_comp)
-        plan.append((lora, scale, resolved, unmatched))
+        plan.append((lora, scale, resolved, unmatched, tokens))
 
     # Everything checks: undo an earlier fuse, then W = W_base + sum of deltas.
-    deltas: dict[tuple[str, str], Any] = {}
-    for _, scale, resolved, _ in plan:
-        for comp, path, lay in resolved:
-            weight = targets_by_comp[comp][path].weight
-            rank = lay.down.shape[0]
-            alpha = lay.alpha if lay.alpha is not None else float(rank)
-            d = _delta(weight, lay.down, lay.up) * (scale * alpha / rank)
-            key = (comp, path)
-            deltas[key] = d if key not in deltas else deltas[key] + d
+    deltas = _deltas(plan, modules_by_comp)
     with torch.no_grad():
         for comp, model in models.items():
             if model is None:
@@ -508,7 +606,7 @@ def fuse_loras(pipe, loras, *, strict: bool = True) -> FuseReport:
             for (c, path), d in deltas.items():
                 if c != comp:
                     continue
-                weight = targets_by_comp[comp][path].weight
+                weight = modules_by_comp[comp][path].weight
                 if path not in store:
                     store[path] = weight.detach().clone()
                 base = store[path]
@@ -516,10 +614,11 @@ def fuse_loras(pipe, loras, *, strict: bool = True) -> FuseReport:
 
     present = [c for c in COMPONENTS if models.get(c) is not None]  # an SD1.5 pipeline has no text_encoder_2
     fused = []
-    for lora, scale, resolved, unmatched in plan:
+    for lora, scale, resolved, unmatched, tokens in plan:
         per_comp = {c: sum(1 for comp, _, _ in resolved if comp == c) for c in present}
-        matched_keys = sum(len(lay.keys) for _, _, lay in resolved)
+        matched_keys = sum(len(lay.keys) for _, _, lay in resolved) + sum(len(r.keys) for _, _, r in tokens)
         fused.append(FusedLora(path=str(lora.path), sha256=lora.sha256, scale=scale, format=lora.format,
-                               keys=lora.key_count, matched_keys=matched_keys, layers=per_comp, unmatched=unmatched))
+                               keys=lora.key_count, matched_keys=matched_keys, layers=per_comp, unmatched=unmatched,
+                               tokens=sum(int(r.indices.numel()) for _, _, r in tokens)))
     modules = {c: sum(1 for (comp, _) in deltas if comp == c) for c in present}
     return FuseReport(loras=fused, modules=modules)

@@ -99,6 +99,7 @@ class AdapterDocument:
     config: dict[str, Any]  # the run's TrainConfig but resume and overwrite
     distilled_from: TeacherRef | None = None  # --distill-from's teacher (or the LCM teacher); absent before distillation
     prior: PriorRef | None = None  # --prior-data's class images; absent before prior preservation
+    tokens: dict[str, tuple[int, ...]] | None = None  # --train-tokens: word -> the token rows trained (trainer/tokens.py)
 
 
 ADAPTER_JSON = DocumentType(AdapterDocument, "sdedge-adapter", 1, "adapter.json")

@@ -57,10 +57,12 @@ class TrainConfig:
     target_modules: tuple[str, ...] | None = None  # None: UNET_TARGETS, or RECOVERY_TARGETS with distill_from
     train_text_encoder: bool = False
     text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    train_tokens: tuple[str, ...] = ()  # textual inversion of these words' token rows (trainer/tokens.py)
     format: str = "peft"
     # optimisation
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = None
+    token_lr: float | None = None
     optimizer: str = "auto"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -119,9 +121,13 @@ HELP: dict[str, str] = {
                       "also the convolutions, attention projections in/out and feed-forwards, which pruning narrowed)",
     "train_text_encoder": "also train a LoRA on the text encoder's attention projections",
     "text_encoder_target_modules": "text-encoder modules that get a LoRA (with --train-text-encoder)",
+    "train_tokens": "words whose token-embedding rows train beside the LoRA (textual inversion of a word the base "
+                    "spells but never learned, e.g. purple on the tiny base; needs --train-text-encoder and the peft "
+                    "format; `sdedge export --lora` fuses them, diffusers' load_lora_weights does not know the keys)",
     "format": "adapter key format: peft (diffusers' load_lora_weights) or kohya (A1111/kohya keys)",
     "learning_rate": "peak learning rate",
     "text_encoder_lr": "learning rate of the text-encoder LoRA (default: --learning-rate)",
+    "token_lr": "learning rate of the --train-tokens rows (default: the text encoder's)",
     "optimizer": "auto (8-bit AdamW when bitsandbytes and a GPU are there, else AdamW), adamw, adamw8bit",
     "adam_beta1": "AdamW beta1",
     "adam_beta2": "AdamW beta2",
@@ -284,6 +290,16 @@ def _check_lcm(cfg: TrainConfig) -> None:
     _check(cfg.lcm_timestep_scaling > 0, "lcm_timestep_scaling", "must be positive")
 
 
+def _check_tokens(cfg: TrainConfig) -> None:
+    _check(cfg.token_lr is None or cfg.token_lr > 0, "token_lr", "must be positive")
+    if not cfg.train_tokens:
+        return
+    _check(cfg.train_text_encoder, "train_tokens", "needs train_text_encoder (the rows train inside the text encoder)")
+    _check(cfg.format == "peft", "train_tokens", "needs format peft (kohya/A1111 keys have no place for a trained "
+           "token row)")
+    _check(len(set(cfg.train_tokens)) == len(cfg.train_tokens), "train_tokens", "names a word twice")
+
+
 def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainConfig:
     """Check ranges and fill derived values: alpha (= rank), cache_text_embeddings, max_steps (from epochs)."""
     for key in ("base", "data", "out"):
@@ -330,6 +346,7 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
         _check(len(cfg.text_encoder_target_modules) > 0, "text_encoder_target_modules", "name at least one module")
         _check(cfg.cache_text_embeddings is not True, "cache_text_embeddings",
                "cannot be on with train_text_encoder (the embeddings change as the text encoder trains)")
+    _check_tokens(cfg)
     changes: dict[str, Any] = {}
     if cfg.target_modules is None:
         changes["target_modules"] = LCM_TARGETS if cfg.lcm else RECOVERY_TARGETS if cfg.distill_from else UNET_TARGETS

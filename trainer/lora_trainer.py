@@ -90,6 +90,7 @@ class Trainer:
     """
 
     prior: Batches | None = None  # the prior-preservation stream (build_caches sets it with --prior-data)
+    token_ids: dict[str, tuple[int, ...]] = {}  # --train-tokens: word -> its token rows (inject_lora sets it)
 
     def __init__(self, cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet_loader=None):
         self.t_start = time.perf_counter()
@@ -146,6 +147,11 @@ class Trainer:
         if cfg.train_text_encoder:
             inject_lora(self.text_encoder, cfg.text_encoder_target_modules, cfg.rank, cfg.alpha, cfg.seed,
                         "text_encoder")
+        if cfg.train_tokens:  # textual inversion of these words' rows, beside the LoRA (trainer/tokens.py)
+            from .tokens import inject_tokens, token_ids
+
+            self.token_ids = token_ids(self.base.tokenizer, cfg.train_tokens)
+            inject_tokens(self.text_encoder, [i for ids in self.token_ids.values() for i in ids])
 
     def lora_params(self, unwrap: bool = False) -> dict:
         """{"unet.<name>": parameter, "text_encoder.<name>": ...} of the trainable LoRA weights."""
@@ -154,7 +160,9 @@ class Trainer:
             unet, text = self.accelerator.unwrap_model(self.unet_p), self.accelerator.unwrap_model(self.text_p)
         params = {f"unet.{n}": p for n, p in lora_parameters(unet)}
         if self.cfg.train_text_encoder:
-            params.update({f"text_encoder.{n}": p for n, p in lora_parameters(text)})
+            from .tokens import token_parameters
+
+            params.update({f"text_encoder.{n}": p for n, p in lora_parameters(text) + token_parameters(text)})
         return params
 
     # -- resume ----------------------------------------------------------------------------------------------------
@@ -205,6 +213,11 @@ class Trainer:
         if texts:  # one group for the text encoders: their learning rate
             groups.append({"params": [p for m in texts for _, p in lora_parameters(m)],
                            "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        if cfg.train_tokens:  # the trained token rows (--train-tokens): their own learning rate
+            from .tokens import token_parameters
+
+            groups.append({"params": [p for _, p in token_parameters(self.text_encoder)],
+                           "lr": cfg.token_lr or cfg.text_encoder_lr or cfg.learning_rate})
         self.peak_lrs = [g["lr"] for g in groups]
         optimizer, self.optimizer_kind = make_optimizer(cfg, groups)
         self.unet_p, *self.text_ps, self.optimizer = acc.prepare(self.unet, *texts, optimizer)
@@ -391,6 +404,10 @@ class Trainer:
         text_layers = lora_layers(acc.unwrap_model(self.text_p), "text_encoder") if cfg.train_text_encoder else {}
         tensors, header = adapter_tensors(unet_layers, text_layers, cfg.format, cfg.rank, cfg.alpha,
                                           cfg.target_modules, cfg.text_encoder_target_modules)
+        if cfg.train_tokens:
+            from .tokens import token_tensors
+
+            tensors.update(token_tensors(acc.unwrap_model(self.text_p)))
         write_adapter(adapter_path, tensors, header)
         write_adapter_json(self.out / "adapter.json", self.adapter_document(adapter_path, len(unet_layers),
                                                                            len(text_layers)))
@@ -409,6 +426,7 @@ class Trainer:
                                 "weight": cfg.distill_weight} if teacher is not None else None),
             "dataset": {"sha256": data.sha256, "images": len(data.items), "path": str(Path(cfg.data).resolve())},
             "prior": prior_record(self),
+            "tokens": dict(self.token_ids) or None,
             "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "unet_targets": list(cfg.target_modules),
                      "unet_layers": unet_layers,
                      "text_encoder_targets": list(cfg.text_encoder_target_modules) if cfg.train_text_encoder else None,

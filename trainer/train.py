@@ -33,5 +33,7 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet
     if is_sdxl_base(cfg.base):
         if cfg.prior_data:
             raise BadInput(f"--prior-data: prior preservation trains SD 1.x bases; {cfg.base} is an SDXL base")
+        if cfg.train_tokens:
+            raise BadInput(f"--train-tokens: token rows train on SD 1.x bases; {cfg.base} is an SDXL base")
         return SdxlTrainer(cfg, unet_key_to_ldm=unet_key_to_ldm, **kw).run()
     return Trainer(cfg, **kw).run()
