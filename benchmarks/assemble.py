@@ -22,86 +22,7 @@ def build_report(suite: Suite, engines: list[EngineProcess], s: Settings, size: 
     from . import report as report_mod
 
     ref = next((e for e in engines if e.role == "reference"), None)
-    rows = []
-    for e in engines:
-        per_image = [r["seconds"] / s.batch for r in e.runs]
-        seconds = summarize(per_image)
-        stage_median = {k: float(np.median([r["stages"][k] for r in e.runs])) for k in STAGES}
-        steps = [x for r in e.runs for x in r["step_seconds"]]
-        gpu_bytes, gpu_method = (poller.peak_for(e.pid) if poller is not None else (None, None))
-        if e.final.get("peak_gpu_allocated_bytes") is not None:
-            gpu_bytes, gpu_method = e.final["peak_gpu_allocated_bytes"], "torch.cuda.max_memory_allocated"
-        first = (e.warmups or e.runs)[0]["seconds"]
-        entry = {
-            "name": e.name,
-            "role": e.role,
-            "kind": {"reference": "diffusers", "peer": e.spec.get("kind")}.get(e.role, "sdedge"),
-            "path": e.spec.get("base") or e.spec.get("bundle") or e.spec.get("model"),
-            "backend": e.info.get("backend"),
-            "backend_reason": e.info.get("backend_reason") or "",
-            "precision": e.info.get("precision"),
-            "device": e.spec.get("device"),
-            "threads": e.spec.get("threads"),
-            "memory_mode": e.spec.get("memory"),
-            "signed": bool(e.info.get("signed")),
-            "provenance": e.info.get("provenance"),
-            "load": {
-                "cold_start_seconds": e.cold_start_seconds,
-                "import_seconds": e.info.get("import_seconds"),
-                "load_seconds": e.info.get("load_seconds"),
-                "components": e.info.get("component_load_seconds") or {},
-                "first_image_seconds": first,
-            },
-            "warmup_seconds": [w["seconds"] for w in e.warmups],
-            "runs": [{"index": i, "prompt_index": i % len(s.prompts), "seed": s.seed + i, "seconds": r["seconds"],
-                      "stages": r["stages"], "step_seconds": r["step_seconds"]} for i, r in enumerate(e.runs)],
-            "seconds_per_image": seconds,
-            "images_per_minute": 60.0 / seconds["median"] if seconds["median"] > 0 else None,
-            "stages_median_seconds": stage_median,
-            "unet_step_seconds": summarize(steps),
-            "memory": {
-                "peak_rss_bytes": int(e.final.get("peak_rss_bytes") or max(r["peak_rss_bytes"] for r in e.runs)),
-                "rss_scope": "own process" if e.proc is not None else "shared process (inline)",
-                "peak_gpu_bytes": gpu_bytes,
-                "gpu_method": gpu_method,
-            },
-            "speedup_vs_reference": None,
-            "parity": None,
-            "clip_score": None,
-        }
-        if e.spec.get("run"):  # its own steps / scheduler / guidance
-            entry["run"] = dict(e.spec["run"])
-        # parity against a peer run with the same settings (a few-step bundle's), else the reference
-        truth = next((x for x in engines if x.name == e.spec.get("parity_against")), ref)
-        if ref is not None and e is not ref:
-            pairs = [{"run": i, "reference_seconds": a["seconds"], "engine_seconds": b["seconds"],
-                      "ratio": a["seconds"] / b["seconds"]} for i, (a, b) in enumerate(zip(ref.runs, e.runs))]
-            entry["speedup_vs_reference"] = {"pairs": pairs, "median": float(np.median([p["ratio"] for p in pairs]))}
-        if truth is not None and e is not truth:
-            images = []
-            for i, (a, b) in enumerate(zip(truth.images, e.images)):
-                for j in range(a.shape[0]):
-                    images.append({"run": i, "image": j, "psnr_db": psnr(b[j], a[j]), "ssim": ssim(b[j], a[j])})
-            entry["parity"] = {"against": truth.name, "images": images,
-                               "psnr_db": summarize(x["psnr_db"] for x in images),
-                               "ssim": summarize(x["ssim"] for x in images)}
-        rows.append(entry)
-
-    target = None
-    if s.target_seconds is not None:
-        per, verdict_ok = {}, True
-        for row in rows:
-            if row["role"] != "engine":  # the reference and the peers are what sdedge is held against
-                continue
-            value = row["seconds_per_image"][s.target_statistic]
-            ok = value <= s.target_seconds
-            verdict_ok &= ok
-            per[row["name"]] = {"seconds": value, "pass": ok}
-        lines = [f"{name}: {s.target_statistic} {v['seconds']:.3f} s per image "
-                 f"{'≤' if v['pass'] else '>'} target {s.target_seconds:g} s" for name, v in per.items()]
-        verdict = "pass" if verdict_ok else "fail"
-        target = {"seconds": s.target_seconds, "statistic": s.target_statistic, "verdict": verdict,
-                  "engines": per, "statement": f"{verdict.upper()}: " + "; ".join(lines)}
+    rows = [_engine_row(e, engines, ref, s, poller) for e in engines]
     machine = {**machine, "load_average_after": load_average()}
     load, cores = machine.get("load_average"), machine.get("logical_cores") or 1
     if load and load[0] > 0.75 * cores:
@@ -120,12 +41,103 @@ def build_report(suite: Suite, engines: list[EngineProcess], s: Settings, size: 
             "isolation": s.isolation,
         },
         "reference": ref.name if ref is not None else None,
-        "target": target,
+        "target": _target(rows, s),
         "engines": rows,
         "clip": None,
         "notes": list(notes),
         "files": {},
     }
+
+
+def _engine_row(e: EngineProcess, engines: list[EngineProcess], ref: EngineProcess | None, s: Settings,
+                poller: GpuPoller | None) -> dict:
+    """One engine's entry of the report: what it is, its runs, times, memory, and how it compares."""
+    per_image = [r["seconds"] / s.batch for r in e.runs]
+    seconds = summarize(per_image)
+    stage_median = {k: float(np.median([r["stages"][k] for r in e.runs])) for k in STAGES}
+    steps = [x for r in e.runs for x in r["step_seconds"]]
+    gpu_bytes, gpu_method = (poller.peak_for(e.pid) if poller is not None else (None, None))
+    if e.final.get("peak_gpu_allocated_bytes") is not None:
+        gpu_bytes, gpu_method = e.final["peak_gpu_allocated_bytes"], "torch.cuda.max_memory_allocated"
+    first = (e.warmups or e.runs)[0]["seconds"]
+    entry = {
+        "name": e.name,
+        "role": e.role,
+        "kind": {"reference": "diffusers", "peer": e.spec.get("kind")}.get(e.role, "sdedge"),
+        "path": e.spec.get("base") or e.spec.get("bundle") or e.spec.get("model"),
+        "backend": e.info.get("backend"),
+        "backend_reason": e.info.get("backend_reason") or "",
+        "precision": e.info.get("precision"),
+        "device": e.spec.get("device"),
+        "threads": e.spec.get("threads"),
+        "memory_mode": e.spec.get("memory"),
+        "signed": bool(e.info.get("signed")),
+        "provenance": e.info.get("provenance"),
+        "load": {
+            "cold_start_seconds": e.cold_start_seconds,
+            "import_seconds": e.info.get("import_seconds"),
+            "load_seconds": e.info.get("load_seconds"),
+            "components": e.info.get("component_load_seconds") or {},
+            "first_image_seconds": first,
+        },
+        "warmup_seconds": [w["seconds"] for w in e.warmups],
+        "runs": [{"index": i, "prompt_index": i % len(s.prompts), "seed": s.seed + i, "seconds": r["seconds"],
+                  "stages": r["stages"], "step_seconds": r["step_seconds"]} for i, r in enumerate(e.runs)],
+        "seconds_per_image": seconds,
+        "images_per_minute": 60.0 / seconds["median"] if seconds["median"] > 0 else None,
+        "stages_median_seconds": stage_median,
+        "unet_step_seconds": summarize(steps),
+        "memory": {
+            "peak_rss_bytes": int(e.final.get("peak_rss_bytes") or max(r["peak_rss_bytes"] for r in e.runs)),
+            "rss_scope": "own process" if e.proc is not None else "shared process (inline)",
+            "peak_gpu_bytes": gpu_bytes,
+            "gpu_method": gpu_method,
+        },
+        "speedup_vs_reference": None,
+        "parity": None,
+        "clip_score": None,
+    }
+    if e.spec.get("run"):  # its own steps / scheduler / guidance
+        entry["run"] = dict(e.spec["run"])
+    _compare(entry, e, engines, ref)
+    return entry
+
+
+def _compare(entry: dict, e: EngineProcess, engines: list[EngineProcess], ref: EngineProcess | None) -> None:
+    """An engine's speed-up over the reference (run by run) and its image parity (PSNR, SSIM) against its truth."""
+    # parity against a peer run with the same settings (a few-step bundle's), else the reference
+    truth = next((x for x in engines if x.name == e.spec.get("parity_against")), ref)
+    if ref is not None and e is not ref:
+        pairs = [{"run": i, "reference_seconds": a["seconds"], "engine_seconds": b["seconds"],
+                  "ratio": a["seconds"] / b["seconds"]} for i, (a, b) in enumerate(zip(ref.runs, e.runs))]
+        entry["speedup_vs_reference"] = {"pairs": pairs, "median": float(np.median([p["ratio"] for p in pairs]))}
+    if truth is not None and e is not truth:
+        images = []
+        for i, (a, b) in enumerate(zip(truth.images, e.images)):
+            for j in range(a.shape[0]):
+                images.append({"run": i, "image": j, "psnr_db": psnr(b[j], a[j]), "ssim": ssim(b[j], a[j])})
+        entry["parity"] = {"against": truth.name, "images": images,
+                           "psnr_db": summarize(x["psnr_db"] for x in images),
+                           "ssim": summarize(x["ssim"] for x in images)}
+
+
+def _target(rows: list[dict], s: Settings) -> dict | None:
+    """The --target verdict: every sdedge engine's per-image statistic against the target seconds."""
+    if s.target_seconds is None:
+        return None
+    per, verdict_ok = {}, True
+    for row in rows:
+        if row["role"] != "engine":  # the reference and the peers are what sdedge is held against
+            continue
+        value = row["seconds_per_image"][s.target_statistic]
+        ok = value <= s.target_seconds
+        verdict_ok &= ok
+        per[row["name"]] = {"seconds": value, "pass": ok}
+    lines = [f"{name}: {s.target_statistic} {v['seconds']:.3f} s per image "
+             f"{'≤' if v['pass'] else '>'} target {s.target_seconds:g} s" for name, v in per.items()]
+    verdict = "pass" if verdict_ok else "fail"
+    return {"seconds": s.target_seconds, "statistic": s.target_statistic, "verdict": verdict,
+            "engines": per, "statement": f"{verdict.upper()}: " + "; ".join(lines)}
 
 
 def add_clip(report: dict, engines: list[EngineProcess], s: Settings, model: str, console) -> None:

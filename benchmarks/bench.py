@@ -222,6 +222,75 @@ def _progress(console, enabled: bool):
                     TimeElapsedColumn(), console=console, disable=not enabled, transient=False)
 
 
+def _write_latents(work: Path, s, manifest, size: int) -> list[Path]:
+    """One seeded initial-latents file per timed run (run r: seed + r), the same for every engine."""
+    lat_shape = (s.batch, manifest.latent.channels, size // manifest.latent.vae_scale_factor,
+                 size // manifest.latent.vae_scale_factor)
+    latents = []
+    for r in range(s.runs):
+        path = work / f"latents-{r}.npy"
+        np.save(path, np.random.default_rng(s.seed + r).standard_normal(lat_shape, dtype=np.float32))
+        latents.append(path)
+    return latents
+
+
+def _run_engines(engines: list[EngineProcess], s, latents: list[Path], work: Path, poller: GpuPoller | None,
+                 console, progress: bool) -> None:
+    """Start the engines, then their warm-ups and timed runs (alternated ABBA with --interleave, else one engine
+    after the other), filling each engine's warmups, runs, images and final; every engine is stopped at the end."""
+
+    def request(e: EngineProcess, r: int, warmup: bool) -> dict:
+        if poller is not None:
+            poller.current = e.pid
+        req = {"op": "run", "prompt_index": r % len(s.prompts), "latents": str(latents[r]),
+               "image": None if warmup else str(work / f"{len(engines)}-{engines.index(e)}-{r}.npy")}
+        reply = e.call(req)
+        (e.warmups if warmup else e.runs).append(reply)
+        if not warmup:
+            e.images.append(np.load(req["image"]))
+        return reply
+
+    def warmups(e: EngineProcess) -> int:  # an engine's own (a compile-at-first-use engine's), else the suite's
+        return e.spec.get("run", {}).get("warmup", s.warmup)
+
+    total = sum(warmups(e) + s.runs for e in engines)
+    try:
+        if poller is not None:
+            poller.start()
+        with _progress(console, progress) as bar:
+            task = bar.add_task("starting", total=total)
+            order_groups = [engines] if s.interleave else [[e] for e in engines]
+            for group in order_groups:
+                for e in group:
+                    bar.update(task, description=f"loading {e.name}")
+                    if poller is not None:
+                        poller.current = e.pid
+                    e.start()
+                for w in range(max(map(warmups, group))):
+                    for e in (e for e in group if w < warmups(e)):
+                        bar.update(task, description=f"warm-up {w + 1}/{warmups(e)} {e.name}")
+                        request(e, 0, warmup=True)
+                        bar.advance(task)
+                for r in range(s.runs):
+                    for e in group if r % 2 == 0 else list(reversed(group)):
+                        bar.update(task, description=f"run {r + 1}/{s.runs} {e.name}")
+                        request(e, r, warmup=False)
+                        bar.advance(task)
+                for e in group:
+                    e.final = e.call({"op": "final"})
+                    if not s.interleave:
+                        e.stop()
+            bar.update(task, description="done")
+    finally:
+        if poller is not None:
+            poller.stop()
+        for e in engines:
+            try:
+                e.stop()
+            except Exception:  # noqa: BLE001, S110 - best effort on the way out; the first error is raised
+                pass
+
+
 def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progress: bool = True,
               clip_model: str | None = None) -> dict:
     """Run a resolved suite (absolute paths; see suite.resolve_suite), write the report files into out_dir,
@@ -248,64 +317,8 @@ def run_bench(suite: Suite, out_dir: str | os.PathLike, *, console=None, progres
                    for name, role, spec in specs]
         devices = {spec.get("device") for _, _, spec in specs}
         poller = GpuPoller() if devices & {"cuda", "auto"} and GpuPoller.available() else None
-        lat_shape = (s.batch, manifest.latent.channels, size // manifest.latent.vae_scale_factor,
-                     size // manifest.latent.vae_scale_factor)
-        latents = []
-        for r in range(s.runs):
-            path = work / f"latents-{r}.npy"
-            np.save(path, np.random.default_rng(s.seed + r).standard_normal(lat_shape, dtype=np.float32))
-            latents.append(path)
-
-        def request(e: EngineProcess, r: int, warmup: bool) -> dict:
-            if poller is not None:
-                poller.current = e.pid
-            req = {"op": "run", "prompt_index": r % len(s.prompts), "latents": str(latents[r]),
-                   "image": None if warmup else str(work / f"{len(engines)}-{engines.index(e)}-{r}.npy")}
-            reply = e.call(req)
-            (e.warmups if warmup else e.runs).append(reply)
-            if not warmup:
-                e.images.append(np.load(req["image"]))
-            return reply
-
-        def warmups(e: EngineProcess) -> int:  # an engine's own (a compile-at-first-use engine's), else the suite's
-            return e.spec.get("run", {}).get("warmup", s.warmup)
-
-        total = sum(warmups(e) + s.runs for e in engines)
-        try:
-            if poller is not None:
-                poller.start()
-            with _progress(console, progress) as bar:
-                task = bar.add_task("starting", total=total)
-                order_groups = [engines] if s.interleave else [[e] for e in engines]
-                for group in order_groups:
-                    for e in group:
-                        bar.update(task, description=f"loading {e.name}")
-                        if poller is not None:
-                            poller.current = e.pid
-                        e.start()
-                    for w in range(max(map(warmups, group))):
-                        for e in (e for e in group if w < warmups(e)):
-                            bar.update(task, description=f"warm-up {w + 1}/{warmups(e)} {e.name}")
-                            request(e, 0, warmup=True)
-                            bar.advance(task)
-                    for r in range(s.runs):
-                        for e in group if r % 2 == 0 else list(reversed(group)):
-                            bar.update(task, description=f"run {r + 1}/{s.runs} {e.name}")
-                            request(e, r, warmup=False)
-                            bar.advance(task)
-                    for e in group:
-                        e.final = e.call({"op": "final"})
-                        if not s.interleave:
-                            e.stop()
-                bar.update(task, description="done")
-        finally:
-            if poller is not None:
-                poller.stop()
-            for e in engines:
-                try:
-                    e.stop()
-                except Exception:  # noqa: BLE001, S110 - best effort on the way out; the first error is raised
-                    pass
+        latents = _write_latents(work, s, manifest, size)
+        _run_engines(engines, s, latents, work, poller, console, progress)
 
         report = build_report(suite, engines, s, size, machine, created, notes, poller)
         if clip_model:

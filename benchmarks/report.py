@@ -322,6 +322,14 @@ def _md_escape(text: str) -> str:
 
 
 def markdown(report: dict) -> str:
+    lines = (_md_header(report) + _md_speed(report) + _md_stages_and_memory(report) + _md_parity(report)
+             + _md_quality_and_notes(report))
+    lines += ["", "![stages](report.png)", "", "![samples](samples.png)", ""]
+    return "\n".join(lines)
+
+
+def _md_header(report: dict) -> list[str]:
+    """The title, the machine and method, and the target's verdict."""
     st, m = report["settings"], report["machine"]
     git = m.get("git") or {}
     gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "none"
@@ -355,12 +363,16 @@ def markdown(report: dict) -> str:
                       for name, v in t["engines"].items()), ""]
     else:
         lines += ["No target given (`--target-seconds`): no pass/fail verdict.", ""]
+    return lines
 
+
+def _md_speed(report: dict) -> list[str]:
+    """## Speed: seconds per image and the speed-up over the reference, engine by engine."""
     ref = report.get("reference")
-    lines += ["## Speed", "",
-              ("| engine | backend | precision | median s/image | min | p95 | max | images/min | speed-up vs "
-               f"{ref or 'reference'} (median; per run) |"),
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Speed", "",
+             ("| engine | backend | precision | median s/image | min | p95 | max | images/min | speed-up vs "
+              f"{ref or 'reference'} (median; per run) |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in report["engines"]:
         sp = e["seconds_per_image"]
         su = e.get("speedup_vs_reference")
@@ -375,10 +387,15 @@ def markdown(report: dict) -> str:
         label = e["name"] + (" (peer)" if e["role"] == "peer" else "")
         lines.append(f"| {_md_escape(label)} | {_md_escape(e['backend'])} | {e['precision']} | {_s(sp['median'])} | "
                      f"{_s(sp['min'])} | {_s(sp['p95'])} | {_s(sp['max'])} | {ipm} | {ratio} |")
-    lines += ["", "## Stages (median seconds per call) and cold start", "",
-              ("| engine | tokenize | text encoder | UNet loop | per UNet step (median) | VAE decode | other | "
-               "cold start | of which load | first image |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _md_stages_and_memory(report: dict) -> list[str]:
+    """## Stages (median seconds per call, cold start) and ## Memory."""
+    lines = ["", "## Stages (median seconds per call) and cold start", "",
+             ("| engine | tokenize | text encoder | UNet loop | per UNet step (median) | VAE decode | other | "
+              "cold start | of which load | first image |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in report["engines"]:
         sm, ld = e["stages_median_seconds"], e["load"]
         step = e.get("unet_step_seconds") or {}
@@ -390,6 +407,13 @@ def markdown(report: dict) -> str:
         mem = e["memory"]
         lines.append(f"| {_md_escape(e['name'])} | {_bytes(mem['peak_rss_bytes'])} | {mem['rss_scope']} | "
                      f"{_bytes(mem['peak_gpu_bytes'])} | {mem['gpu_method'] or '—'} |")
+    return lines
+
+
+def _md_parity(report: dict) -> list[str]:
+    """## Image parity against the reference: per engine, then per image."""
+    st, ref = report["settings"], report.get("reference")
+    lines = []
     if ref:
         lines += ["", f"## Image parity against {ref} (same latents)", "",
                   "| engine | PSNR min (dB) | PSNR median | SSIM min | SSIM median | CLIP score (mean) |",
@@ -410,6 +434,12 @@ def markdown(report: dict) -> str:
                 prompt = st["prompts"][im["run"] % len(st["prompts"])]
                 lines.append(f"| {_md_escape(e['name'])} | {im['run']} | {im['image']} | {_md_escape(prompt)} | "
                              f"{st['seed'] + im['run']} | {im['psnr_db']:.1f} | {im['ssim']:.4f} |")
+    return lines
+
+
+def _md_quality_and_notes(report: dict) -> list[str]:
+    """## Prompt match and KID (the tiny base's shapes classifier), CLIP's skip, ## Notes."""
+    lines = []
     shapes = report.get("shapes")
     if shapes and not shapes.get("skipped"):
         lines += ["", "## Prompt match and KID (shapes classifier of the trained tiny base)", "",
@@ -426,8 +456,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"CLIP score: skipped ({clip['skipped']})."]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {_md_escape(n)}" for n in report["notes"]]
-    lines += ["", "![stages](report.png)", "", "![samples](samples.png)", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # -- pictures ------------------------------------------------------------------------------------------------
