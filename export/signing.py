@@ -168,14 +168,7 @@ def sign(bundle_dir: str | os.PathLike, *, key: str | os.PathLike | None = None,
       bounds the whole exchange with Sigstore (default 120 s; the browser flow gets at least 300 s).
     """
     root = Path(bundle_dir)
-    if sigstore and (key or certificate):
-        raise SigningError("choose one signing method: --sigstore (keyless) or --key/--certificate, not both")
-    if certificate and not key:
-        raise SigningError("--certificate needs --key: the private key the certificate was issued for")
-    if not sigstore and not key:
-        raise SigningError("say how to sign: --key PRIVATE.pem, --certificate LEAF.pem --key KEY.pem, or --sigstore")
-    if certificate_chain and not certificate:
-        raise SigningError("--certificate-chain goes with --certificate")
+    _check_one_method(sigstore, key, certificate, certificate_chain)
     hashing, signing = _require_model_signing()
     bundle = check_signable(root)  # before any key is used or any Sigstore server is contacted
 
@@ -225,12 +218,29 @@ def sign(bundle_dir: str | os.PathLike, *, key: str | os.PathLike | None = None,
 
     info = signer_info(root) or {}
     if method == "key":
-        pub = private_key.public_key()
-        from cryptography.hazmat.primitives import serialization
-
-        pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        info["fingerprint"] = key_fingerprint(pem)
+        info["fingerprint"] = _public_fingerprint(private_key)
     return SignResult(signature=root / SIGNATURE_NAME, method=method, files=signed, signer=info)
+
+
+def _check_one_method(sigstore: bool, key, certificate, certificate_chain) -> None:
+    """sign()'s arguments name exactly one method: a key, a certificate with its key, or Sigstore."""
+    if sigstore and (key or certificate):
+        raise SigningError("choose one signing method: --sigstore (keyless) or --key/--certificate, not both")
+    if certificate and not key:
+        raise SigningError("--certificate needs --key: the private key the certificate was issued for")
+    if not sigstore and not key:
+        raise SigningError("say how to sign: --key PRIVATE.pem, --certificate LEAF.pem --key KEY.pem, or --sigstore")
+    if certificate_chain and not certificate:
+        raise SigningError("--certificate-chain goes with --certificate")
+
+
+def _public_fingerprint(private_key) -> str:
+    """The fingerprint of a private key's public half (runtime/signing.py `key_fingerprint` over its PEM)."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key_fingerprint(pem)
 
 
 def _check_signed_matches(bundle: Bundle, sig_path: Path) -> int:
