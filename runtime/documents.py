@@ -11,6 +11,7 @@ Every document sdedge writes is a JSON object whose first two keys say what it i
     state.json           sdedge-checkpoint   trainer/checkpoint.py    CheckpointState
     adapter.json         sdedge-adapter      trainer/adapter.py       AdapterInfo
     report.json          sdedge-bench        benchmarks/report.py     BenchReport
+    sdedge_run.json      sdedge-train-run    trainer/run_setup.py     RunMarker (a training run's folder)
 
 Each owner declares its document once as a `DocumentType` (dataclass, format, version, file name, error class);
 `read`/`parse` check the format and version, bring an older version up to date (`upgrades`) and build the
@@ -36,6 +37,7 @@ from .strict import ConfigError, from_dict, parse_json, read_capped, to_dict
 __all__ = ["DocumentType", "Legacy"]
 
 T = TypeVar("T")
+MAX_MARKER_BYTES = 256 << 20  # a dataset's metadata.json lists every image; a marker is never bigger
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,16 @@ class DocumentType(Generic[T]):
         data = self._decode(path)
         self.parse(data, str(path))
         return data
+
+    def declared_by(self, path: str | os.PathLike, max_bytes: int = MAX_MARKER_BYTES) -> bool:
+        """Does the file at `path` say it is this kind of document (a JSON object whose "format" is this one's)?
+        Only that key is looked at: the test of a folder marker before `--overwrite` (runtime/files.py
+        `check_sdedge_folder`), which a damaged or older document of sdedge's still passes. False for a link."""
+        try:
+            data = parse_json(read_capped(path, max_bytes), str(path), max_bytes)
+        except (OSError, ConfigError):
+            return False
+        return isinstance(data, dict) and data.get("format") == self.format
 
     def parse_bytes(self, raw: bytes, where: str | None = None) -> T:
         where = where or self.name

@@ -184,26 +184,15 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-_MARKER_BYTES = 256 * 1024 * 1024  # a dataset's metadata.json lists every image; a marker is never bigger
-
-
-def _has_marker(folder: Path, markers: dict[str, str | None]) -> bool:
-    """True when `folder` holds one of `markers` (file name -> the JSON `format` it must declare, or None)."""
-    import json
-
-    for name, fmt in markers.items():
+def _has_marker(folder: Path, markers: dict) -> bool:
+    """True when `folder` holds one of `markers`: file name -> the DocumentType (runtime/documents.py) it must
+    declare itself to be, or None for any file of that name."""
+    for name, doc in markers.items():
         p = folder / name
         if not p.is_file() or p.is_symlink():
             continue
-        if fmt is None:
+        if doc is None or doc.declared_by(p):
             return True
-        try:
-            if p.stat().st_size <= _MARKER_BYTES:
-                doc = json.loads(p.read_bytes())
-                if isinstance(doc, dict) and doc.get("format") == fmt:
-                    return True
-        except (OSError, ValueError, RecursionError):
-            continue
     return False
 
 
@@ -211,12 +200,12 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def check_replaceable(out: str | os.PathLike, markers: dict[str, str | None], inputs=(), *,
+def check_replaceable(out: str | os.PathLike, markers: dict, inputs=(), *,
                       overwrite: bool = False, what: str = "--out") -> None:
     """May a write put a new folder at `out`? Raise `SdedgeError` (exit code 2) naming the paths when not.
 
     A missing `out` or an empty folder may always be replaced. A non-empty one only with `overwrite`, and only
-    when it carries one of sdedge's `markers` (file name -> the JSON `format` it must declare, or None for any)
+    when it carries one of sdedge's `markers` (file name -> the DocumentType it must declare, or None for any)
     and neither is, holds nor lies inside one of `inputs` (what the command reads). A folder left
     half-replaced by a killed process is restored first (see `sweep_stale`), so it is checked like any other."""
     from .errors import SdedgeError
@@ -235,7 +224,7 @@ def check_replaceable(out: str | os.PathLike, markers: dict[str, str | None], in
     check_sdedge_folder(out, markers, inputs, what)
 
 
-def check_sdedge_folder(out: str | os.PathLike, markers: dict[str, str | None], inputs=(),
+def check_sdedge_folder(out: str | os.PathLike, markers: dict, inputs=(),
                         what: str = "--out") -> None:
     """Raise `BadInput` unless the folder `out` carries one of sdedge's `markers` and is, holds and lies inside
     none of `inputs`: the test before `--overwrite` deletes anything in it."""

@@ -288,3 +288,30 @@ def test_documents_are_in_the_runtime_core_without_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
     assert to_dict(_manifest())["pipeline"] == "sd15"
 
+
+
+def test_the_run_marker_is_a_document_and_folder_markers_are_read_through_their_type(tmp_path):
+    """sdedge_run.json is written and read by runtime/documents.py; the --overwrite test (runtime/files.py) asks the
+    marker's DocumentType whether a file declares it, looking at its format alone."""
+    from sdedge.runtime.errors import BadInput
+    from sdedge.runtime.files import check_sdedge_folder
+    from sdedge.trainer.run_setup import RUN, RUN_MARKER, RUN_MARKERS, RunMarker
+
+    run = tmp_path / "run"
+    run.mkdir()
+    RUN.write(run / RUN_MARKER, RunMarker())
+    assert json.loads((run / RUN_MARKER).read_text()) == {"format": "sdedge-train-run", "version": 1}
+    assert RUN.read(run / RUN_MARKER) == RunMarker() and RUN.declared_by(run / RUN_MARKER)
+    check_sdedge_folder(run, RUN_MARKERS)  # passes
+    other = tmp_path / "other"
+    other.mkdir()
+    for text in ('{"format": "sdedge-data", "version": 1}', "not json", "[]", '{"format": "sdedge-train-run"'):
+        (other / RUN_MARKER).write_text(text)
+        assert not RUN.declared_by(other / RUN_MARKER), text
+        with pytest.raises(BadInput, match=r"no sdedge_run.json or adapter.json in it"):
+            check_sdedge_folder(other, RUN_MARKERS)
+    (other / RUN_MARKER).write_text('{"format": "sdedge-train-run", "version": 9}')  # a newer sdedge's run
+    assert RUN.declared_by(other / RUN_MARKER)
+    (other / RUN_MARKER).unlink()
+    (other / RUN_MARKER).symlink_to(run / RUN_MARKER)
+    assert not RUN.declared_by(other / RUN_MARKER)

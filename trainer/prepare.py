@@ -217,7 +217,7 @@ def prepare_dataset(src: str | Path, out: str | Path, opts: PrepareOptions = Pre
     if out.resolve() == src.resolve():
         raise SdedgeError(f"--out {out} must not be the input folder {src}")
     # a non-empty --out is replaced only with --overwrite, when it is a dataset sdedge prepared and holds no input
-    check_replaceable(out, {"metadata.json": DATA_FORMAT}, (src,), overwrite=opts.overwrite)
+    check_replaceable(out, {METADATA_NAME: DATASET}, (src,), overwrite=opts.overwrite)
     min_size = opts.resolution // 2 if opts.min_size is None else opts.min_size
     buckets = bucket_sizes(opts.resolution) if opts.buckets else [(opts.resolution, opts.resolution)]
     log = log or (lambda msg: None)

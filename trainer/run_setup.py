@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from sdedge.runtime.documents import DocumentType
 from sdedge.runtime.environment import package_versions
 from sdedge.runtime.errors import BadInput, MissingDependency, SdedgeError
-from sdedge.runtime.files import atomic_write_json, check_sdedge_folder
+from sdedge.runtime.files import check_sdedge_folder
 from sdedge.runtime.strict import ConfigError, to_dict
 
+from .adapter import ADAPTER_JSON
 from .checkpoint import latest_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig
 
@@ -22,8 +25,16 @@ __all__ = ["OUTPUTS", "RUN_MARKER", "non_finite_error", "toolchain", "prepare_ou
 log = logging.getLogger("sdedge.trainer")
 
 OUTPUTS = ("adapter.safetensors", "adapter.json", "config.yaml", "metrics.jsonl", "logs", "validation", "checkpoints")
-RUN_MARKER, RUN_FORMAT = "sdedge_run.json", "sdedge-train-run"  # written first: this folder is a run of sdedge's
-RUN_MARKERS = {RUN_MARKER: RUN_FORMAT, "adapter.json": "sdedge-adapter"}
+RUN_MARKER = "sdedge_run.json"  # written first: this folder is a run of sdedge's
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    """sdedge_run.json: this folder is an `sdedge train` run's (nothing more: the format and version say it)."""
+
+
+RUN = DocumentType(RunMarker, "sdedge-train-run", 1, RUN_MARKER)
+RUN_MARKERS = {RUN_MARKER: RUN, "adapter.json": ADAPTER_JSON}
 TOOLCHAIN = ("sdedge", "torch", "diffusers", "transformers", "peft", "accelerate")
 
 
@@ -58,7 +69,7 @@ def prepare_out(cfg: TrainConfig, is_main: bool) -> None:
         p = out / n
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_MARKER, {"format": RUN_FORMAT, "version": 1})
+    RUN.write(out / RUN_MARKER, RunMarker())
 
 
 def make_accelerator(cfg: TrainConfig):
