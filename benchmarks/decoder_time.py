@@ -10,7 +10,8 @@ Two pairs:
   TAESD's architecture (diffusers' AutoencoderTiny defaults, random weights) at 64x64 latents (512x512 images).
   Speed does not depend on the weights' values.
 The figures (median seconds per decode, batch 1; the two decoders timed in alternating rounds) are written with
-the machine's CPU flags and load average.
+the machine's CPU flags and load average, one row per pair and thread count (`--threads 2,1`: ONNX Runtime's default
+on 2 cores, then one thread).
 """
 
 from __future__ import annotations
@@ -61,18 +62,18 @@ def interleaved_seconds(runs: list, calls: int, rounds: int = 10) -> list[float]
     return [float(np.median(t)) for t in times]
 
 
-def time_pair(label: str, full, tiny, latent: int, threads: int, calls: int) -> dict:
+def time_pair(label: str, full, tiny, latent: int, threads: int, calls: int, rounds: int = 10) -> dict:
     from sdedge.export.specs import SPECS, TINY_VAE_DECODER
 
     with tempfile.TemporaryDirectory(prefix="sdedge-decoder-time-") as tmp:
         runs = [ort_session(spec, vae, latent, threads, Path(tmp)) for spec, vae in
                 ((SPECS["vae_decoder"], full), (TINY_VAE_DECODER, tiny))]
-        full_s, tiny_s = interleaved_seconds(runs, calls)
+        full_s, tiny_s = interleaved_seconds(runs, calls, rounds)
     params = {k: sum(p.numel() for p in m.decoder.parameters()) for k, m in (("full", full), ("tiny", tiny))}
     return {"pair": label, "latent": [latent, latent], "image": latent * int(2 ** (len(full.config.block_out_channels) - 1)),
             "full_seconds": round(full_s, 5), "tiny_seconds": round(tiny_s, 5), "speedup": round(full_s / tiny_s, 2),
             "full_decoder_parameters": params["full"], "tiny_decoder_parameters": params["tiny"], "calls": calls,
-            "threads": threads}
+            "rounds": min(rounds, calls), "threads": threads}
 
 
 def main(argv=None) -> int:
@@ -82,28 +83,31 @@ def main(argv=None) -> int:
     p.add_argument("--tiny-base")
     p.add_argument("--tiny-decoder")
     p.add_argument("--sd15", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="ONNX Runtime intra-op threads, a comma list for one row each")
     p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10, help="alternating rounds the calls are split into")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    threads = [int(t) for t in str(args.threads).split(",")]
     rows = []
     if args.tiny_base and args.tiny_decoder:
         full = AutoencoderKL.from_pretrained(args.tiny_base, subfolder="vae", local_files_only=True).eval()
         tiny = AutoencoderTiny.from_pretrained(args.tiny_decoder, local_files_only=True).eval()
-        rows.append(time_pair("tiny base: AutoencoderKL vs distilled AutoencoderTiny", full, tiny, 16, args.threads,
-                              args.calls))
+        rows += [time_pair("tiny base: AutoencoderKL vs distilled AutoencoderTiny", full, tiny, 16, n, args.calls,
+                           args.rounds) for n in threads]
     if args.sd15:
         from sdedge.export.bases import builtin_configs
 
         torch.manual_seed(0)
         full = AutoencoderKL(**builtin_configs("sd15-arch")["vae"]).eval()
         tiny = AutoencoderTiny().eval()  # TAESD's architecture (madebyollin/taesd's config)
-        rows.append(time_pair("sd15-arch 512x512: SD VAE decoder vs TAESD architecture", full, tiny, 64,
-                              args.threads, max(3, args.calls // 3)))
+        rows += [time_pair("sd15-arch 512x512: SD VAE decoder vs TAESD architecture", full, tiny, 64, n,
+                           max(3, args.calls // 3), args.rounds) for n in threads]
     doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe_machine(), "rows": rows}
     atomic_write_json(args.out, doc)
     for r in rows:
-        print(f"{r['pair']}: full {r['full_seconds']:.4f} s, tiny {r['tiny_seconds']:.4f} s, {r['speedup']:.1f}x")
+        print(f"{r['pair']}, {r['threads']} threads: full {r['full_seconds']:.4f} s, tiny {r['tiny_seconds']:.4f} s, "
+              f"{r['speedup']:.2f}x")
     return 0
 
 
