@@ -18,7 +18,7 @@ pytest.importorskip("diffusers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from sdedge.export import bases  # noqa: E402
+from sdedge.export import bases, builtin_bases  # noqa: E402
 from sdedge.export.bases import (  # noqa: E402
     BUILTIN_BASES,
     builtin_parameter_counts,
@@ -251,7 +251,7 @@ def test_sd15_layout_agrees_with_diffusers_converter():
 
     for name, n_keys in (("sd15-arch", (686, 248, 196)), ("tiny", None)):
         with torch.device("meta"):
-            unet, vae, text_encoder = bases._build_models(name, seed=None)
+            unet, vae, text_encoder = builtin_bases._build_models(name, seed=None)
         shapes = ldm_key_shapes(unet, vae, text_encoder)
         if n_keys:  # SD1.5's checkpoint: 686 UNet, 248 VAE and 196 (+ position_ids) CLIP tensors
             counts = tuple(sum(k.startswith(p) for k in shapes) for p in
