@@ -79,11 +79,11 @@ def read_base_marker(folder: str | Path) -> BaseMarker | None:
         return None
 
 
-def guidance_hint(base: str | Path) -> float:
+def guidance_hint(base: str | Path, default: float = 7.5) -> float:
     """The default guidance a base asks for: the trained tiny base records the one it was tuned at, and a base
-    pruned from it carries that on; 7.5 else."""
+    pruned from it carries that on; `default` else."""
     for info in (read_base_marker(base), read_pruned_marker(base)):
         value = info.default_guidance if info is not None else None
         if value is not None and value > 0:
             return float(value)
-    return 7.5
+    return default

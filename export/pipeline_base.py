@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,12 +30,16 @@ from sdedge.runtime.manifest import (
 )
 
 from .bundle_writer import hash_files, staging_dir, write_manifest
-from .markers import guidance_hint, read_pruned_marker
+from .markers import read_pruned_marker
 from .onnx_export import ExportError, export_component
 from .options import ExportOptions, check_lcm_steps
+from .park import unparked
 from .pipeline_run import ExportRun
 from .specs import component_names, component_spec, is_sdxl
 
+log = logging.getLogger("sdedge.export")
+
+PARK_ABOVE_BYTES = 8 * 1024**3  # fp32 weights of a base parked while not in use (SDXL: 14.6 GB; SD 1.5: 4.3 GB)
 TOOLCHAIN = ("sdedge", "torch", "diffusers", "transformers", "onnx", "onnxruntime")
 
 
@@ -60,10 +65,13 @@ def read_pruned_note(run: ExportRun) -> None:
 
 
 def default_guidance(run: ExportRun) -> None:
-    """An LCM bundle runs without a guidance pass unless asked for one; other bundles at the base's hint."""
+    """An LCM bundle runs without a guidance pass unless asked for one; other bundles at the base's hint, else at
+    diffusers' pipeline default (5.0 for SDXL, as StableDiffusionXLPipeline; 7.5 for SD 1.x)."""
     if run.opts.default_guidance is None:
+        from .sdxl_base import base_guidance
+
         lcm = run.opts.default_scheduler == "lcm"
-        run.opts = replace(run.opts, default_guidance=1.0 if lcm else guidance_hint(run.base))
+        run.opts = replace(run.opts, default_guidance=1.0 if lcm else base_guidance(run.base, run.opts.base_config))
 
 
 def record_parent_truth(run: ExportRun) -> None:
@@ -88,11 +96,29 @@ def load(run: ExportRun) -> None:
         run.base_desc = describe_base(run.base)
         run.pipe = load_base(run.base, allow_pickle=run.opts.allow_pickle, config=run.opts.base_config)
     pipe = run.pipe
+    park_large_base(run)
     if run.opts.default_scheduler is None:
         run.opts = replace(run.opts, default_scheduler="euler" if is_sdxl(pipe) else "dpm++2m")
     if run.optimise and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
         raise BadInput(f"{run.base} is an inpainting base ({pipe.unet.config.in_channels}-channel UNet): this sdedge "
                        "exports it in fp32 only, without pruning (its calibration and gates feed 4-channel latents)")
+
+
+def park_large_base(run: ExportRun) -> None:
+    """A base over PARK_ABOVE_BYTES of fp32 weights (SDXL), exported as it is (no LoRA, decoder, pruning or reduced
+    precision changes its weights): the weights fp16 holds exactly are kept in fp16 until PyTorch runs them
+    (export/park.py); each component is fp32 only while it is traced, and the pipeline while diffusers draws the
+    parity image. The values PyTorch sees are unchanged."""
+    from .park import models_of, park_pipeline
+
+    opts = run.opts
+    weights = sum(p.numel() * p.element_size() for m in models_of(run.pipe) for p in m.parameters())
+    if weights <= PARK_ABOVE_BYTES or run.optimise or opts.loras or opts.decoder is not None:
+        return
+    with run.stages(f"park the fp16-exact weights of the {weights / 1e9:.1f} GB base in fp16"):
+        freed = park_pipeline(run.pipe)
+    log.info("parked %.1f GB of fp16-exact weights in fp16 (%.1f GB held instead of %.1f GB)", freed / 1e9,
+             (weights - freed) / 1e9, weights / 1e9)
 
 
 def lcm_step_limit(run: ExportRun) -> None:
@@ -163,8 +189,9 @@ def export_components(run: ExportRun) -> None:
         src = run.dec_pipe if name == "vae_decoder" and run.dec_pipe is not None else pipe
         spec = component_spec(name, src)
         label = f"export {name}" + (f" ({type(src.vae).__name__} from {opts.decoder})" if src is run.dec_pipe else "")
-        with run.stages(label):
-            info, par, _ = export_component(spec, src, run.tmp, trace_dims, check_dims, opts.opset)
+        model = src.vae if name.startswith("vae_") else getattr(src, name)
+        with run.stages(label), unparked(model) as repark:  # a parked model: fp32 while PyTorch runs it
+            info, par, _ = export_component(spec, src, run.tmp, trace_dims, check_dims, opts.opset, after_torch=repark)
         run.components[name], run.component_parity[name] = info, par
 
 

@@ -98,10 +98,13 @@ def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> Imag
     """Runtime image vs diffusers' StableDiffusionPipeline on the same weights, seed and initial latents."""
     from sdedge.runtime.pipeline import Pipeline
 
+    from .park import is_parked, models_of, unparked
     from .reference import psnr, reference_images
 
-    # fp32 ONNX against PyTorch: on ONNX Runtime, exact, whatever `auto` would pick on this CPU (OpenVINO bf16)
-    runtime = Pipeline.load(bundle_dir, device="cpu", backend="onnxruntime", verify="off")  # not signed yet
+    # fp32 ONNX against PyTorch: on ONNX Runtime, exact, whatever `auto` would pick on this CPU (OpenVINO bf16).
+    # A parked (large) base: one component in memory at a time beside it, then diffusers' run unparked (park.py).
+    memory = "low" if is_parked(pipe) else "normal"
+    runtime = Pipeline.load(bundle_dir, device="cpu", backend="onnxruntime", verify="off", memory=memory)
     if runtime.is_inpaint:
         return inpaint_parity(pipe, runtime, opts, size)
     lat = runtime.manifest.latent
@@ -112,8 +115,9 @@ def image_parity(pipe, bundle_dir: Path, opts: ExportOptions, size: int) -> Imag
     ours = runtime.generate(opts.parity_prompt, "", width=size, height=size, latents=latents, seed=seed,
                             watermark=False, **kw).images
     runtime.close()
-    ref = reference_images(pipe, opts.parity_prompt, "", latents=latents, scheduler_config=runtime.manifest.scheduler,
-                           seed=seed, **kw)
+    with unparked(*models_of(pipe)):
+        ref = reference_images(pipe, opts.parity_prompt, "", latents=latents,
+                               scheduler_config=runtime.manifest.scheduler, seed=seed, **kw)
     return ImageParity(psnr_db=min(psnr(ours, ref), 999.0), scheduler=scheduler, steps=steps, guidance=guidance,
                        width=size, height=size, seed=opts.parity_seed)
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from sdedge.runtime.errors import BadInput
 
-from .markers import PRUNED, PRUNED_MARKER, ParentInfo, PrunedMarker, guidance_hint, read_pruned_marker
+from .markers import PRUNED, PRUNED_MARKER, ParentInfo, PrunedMarker, read_pruned_marker
+from .sdxl_base import base_guidance
 
 log = logging.getLogger("sdedge.export")
 
@@ -69,7 +70,7 @@ def write_pruned_base(base: str | os.PathLike, out: str | os.PathLike, ratio: fl
     lat = latent_size or min(pipe.unet.config.sample_size, 32)  # the MACs are counted at 256x256 for SD1.5
     with stage(f"prune the UNet's channels by {ratio:.0%} ({criterion})"):
         report = prune_unet(pipe, ratio, criterion, latent_size=lat)
-    doc = PrunedMarker(ParentInfo(desc["id"], desc["sha256"], desc["path"]), report, guidance_hint(base))
+    doc = PrunedMarker(ParentInfo(desc["id"], desc["sha256"], desc["path"]), report, base_guidance(base))
     with stage("write the pruned base"), _atomic_dir(Path(out), overwrite, (base, config)) as tmp, _quiet():
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         hub_layout_text_encoder(tmp / "text_encoder")

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 SDXL_BASES = ("sdxl-tiny", "sdxl-arch")
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+SD_GUIDANCE, SDXL_GUIDANCE = 7.5, 5.0  # the default guidance of diffusers' StableDiffusionPipeline and ...XLPipeline
 TE1_PREFIX = "conditioner.embedders.0.transformer.text_model."
 TE2_PREFIX = "conditioner.embedders.1.model."
 REFINER_TE_PREFIX = "conditioner.embedders.0.model."
@@ -348,6 +349,26 @@ def folder_kind(folder: str | os.PathLike) -> str:
             return "sdxl-refiner"
         return "sdxl"
     return "sd"
+
+
+def is_sdxl_source(base: str | os.PathLike, config: str | os.PathLike | None = None) -> bool:
+    """Whether an export's base is SDXL, before it loads: a diffusers folder by its model_index.json, a single-file
+    checkpoint by the --config folder it goes with (what cannot be read is not SDXL here; loading says why)."""
+    folder = Path(base) if Path(base).is_dir() else (Path(config) if config is not None else None)
+    if folder is None or not (folder / "model_index.json").is_file():
+        return False
+    try:
+        return folder_kind(folder) != "sd"
+    except SdedgeError:
+        return False
+
+
+def base_guidance(base: str | os.PathLike, config: str | os.PathLike | None = None) -> float:
+    """The guidance a bundle of `base` defaults to: the base's own hint (export/markers.py), else diffusers' pipeline
+    default (StableDiffusionXLPipeline 5.0, StableDiffusionPipeline 7.5)."""
+    from .markers import guidance_hint
+
+    return guidance_hint(base, SDXL_GUIDANCE if is_sdxl_source(base, config) else SD_GUIDANCE)
 
 
 def checkpoint_kind(keys) -> str:

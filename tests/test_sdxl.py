@@ -170,7 +170,7 @@ def test_export_writes_an_sdxl_bundle(bundle):
     assert [t.shape for t in m.components["text_encoder_2"].outputs] == [("batch", 77, 48), ("batch", 48)]
     assert m.components["unet"].inputs[2].shape == ("batch", 77, 80)
     assert m.tokenizer_2 is not None and m.sdxl.force_zeros_for_empty_prompt
-    assert m.defaults.scheduler == "euler"  # SDXL's
+    assert m.defaults.scheduler == "euler" and m.defaults.guidance == 5.0  # StableDiffusionXLPipeline's defaults
     assert (m.shapes.default_width, m.shapes.default_height) == (128, 128)  # sdxl-tiny's native size
     assert all(p.max_abs_err <= 1e-3 for p in m.parity.components.values())
     assert m.parity.image.psnr_db >= 40.0
@@ -211,7 +211,7 @@ def test_stochastic_schedulers_match_diffusers(runtime, pipe):
     ours = runtime.generate(PROMPTS[0], steps=3, scheduler="euler_a", rng=TorchNoise(3), watermark=False).images
     pipe.scheduler = diffusers_scheduler("euler_a", runtime.manifest.scheduler)
     with torch.inference_mode():
-        ref = pipe(PROMPTS[0], num_inference_steps=3, guidance_scale=7.5, generator=torch.Generator().manual_seed(3),
+        ref = pipe(PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
                    height=128, width=128, output_type="np").images
     assert psnr(ours, ref) >= 40.0
 
@@ -223,7 +223,7 @@ def test_defaults_empty_negative_and_micro_conditioning(runtime, pipe):
     lat = _latents(1)
     plain = runtime.generate(PROMPTS[0], steps=3, latents=lat, watermark=False)
     assert plain.settings["scheduler"] == "euler" and plain.images.shape == (1, 128, 128, 3)
-    ref = reference_images(pipe, PROMPTS[0], "", latents=lat, steps=3, guidance=7.5, scheduler="euler",
+    ref = reference_images(pipe, PROMPTS[0], "", latents=lat, steps=3, guidance=5.0, scheduler="euler",
                            scheduler_config=runtime.manifest.scheduler)
     assert psnr(plain.images, ref) >= 40.0
     micro = dict(original_size=(512, 512), crops_coords_top_left=(8, 16), target_size=(128, 96),
@@ -232,7 +232,7 @@ def test_defaults_empty_negative_and_micro_conditioning(runtime, pipe):
                             micro_conditioning=MicroConditioning(**micro)).images
     pipe.scheduler = diffusers_scheduler("euler", runtime.manifest.scheduler)
     with torch.inference_mode():
-        ref = pipe(PROMPTS[0], num_inference_steps=3, guidance_scale=7.5, latents=torch.from_numpy(lat), height=128,
+        ref = pipe(PROMPTS[0], num_inference_steps=3, guidance_scale=5.0, latents=torch.from_numpy(lat), height=128,
                    width=128, output_type="np", **micro).images
     assert psnr(ours, ref) >= 40.0
     assert psnr(ours, plain.images) < 40.0
