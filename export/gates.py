@@ -124,7 +124,8 @@ def image_psnr(bundle_dir: Path, backend: str, reference: Reference) -> float:
 
     from .reference import psnr
 
-    pipe = Pipeline.load(bundle_dir, device="cpu", backend=backend, verify="off")
+    pipe = Pipeline.load(bundle_dir, device="cpu", backend=backend, verify="off",
+                         prepare={"width": reference.size, "height": reference.size, "guidance": reference.guidance})
     try:
         ours = pipe.generate(reference.prompt, "", steps=reference.steps, guidance=reference.guidance,
                              width=reference.size, height=reference.size, scheduler=reference.scheduler,

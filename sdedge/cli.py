@@ -235,7 +235,9 @@ def cmd_generate(args) -> int:
     fmt = format_for(args.out)
     pipe = Pipeline.load(args.bundle, device=args.device, memory=args.memory, threads=args.threads,
                          backend=args.backend, verify=args.verify, public_key=args.public_key, identity=args.identity,
-                         issuer=args.issuer, precision_hint=args.precision_hint)
+                         issuer=args.issuer, precision_hint=args.precision_hint,
+                         prepare=False if args.image else {"width": args.width, "height": args.height,
+                                                          "num_images": args.n, "guidance": args.guidance})
     stamper = stamper_for(args, pipe)  # the C2PA certificate is checked before any image is made
     limit = (pipe.manifest.shapes.width_max, pipe.manifest.shapes.height_max)
     image = _read_image(args.image, "--image", "RGB", limit) if args.image else None

@@ -3,19 +3,33 @@
 One `OvEngine` per component. The model is read from the bundle's hash-checked bytes: OpenVINO's own IR
 (`openvino_ir` in the manifest, written by export when it helps) when there is one, else the ONNX file. An ONNX
 model with external data (over 2 GB) has its external locations checked against the manifest's list for the
-component, and its checked bytes are copied into a private temporary folder that OpenVINO reads (it reads
-external data only by path), so a file swapped in the bundle after the check is never read.
+component, and its files are copied in chunks into a private temporary folder (mode 0700) that OpenVINO reads (it
+reads external data only by path), hashed as they are copied and checked against the manifest before OpenVINO opens
+them, so what OpenVINO reads is the checked copy, never a file swapped in the bundle after the check.
 
-Shapes: the model is compiled for the exact input shapes of the first call (a static reshape: OpenVINO's CPU
-plugin runs static shapes faster than dynamic ones), and again, lazily, for each new shape; the last
-`max_shapes` compiled models are kept.
+Shapes: the model is compiled for exact input shapes (a static reshape: OpenVINO's CPU plugin runs static shapes
+faster than dynamic ones). `prepare(shapes)` compiles (or imports the cached blob) at load: `Pipeline` calls it for
+the shapes of the request it expects (the bundle's default size, guidance and one image, or the size its caller
+names), so the first image runs at the steady speed. A call with other shapes compiles again; prepared shapes that
+never ran are dropped first (so a caller who asked for another size does not hold two compiled UNets), and the
+last `max_shapes` compiled models are kept.
+
+Memory: one copy of the weights. After compiling, nothing sdedge read is kept: the checked bytes, the `ov.Model`
+and the private copy go (the copy is deleted as soon as OpenVINO has mapped it). OpenVINO's CPU plugin itself keeps
+the model's constants beside its packed (re-laid-out) weights, in a compiled model and in an imported blob alike
+(measured, docs/cpu-engines.md), so with bf16 compute (`INFERENCE_PRECISION_HINT` "bf16") the fp32 constants of an
+fp32 or bf16 bundle's ONNX are held as fp16 (OpenVINO's own compress-to-fp16 pass, as `ov.save_model` applies):
+the compute is bf16 either way, so this changes the result only by the rounding of weights to fp16 first, and it
+halves what the plugin keeps and the blob (sd15-arch UNet: 1.7 GB instead of 3.4 GB). Exact fp32 compute keeps
+fp32 constants. The compiled blob is written from OpenVINO's own buffer (no second copy) and imported from the one
+copy read and checked, dropped once imported.
 
 Compiled-model cache: each compiled model is exported (`CompiledModel.export_model`) into
 `$SDEDGE_CACHE_DIR/openvino` (default `~/.cache/sdedge/openvino`) under a key made of the SHA-256 of the
-model files (from the manifest, checked on read), the OpenVINO version, the device, the compile properties
-and the input shapes; the blob's own SHA-256 is kept beside it in a record sealed with the per-user cache key
-and bound to that cache key (ort_cache.seal), the blob is read once, checked, and those bytes are imported; a
-cache root that others can write to is not used (ort_cache.private_root). A second load of
+model files (from the manifest, checked on read), the OpenVINO version, the device, the compile properties,
+the weight storage and the input shapes; the blob's own SHA-256 is kept beside it in a record sealed with the
+per-user cache key and bound to that cache key (ort_cache.seal), the blob is read once, checked, and those bytes
+are imported; a cache root that others can write to is not used (ort_cache.private_root). A second load of
 the same bundle at the same size imports the blob instead of compiling: seconds instead of a minute for the
 SD1.5 UNet.
 
@@ -29,6 +43,7 @@ falls back to "f32" and says so in the log: the result is then the fp32 engine's
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,11 +53,10 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import HASH_CHUNK, Bundle, open_nofollow
 from ..errors import BundleError, MissingDependency
 from ..files import atomic_write_bytes
 from ..manifest import ComponentInfo, Precision
@@ -110,6 +124,9 @@ def default_cache_dir() -> Path | None:
     return cache_root("openvino")  # SDEDGE_CACHE_DIR= (empty) turns the cache off
 
 
+Shapes = tuple[tuple[int, ...], ...]  # one shape per input, in the manifest's order
+
+
 @dataclass
 class OvEngine:
     bundle: Bundle
@@ -120,17 +137,18 @@ class OvEngine:
     precision_hint: str | None = None  # "bf16" | "f32"; None: by the bundle's precision
     cache_dir: Path | None | bool = True  # True: default_cache_dir(); None/False: no cache
     max_shapes: int = 2
-    low_memory: bool = False
-    model: Any = field(default=None, repr=False)
+    low_memory: bool = False  # the engine protocol's; nothing is kept after compiling in either mode
     compiled: OrderedDict = field(default_factory=OrderedDict, repr=False)  # shapes -> (compiled, request)
     cache_hits: int = 0
     compiles: int = 0
     config: dict = field(default_factory=dict)
     precision_reason: str = ""
+    fp16_weights: bool = False  # bf16 compute: constants held as fp16 (module docstring, memory)
+    unrun: set = field(default_factory=set, repr=False)  # shapes prepared at load that no call has used yet
 
     @property
     def loaded(self) -> bool:
-        return self.model is not None or bool(self.compiled)
+        return bool(self.config)
 
     # -- load ------------------------------------------------------------------------------------------------
     def _source_files(self) -> tuple[str, ...]:
@@ -139,64 +157,78 @@ class OvEngine:
         return (self.info.file, *self.info.external_data)
 
     def load(self) -> None:
+        """The compile properties; nothing is compiled until `prepare` (at load, by the pipeline) or a call."""
         if self.loaded:
             return
-        ov_core = core()
+        core()
         precision = self.info.precision or self.bundle.manifest.precision
         hint, self.precision_reason = inference_precision(precision, self.precision_hint)
         threads = self.threads or int(os.environ.get("SDEDGE_THREADS", "0")) or None
-        self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads:
-            self.config["INFERENCE_NUM_THREADS"] = threads
+            config["INFERENCE_NUM_THREADS"] = threads
         if self.cache_dir is True:
             self.cache_dir = default_cache_dir()
         elif self.cache_dir is False:
             self.cache_dir = None
-        self._check_io_names()
-        log.debug("openvino %s: precision %s (%s)", self.name, hint, self.precision_reason)
-        _ = ov_core  # the model itself is read lazily: a cached compiled blob needs no model
+        self.fp16_weights = (hint == "bf16" and not self.info.openvino_ir
+                             and precision in (Precision.FP32, Precision.BF16) and _fp16_pass() is not None)
+        self._expected = [t.name for t in self.info.inputs]  # checked against the model's on the first compile
+        self.config = config
+        log.debug("openvino %s: precision %s (%s)%s", self.name, hint, self.precision_reason,
+                  ", constants held as fp16" if self.fp16_weights else "")
+
+    def prepare(self, shapes: Shapes) -> None:
+        """Compile (or import the cached blob) for these input shapes now, so that the first call with them runs at
+        the steady speed."""
+        self.load()
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        if shapes not in self.compiled:
+            self._add(shapes)
+            self.unrun.add(shapes)
+
+    def _add(self, shapes: Shapes) -> None:
+        compiled = self._compile(shapes)
+        self.compiled[shapes] = (compiled, compiled.create_infer_request())
+        while len(self.compiled) > self.max_shapes:
+            self.unrun.discard(self.compiled.popitem(last=False)[0])
 
     def _read_model(self):
-        if self.model is not None:
-            return self.model
+        """A fresh `ov.Model` from the checked bytes (the caller drops it once compiled)."""
         ov_core = core()
         files = self._source_files()
         try:
             if self.info.openvino_ir:
                 xml, weights = files
-                self.model = ov_core.read_model(self.bundle.read(xml), _ov_tensor(self.bundle.read(weights)))
+                model = ov_core.read_model(self.bundle.read(xml), _ov_tensor(self.bundle.read(weights)))
             else:
-                model = self.bundle.read(self.info.file)
-                external = onnx_refs.checked_external_files(self.bundle, self.info, model, "OpenVINO", self.name)
-                if external:
-                    self.model = self._read_private_copy(model, external)
-                else:
-                    self.model = ov_core.read_model(model)
+                data = self.bundle.read(self.info.file)
+                external = onnx_refs.checked_external_files(self.bundle, self.info, data, "OpenVINO", self.name)
+                model = self._read_private_copy(data, external) if external else ov_core.read_model(data)
+                del data
         except BundleError:
             raise
         except Exception as exc:
             raise BundleError(f"{self.bundle.path(files[0])}: OpenVINO cannot read the {self.name} model: {exc}") from None
-        return self.model
+        if self.fp16_weights:
+            _fp16_pass()(model)
+        return model
 
     def _read_private_copy(self, model: bytes, external: dict[str, str]):
-        """An ONNX model with external data, which OpenVINO reads only by path: the checked bytes are written into
-        a folder only this process's user can open (mode 0700) and read from there, so a file swapped in the
-        bundle after the check is never what OpenVINO reads. The copy is removed once the model is read."""
+        """An ONNX model with external data, which OpenVINO reads only by path: the model and its files are copied
+        into a folder only this process's user can open (mode 0700), each external file in chunks, hashed as it is
+        copied and checked against the manifest before OpenVINO opens it (so no file's bytes are held in memory and
+        a file swapped in the bundle after the check is never what OpenVINO reads). OpenVINO maps the copies; the
+        folder is removed once the model is read (the mapping lives until the model is dropped)."""
         folder = Path(tempfile.mkdtemp(prefix=f"sdedge-ov-{self.name}-"))
         try:
             name = Path(self.info.file).name
             atomic_write_bytes(folder / name, model, mode=0o600)
             for loc, rel in external.items():
-                data = self.bundle.read(rel)
-                atomic_write_bytes(folder / loc, data, mode=0o600)
-                del data
+                _copy_checked(self.bundle, rel, folder / loc)
             return core().read_model(str(folder / name))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-
-    def _check_io_names(self) -> None:
-        """Input names from the manifest must match the model's (checked on the first compile)."""
-        self._expected = [t.name for t in self.info.inputs]
 
     def _cache_key(self, shapes: tuple) -> str:
         import openvino as ov
@@ -207,33 +239,23 @@ class OvEngine:
             "openvino": ov.__version__,
             "device": self.device,
             "config": {k: str(v) for k, v in sorted(self.config.items())},
+            "weights": "f16" if self.fp16_weights else "as stored",
             "shapes": [list(s) for s in shapes],
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
-    def _compile(self, shapes: tuple):
-        ov_core = core()
-        blob = sidecar = None
+    def _compile(self, shapes: Shapes):
+        """The compiled model for these shapes: the cached blob imported, else compiled (and the blob written)."""
         root = private_root(Path(self.cache_dir)) if self.cache_dir is not None else None
+        blob = sidecar = None
         if root is not None:
             key = f"{self.name}-{self._cache_key(shapes)}"
             blob = root / f"{key}.blob"
             sidecar = blob.with_suffix(".sha256")  # the sealed record: the blob's SHA-256, bound to `key`
             if sidecar.is_file():
-                # the bundle's own files are still hash-checked, so a changed bundle never meets a stale blob
-                for rel in self._source_files():
-                    self.bundle.verify_hash(rel)
-                files = open_sealed(sidecar, key)  # the blob read once, checked, and those bytes imported
-                if files is not None and blob.name in files:
-                    try:
-                        compiled = ov_core.import_model(bytes(files[blob.name]), self.device, self.config)
-                        self.cache_hits += 1
-                        log.debug("openvino %s: compiled model imported from the cache %s", self.name, blob)
-                        return compiled
-                    except Exception as exc:  # a blob from another build: recompile and overwrite
-                        log.warning("openvino %s: cached blob %s unusable (%s); recompiling", self.name, blob, exc)
-                else:
-                    log.warning("openvino %s: cached blob %s does not match its SHA-256; recompiling", self.name, blob)
+                compiled = self._import(blob, sidecar, key)
+                if compiled is not None:
+                    return compiled
         model = self._read_model()
         names = [p.get_any_name() for p in model.inputs]
         if names != self._expected:
@@ -241,54 +263,119 @@ class OvEngine:
                               f"the manifest says {self._expected}")
         model.reshape({name: list(shape) for name, shape in zip(names, shapes)})
         try:
-            compiled = ov_core.compile_model(model, self.device, self.config)
+            compiled = core().compile_model(model, self.device, self.config)
         except Exception as exc:
             raise BundleError(f"OpenVINO cannot compile the {self.name} model for shapes {shapes}: {exc}") from None
+        finally:
+            del model  # the compiled model holds what it needs; the source goes now (module docstring, memory)
         self.compiles += 1
         if blob is not None:
             _write_blob(blob, sidecar, compiled)
-        if self.low_memory:
-            self.model = None  # read again for another shape; the compiled model holds its own weights
+        return compiled
+
+    def _import(self, blob: Path, sidecar: Path, key: str):
+        """The cached blob imported from the one copy read and checked against its sealed record, or None (logged):
+        then the caller compiles and overwrites it."""
+        # the bundle's own files are still hash-checked, so a changed bundle never meets a stale blob
+        for rel in self._source_files():
+            self.bundle.verify_hash(rel)
+        files = open_sealed(sidecar, key)  # the blob read once, checked, and those bytes imported
+        data = files.pop(blob.name, None) if files is not None else None
+        if data is None:
+            log.warning("openvino %s: cached blob %s does not match its SHA-256; recompiling", self.name, blob)
+            return None
+        try:
+            compiled = core().import_model(_blob_input(data), self.device, self.config)
+        except Exception as exc:  # a blob from another build: recompile and overwrite
+            log.warning("openvino %s: cached blob %s unusable (%s); recompiling", self.name, blob, exc)
+            return None
+        finally:
+            del data
+        self.cache_hits += 1
+        log.debug("openvino %s: compiled model imported from the cache %s", self.name, blob)
         return compiled
 
     # -- infer -----------------------------------------------------------------------------------------------
     def infer(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if not self.loaded and not self.config:
+        if not self.loaded:
             raise RuntimeError(f"engine {self.name!r} used before load()")
         typed = [np.ascontiguousarray(feeds[t.name], dtype=t.dtype) for t in self.info.inputs]
         shapes = tuple(tuple(a.shape) for a in typed)
         entry = self.compiled.get(shapes)
         if entry is None:
-            compiled = self._compile(shapes)
-            entry = (compiled, compiled.create_infer_request())
-            self.compiled[shapes] = entry
-            while len(self.compiled) > self.max_shapes:
-                self.compiled.popitem(last=False)
+            for unused in self.unrun:  # prepared for a request that never came: freed before compiling another
+                self.compiled.pop(unused, None)
+            self.unrun.clear()
+            self._add(shapes)
+            entry = self.compiled[shapes]
         else:
             self.compiled.move_to_end(shapes)
+            self.unrun.discard(shapes)
         request = entry[1]
         request.infer(typed)
         return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.info.outputs))]
 
     def unload(self) -> None:
-        self.model = None
         self.compiled.clear()
+        self.unrun.clear()
         self.config = {}
 
 
-def _ov_tensor(data: bytes):
+def _fp16_pass():
+    """OpenVINO's compress-to-fp16 pass (what `ov.save_model(compress_to_fp16=True)` runs), or None."""
+    try:
+        from openvino._offline_transformations import compress_model_transformation
+    except ImportError:
+        return None
+    return compress_model_transformation
+
+
+def _copy_checked(bundle: Bundle, rel: str, dest: Path) -> None:
+    """Copy the bundle's file `rel` to `dest` (a new file in a private folder) in chunks, without following
+    symbolic links and reading no more than one byte past its recorded size, hashing what is written; a size or
+    SHA-256 that differs from the manifest is a BundleError (the copy is then removed with its folder)."""
+    entry = bundle.manifest.files[rel]
+    digest, n = hashlib.sha256(), 0
+    # a scratch copy in a private folder, read once by this process and deleted: not a published file, so it is
+    # written in place (no fsync and rename of several GB, as files.atomic_output would do)
+    with os.fdopen(open_nofollow(bundle.root, rel), "rb") as src, open(dest, "xb") as out:
+        while n <= entry.bytes and (chunk := src.read(min(HASH_CHUNK, entry.bytes + 1 - n))):
+            digest.update(chunk)
+            out.write(chunk)
+            n += len(chunk)
+    where = bundle.path(rel)
+    if n != entry.bytes:
+        size = f"more than {entry.bytes}" if n > entry.bytes else str(n)
+        raise BundleError(f"{where}: {size} bytes on disk but {entry.bytes} in the manifest; the file is truncated "
+                          "or was changed")
+    if digest.hexdigest() != entry.sha256:
+        raise BundleError(f"{where}: SHA-256 differs from the manifest; the file is corrupt or was changed")
+
+
+def _ov_tensor(data: bytes | bytearray):
+    """The IR's weights as an ov.Tensor: on the checked bytearray itself, or a copy of immutable bytes."""
     import openvino as ov
 
-    return ov.Tensor(np.frombuffer(data, dtype=np.uint8).copy())
+    array = np.frombuffer(data, dtype=np.uint8)
+    return ov.Tensor(array if isinstance(data, bytearray) else array.copy(), shared_memory=isinstance(data, bytearray))
+
+
+def _blob_input(data: bytes | bytearray):
+    """What `import_model` reads without another copy: bytes as they are, a bytearray through a shared ov.Tensor."""
+    return _ov_tensor(data) if isinstance(data, bytearray) else data
 
 
 def _write_blob(blob: Path, sidecar: Path, compiled) -> None:
-    """Write the compiled model atomically, then its sealed record; a cache that cannot be written is only a
-    slower next load."""
+    """Write the compiled model atomically from OpenVINO's own buffer (no second copy), then its sealed record; a
+    cache that cannot be written is only a slower next load."""
     try:
-        data = compiled.export_model()
-        data = data.getvalue() if hasattr(data, "getvalue") else bytes(data)  # a BytesIO in OpenVINO 2026
-        atomic_write_bytes(blob, data, mode=0o600)
-        seal(sidecar, blob.stem, describe({blob.name: data}))
+        stream = io.BytesIO()
+        compiled.export_model(stream)
+        view = stream.getbuffer()
+        try:
+            atomic_write_bytes(blob, view, mode=0o600)
+            seal(sidecar, blob.stem, describe({blob.name: view}))
+        finally:
+            view.release()
     except Exception as exc:
         log.warning("openvino: could not write the compiled-model cache %s (%s)", blob, exc)
