@@ -14,6 +14,8 @@ held instead of 14.6 GB.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +40,7 @@ def park(model: torch.nn.Module, names: set[str] | None = None) -> int:
             parked.add(name)
             freed += half.numel() * half.element_size()
     object.__setattr__(model, PARKED, parked)
+    release_freed_memory()
     return freed
 
 
@@ -49,8 +52,23 @@ def unpark(model: torch.nn.Module) -> set[str]:
             for name, p in model.named_parameters():
                 if name in parked:
                     p.data = p.data.float()
+        release_freed_memory()
     object.__setattr__(model, PARKED, set())
     return parked
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Weights under
+    glibc's mmap threshold (32 MB: most of a UNet's) live on the heap, and freeing them does not lower the resident
+    set until then: measured, parking 2.2 GB of 6.5 MB tensors left the RSS at 2.2 GB, trimmed 1.2 GB."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def parked_bytes(model: torch.nn.Module) -> int:
