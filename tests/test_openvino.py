@@ -272,9 +272,10 @@ def test_external_data_is_copied_checked_and_only_the_copy_read(tiny_bundle, tmp
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or not any(
     f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16")), reason="needs a CPU with native bf16")
 def test_bf16_compute_holds_fp16_constants_within_parity(tiny_bundle, monkeypatch):
-    """With bf16 compute the fp32 constants are held as fp16 (half the memory the plugin keeps, half the blob): the
-    image stays as close to ONNX Runtime fp32 as with fp32 constants. Measured on the tiny base (AMD EPYC,
-    avx512_bf16, 12 steps): 46.6 dB with fp16 constants, 46.8 dB with fp32 ones."""
+    """With bf16 compute the weights are held as fp16 (half the memory the plugin keeps, half the blob), the small
+    constants as fp32: the image stays as close to ONNX Runtime fp32 as with fp32 constants. Measured on the tiny
+    base (AMD EPYC, avx512_bf16, 12 steps): 46.8 dB either way, the two images identical (with every constant fp16,
+    the time embedding's frequencies included: 46.6 dB)."""
     from sdedge.export.reference import psnr
     from sdedge.runtime.backends import openvino as ov_backend
     from sdedge.runtime.pipeline import Pipeline
@@ -296,4 +297,4 @@ def test_bf16_compute_holds_fp16_constants_within_parity(tiny_bundle, monkeypatc
     assert not exact.engines["unet"].fp16_weights  # exact fp32 compute keeps fp32 constants
     assert keys["fp16"] != keys["fp32"]  # a blob of one is never imported for the other
     fp16_db, fp32_db = psnr(images["fp16"], ref), psnr(images["fp32"], ref)
-    assert 40.0 <= fp16_db < 90.0 and fp16_db >= fp32_db - 1.0, (fp16_db, fp32_db)
+    assert 40.0 <= fp16_db < 90.0 and fp16_db >= fp32_db - 0.5, (fp16_db, fp32_db)

@@ -17,11 +17,11 @@ last `max_shapes` compiled models are kept.
 Memory: one copy of the weights. After compiling, nothing sdedge read is kept: the checked bytes, the `ov.Model`
 and the private copy go (the copy is deleted as soon as OpenVINO has mapped it). OpenVINO's CPU plugin itself keeps
 the model's constants beside its packed (re-laid-out) weights, in a compiled model and in an imported blob alike
-(measured, docs/cpu-engines.md), so with bf16 compute (`INFERENCE_PRECISION_HINT` "bf16") the fp32 constants of an
-fp32 or bf16 bundle's ONNX are held as fp16 (OpenVINO's own compress-to-fp16 pass, as `ov.save_model` applies):
-the compute is bf16 either way, so this changes the result only by the rounding of weights to fp16 first, and it
-halves what the plugin keeps and the blob (sd15-arch UNet: 1.7 GB instead of 3.4 GB). Exact fp32 compute keeps
-fp32 constants. The compiled blob is written from OpenVINO's own buffer (no second copy) and imported from the one
+(measured, docs/cpu-engines.md), so with bf16 compute (`INFERENCE_PRECISION_HINT` "bf16") the weights of an fp32
+or bf16 bundle's ONNX are held as fp16 (OpenVINO's own compress-to-fp16 pass, as `ov.save_model` applies; small
+constants stay fp32, `_hold_weights_fp16`): the plugin packs them as bf16 either way (tiny base: the same image),
+and what it keeps and the blob halve (sd15-arch UNet: 1.7 GB instead of 3.4 GB). Exact fp32 compute keeps fp32
+constants. The compiled blob is written from OpenVINO's own buffer (no second copy) and imported from the one
 copy read and checked, dropped once imported.
 
 Compiled-model cache: each compiled model is exported (`CompiledModel.export_model`) into
@@ -211,7 +211,7 @@ class OvEngine:
         except Exception as exc:
             raise BundleError(f"{self.bundle.path(files[0])}: OpenVINO cannot read the {self.name} model: {exc}") from None
         if self.fp16_weights:
-            _fp16_pass()(model)
+            _hold_weights_fp16(model)
         return model
 
     def _read_private_copy(self, model: bytes, external: dict[str, str]):
@@ -328,6 +328,40 @@ def _fp16_pass():
     except ImportError:
         return None
     return compress_model_transformation
+
+
+FP32_UNDER = 1 << 14  # constants of fewer elements stay fp32: biases, norms, the time embedding's frequencies
+
+
+def _hold_weights_fp16(model) -> None:
+    """The weights (constants of FP32_UNDER elements or more) held as fp16 by OpenVINO's compress-to-fp16 pass,
+    which marks its Converts as weight decompression (the CPU plugin folds them into its packed bf16 weights). The
+    smaller constants are put back as fp32 copies: fp16 would round the time embedding's frequencies (a phase error
+    of up to t·2⁻¹¹ rad at timestep t) where bf16 compute keeps that path in fp32. No constant is left on the
+    memory the model was read from, so that mapping (of the private copy) is released."""
+    import math
+
+    import openvino as ov
+
+    def constants(kind):
+        return [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == kind]
+
+    def fp32_copy(op, data) -> None:
+        new = ov.opset13.constant(np.array(data, dtype=np.float32))
+        new.set_friendly_name(op.get_friendly_name())
+        op.output(0).replace(new.output(0))
+
+    small = {op.get_friendly_name(): op.get_data().copy() for op in constants(ov.Type.f32)
+             if math.prod(op.get_output_shape(0)) < FP32_UNDER}
+    _fp16_pass()(model)
+    for op in constants(ov.Type.f16):
+        data = small.get(op.get_friendly_name().removesuffix("_compressed"))
+        if data is not None:
+            for target in list(op.output(0).get_target_inputs()):
+                if target.get_node().get_type_name() == "Convert":
+                    fp32_copy(target.get_node(), data)
+    for op in constants(ov.Type.f32):  # what the pass kept fp32, on the read memory: copied off it
+        fp32_copy(op, op.get_data())
 
 
 def _copy_checked(bundle: Bundle, rel: str, dest: Path) -> None:
