@@ -5,6 +5,7 @@ external-data consolidation copies tensors file to file; the SDXL default guidan
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,31 @@ def test_consolidated_tensors_are_page_aligned_and_intact(tmp_path):
     x = rng.standard_normal((2, 16)).astype(np.float32)
     y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ ws[0] @ ws[1] @ ws[2], rtol=1e-5)
+
+
+def test_large_external_data_is_read_by_onnx_runtime_from_a_checked_private_copy(tiny_bundle, tmp_path, monkeypatch):
+    """Over LARGE_EXTERNAL_BYTES (SDXL's UNet) ONNX Runtime reads a checked copy by path, not the bytes from memory
+    (which it copies: 2.1x the weights at load); a file swapped in the bundle after the check is not what runs."""
+    import onnxruntime as ort
+    from test_security_runtime import DATA, _copy, _engine, _externalise, _run
+
+    from sdedge.runtime.backends import onnxruntime as ort_backend
+    from sdedge.runtime.errors import BundleError
+
+    out = _copy(tiny_bundle, tmp_path)
+    _externalise(out)
+    reference = _run(_engine(out))  # the bytes from memory, as below the limit
+    monkeypatch.setattr(ort_backend, "LARGE_EXTERNAL_BYTES", 0)
+    real, paths = ort.InferenceSession, []
+
+    def swapping(model, *args, **kw):  # after the check, before ONNX Runtime reads: the bundle's weights become zeros
+        paths.append(model)
+        (out / DATA).write_bytes(bytes((out / DATA).stat().st_size))
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", swapping)
+    np.testing.assert_array_equal(_run(_engine(out)), reference)
+    assert len(paths) == 1 and isinstance(paths[0], str) and "sdedge-ort-vae_decoder-" in paths[0], paths
+    assert not Path(paths[0]).parent.exists()  # the private copy is gone once the session holds the weights
+    with pytest.raises(BundleError, match=r"model\.onnx\.data: SHA-256 differs"):
+        _engine(out).load()
