@@ -46,7 +46,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def guided(out: np.ndarray, guidance: float) -> np.ndarray:
-    """u + g·(c − u) of a guided batch (negative half first, as the runtime and diffusers order it)."""
+    """u + g·(c − u) of a guided batch (negative half first, as the runtime and diffusers order it). At guidance
+    ≤ 1 the runtime and diffusers run no guidance pass, so the batch is the conditional output itself (halving it
+    would leave nothing to compare, and every cosine would read 1)."""
+    if guidance <= 1:
+        return out.astype(np.float64)
+    if out.shape[0] % 2:
+        raise ValueError(f"a guided UNet batch of {out.shape[0]}: guidance {guidance} needs negative and positive halves")
     half = out.shape[0] // 2
     u, c = out[:half].astype(np.float64), out[half:].astype(np.float64)
     return u + guidance * (c - u)

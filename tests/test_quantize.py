@@ -122,6 +122,23 @@ def test_min_cosine_gate_fails_export_with_a_clear_message(tiny_base, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no bundle, no staging folder, no reference run left
 
 
+def test_cosine_after_guidance_at_guidance_1_compares_the_outputs_themselves():
+    """An LCM bundle's gates run at guidance 1: one unguided UNet batch. Halving that batch compared two empty
+    arrays, so every engine read cosine 1.0000 after guidance, however wrong (seen on the sd15 fast int8 bundle:
+    raw cosine 0.984, 'after guidance' 1.0)."""
+    from sdedge.export.gates import cosine, guided
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    out = ref + 0.5 * rng.standard_normal(ref.shape).astype(np.float32)
+    assert cosine(guided(out, 1.0), guided(ref, 1.0)) == pytest.approx(cosine(out, ref))
+    assert cosine(guided(out, 1.0), guided(ref, 1.0)) < 0.95
+    pair = np.concatenate([ref, out])  # (2, 4, 8, 8): negative half, positive half
+    np.testing.assert_allclose(guided(pair, 7.5), ref.astype(np.float64) + 7.5 * (out.astype(np.float64) - ref), rtol=1e-12)
+    with pytest.raises(ValueError, match="guided UNet batch of 1"):
+        guided(out, 7.5)
+
+
 def test_check_gates_messages():
     from sdedge.export.gates import GateFailed, check_gates
 
