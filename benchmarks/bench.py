@@ -191,8 +191,8 @@ def _prepare_engines(suite: Suite) -> tuple[list[tuple[str, str, dict]], dict, i
     if suite.reference is not None:
         r = suite.reference
         for e in suite.engines:
-            for note in check_reference(manifests[e.name], e.bundle, r.base):
-                if note not in notes:
+            for note in check_reference(manifests[e.name], e.bundle, r.base):  # refuses another architecture
+                if e.parity_against is None and note not in notes:  # the notes are about parity vs the reference
                     notes.append(note)
         out.append((r.name, "reference", {"base": r.base, "dtype": r.dtype, "device": r.device or s.device,
                                           "threads": _threads(r.threads, s), "loras": r.loras, "decoder": r.decoder,

@@ -346,6 +346,7 @@ def _md_header(report: dict) -> list[str]:
         f"- date: {report['created']}",
         (f"- machine: {m['cpu']}, {m.get('logical_cores')} logical / {m.get('physical_cores')} physical cores, "
          f"{_bytes(m.get('memory_bytes'))} RAM; GPU: {gpus}; {m['os']}"),
+        f"- CPU flags: {', '.join(m.get('cpu_flags') or []) or '—'}",
         f"- commit: {commit}",
         f"- load average (1, 5, 15 min) at start: {_load(m.get('load_average'))}; after: {_load(m.get('load_average_after'))}",
         f"- versions: {versions}, Python {m['python']}",
@@ -415,17 +416,18 @@ def _md_parity(report: dict) -> list[str]:
     st, ref = report["settings"], report.get("reference")
     lines = []
     if ref:
-        lines += ["", f"## Image parity against {ref} (same latents)", "",
-                  "| engine | PSNR min (dB) | PSNR median | SSIM min | SSIM median | CLIP score (mean) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", f"## Image parity against {ref}, or the peer an engine names (same latents)", "",
+                  "| engine | against | PSNR min (dB) | PSNR median | SSIM min | SSIM median | CLIP score (mean) |",
+                  "|---|---|---|---|---|---|---|"]
         for e in report["engines"]:
             clip = f"{e['clip_score']['mean']:.2f}" if e.get("clip_score") else "—"
             p = e.get("parity")
             if p is None:
-                lines.append(f"| {_md_escape(e['name'])} | reference | | | | {clip} |")
+                lines.append(f"| {_md_escape(e['name'])} | reference | | | | | {clip} |")
                 continue
             ps, ss = p["psnr_db"], p["ssim"]
-            lines.append(f"| {_md_escape(e['name'])} | {ps['min']:.1f} | {ps['median']:.1f} | {ss['min']:.4f} | "
+            lines.append(f"| {_md_escape(e['name'])} | {_md_escape(p.get('against') or ref)} | {ps['min']:.1f} | "
+                         f"{ps['median']:.1f} | {ss['min']:.4f} | "
                          f"{ss['median']:.4f} | {clip} |")
         lines += ["", "PSNR 999 means identical images. Per image:", "",
                   "| engine | run | image | prompt | seed | PSNR (dB) | SSIM |", "|---|---|---|---|---|---|---|"]

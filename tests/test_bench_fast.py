@@ -72,6 +72,9 @@ def test_fast_suite_runs_each_engine_with_its_own_settings(tiny_base, tmp_path):
     assert rows["fast"]["parity"]["against"] == "diffusers-lcm" and rows["fast"]["parity"]["psnr_db"]["min"] >= 35
     assert rows["diffusers-lcm"]["parity"]["against"] == "diffusers"  # a peer stays compared with the reference
     assert rows["fast"]["speedup_vs_reference"]["median"] > 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| fast | diffusers-lcm |" in md  # the table names each engine's truth
+    assert "- CPU flags: " in md and not any("adapter(s) fused in" in n for n in report["notes"])
 
 
 def test_suite_refuses_what_cannot_run(tiny_base, tmp_path):
