@@ -23,7 +23,8 @@ class ExportOptions:
     size_max: int | None = None  # pixels; default: twice the base's native size
     vae_encoder: bool = True
     default_scheduler: str | None = None  # None: the base's (euler for SDXL, as diffusers; dpm++2m else)
-    default_steps: int = 20  # lcm: at most the schedule's original_inference_steps
+    default_steps: int | None = None  # None: 4 with lcm (LCM-LoRAs run 2 to 8), else 20; lcm: at most the
+    # schedule's original_inference_steps
     default_guidance: float | None = None  # None: the base's hint (sdedge_base.json), else 7.5
     parity_prompt: str = "a red circle on a blue background"
     parity_seed: int = 0
@@ -47,6 +48,10 @@ class ExportOptions:
     decoder: str | None = None  # a diffusers AutoencoderTiny (TAESD) or AutoencoderKL folder: the bundle's vae_decoder
     decoder_images: int = 4  # generations whose decodes are compared with the full VAE decoder's
     overwrite: bool = False
+
+    def __post_init__(self):  # the steps default follows the scheduler, as the CLI's --steps does
+        if self.default_steps is None:
+            object.__setattr__(self, "default_steps", 4 if self.default_scheduler == "lcm" else 20)
 
 
 def check_options(opts: ExportOptions) -> None:

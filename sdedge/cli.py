@@ -95,7 +95,7 @@ def export_options(args):
               default_scheduler=args.scheduler, min_cosine=args.min_cosine, calibration=args.calibration,
               int8_method=args.int8_method, prune=args.prune, prune_criterion=args.prune_criterion,
               reference_base=args.reference_base, decoder=args.decoder, default_guidance=args.guidance,
-              default_steps=args.steps if args.steps is not None else 4 if args.scheduler == "lcm" else 20)
+              default_steps=args.steps)
     if args.size_range:
         kw["size_min"], kw["size_max"] = args.size_range
     return ExportOptions(**kw)

@@ -9,6 +9,7 @@ import onnx
 import pytest
 from conftest import run_cli
 
+from sdedge.cli import main as sdedge_main
 from sdedge.runtime.bundle import Bundle, sha256_file
 from sdedge.runtime.manifest import COMPONENTS, MANIFEST_NAME
 
@@ -104,12 +105,12 @@ def test_cli_refusals_exit_2_without_traceback(tiny_base, tmp_path):
     assert not (tmp_path / "t").exists() and not (tmp_path / "p").exists()
 
 
-def test_existing_output_is_not_clobbered(tiny_base, tmp_path):
+def test_existing_output_is_not_clobbered(tiny_base, tmp_path, capsys):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = run_cli("export", "--base", str(tiny_base), "--out", str(out))
-    assert r.returncode == 2 and "--overwrite" in r.stderr
+    code = sdedge_main(["export", "--base", str(tiny_base), "--out", str(out)])  # in this process: no start-up
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -155,7 +156,9 @@ def test_tensorrt_probe_names_what_is_missing(tmp_path, monkeypatch):
     assert "pip install 'sdedge[trt]'" in msg and "import tensorrt failed" in msg
 
 
-def test_trt_target_backend_and_build_engines_exit_2_and_write_nothing(tiny_bundle, tmp_path):
+def test_trt_target_backend_and_build_engines_exit_2_and_write_nothing(tiny_bundle, tmp_path, capsys):
+    """In this process (sdedge.cli.main): a fresh one would add only its start-up (test_cli_refusals_exit_2_without_
+    traceback, slow, runs export --target trt as a process)."""
     out = tmp_path / "bundle-trt"
     cases = [
         ["export", "--base", str(tiny_bundle), "--target", "trt", "--precision", "fp16", "--out", str(out)],
@@ -164,9 +167,22 @@ def test_trt_target_backend_and_build_engines_exit_2_and_write_nothing(tiny_bund
         ["build-engines", str(tiny_bundle), "--shapes", "64x64"],
     ]
     for args in cases:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        assert "TensorRT" in r.stderr and "missing:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        code = sdedge_main(args)
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert "TensorRT" in err and "missing:" in err and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / "x.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert not (tiny_bundle / "engines").exists()
+
+
+def test_the_default_steps_follow_the_scheduler_in_the_python_api_as_in_the_cli():
+    """`ExportOptions(default_scheduler="lcm")` recorded 20 steps (the CLI alone chose 4): an LCM bundle made from
+    Python ran 20 LCM steps by default."""
+    from sdedge.export.options import ExportOptions
+    from sdedge.runtime.strict import from_dict  # how a bench suite reads its prepare steps' options
+
+    assert ExportOptions(default_scheduler="lcm").default_steps == 4
+    assert ExportOptions().default_steps == 20 and ExportOptions(default_scheduler="euler").default_steps == 20
+    assert ExportOptions(default_scheduler="lcm", default_steps=6).default_steps == 6
+    assert from_dict(ExportOptions, {"default_scheduler": "lcm"}, "prepare").default_steps == 4
