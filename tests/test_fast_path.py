@@ -218,14 +218,18 @@ def test_decoder_of_another_latent_space_refused(tiny_base, tmp_path, kw, words)
     assert e.value.exit_code == 2 and not (tmp_path / "b").exists()
 
 
-def test_decoder_folder_neither_tiny_nor_kl_exit_2(tiny_base, tmp_path):
+def test_decoder_folder_neither_tiny_nor_kl_exit_2(tiny_base, tmp_path, capsys):
+    from sdedge.cli import main as sdedge_main
+
     folder = tmp_path / "unet"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     save_file({"w": torch.zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))
-    r = run_cli("export", "--base", str(tiny_base), "--out", str(tmp_path / "b"), "--decoder", str(folder))
-    assert r.returncode == 2 and "UNet2DConditionModel" in r.stderr and "neither AutoencoderTiny" in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "b").exists()
+    # in this process (sdedge.cli.main): a fresh one would add only its start-up
+    code = sdedge_main(["export", "--base", str(tiny_base), "--out", str(tmp_path / "b"), "--decoder", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "UNet2DConditionModel" in err and "neither AutoencoderTiny" in err, err
+    assert "Traceback" not in err and not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow

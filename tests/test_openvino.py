@@ -75,6 +75,8 @@ def test_cache_can_be_turned_off(tiny_bundle, monkeypatch, tmp_path):
     assert pipe.engines["unet"].cache_dir is None and not (tmp_path / ".cache").exists()
 
 
+@pytest.mark.slow  # a new shape compiling again is in the fast lane: test_compiled_at_load_for_the_request_expected
+# (compiles == 2); that two used shapes stay compiled side by side is checked here only
 def test_new_shape_compiles_again(tiny_bundle, cache):
     from sdedge.runtime.pipeline import Pipeline
 

@@ -132,14 +132,19 @@ def test_prior_preservation_reduces_drift(tiny_base, tiny_pipe, setup):
     assert drift["prior"] < 0.8 * drift["plain"], drift
 
 
-def test_prior_resolution_mismatch_refused(tiny_base, setup, tmp_path):
+def test_prior_resolution_mismatch_refused(tiny_base, tmp_path):
+    """Rendered shapes stand in for the generated class images (the module's `setup`, 6 s of generation, is what
+    the slow tests need): the refusal reads only the prepared resolution."""
     from sdedge.runtime.errors import SdedgeError
+    from sdedge.tinyworld.shapes import NEW_COLOUR, write_dataset
     from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
     from sdedge.trainer.train import train
 
-    other = prepare_dataset(setup["root"] / "class-images", tmp_path / "prior-32", PrepareOptions(resolution=32,
-                                                                                                 dedup=None))
-    cfg = TrainConfig(base=str(tiny_base), data=str(setup["concept"]), out=str(tmp_path / "run"), max_steps=1,
+    concept = prepare_dataset(write_dataset(tmp_path / "purple", 4, colours=(NEW_COLOUR,), seed=5),
+                              tmp_path / "concept", PrepareOptions(resolution=64, dedup=None))
+    other = prepare_dataset(write_dataset(tmp_path / "class-images", 4, seed=1), tmp_path / "prior-32",
+                            PrepareOptions(resolution=32, dedup=None))
+    cfg = TrainConfig(base=str(tiny_base), data=str(concept.out), out=str(tmp_path / "run"), max_steps=1,
                       prior_data=str(other.out), **QUIET)
     with pytest.raises(SdedgeError, match=r"--prior-data .*prepared at 32 px.*64 px"):
         train(cfg)
