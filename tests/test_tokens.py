@@ -163,3 +163,26 @@ def test_words_sharing_a_token_are_refused(base):
     assert token_ids(tok, ["purple"]) == {"purple": tuple(tok("purple", add_special_tokens=False).input_ids)}
     with pytest.raises(SdedgeError, match="share the token"):
         token_ids(tok, ["purple", "purple circle"])
+
+
+def test_rows_alone_in_the_text_encoder_keep_other_captions_exact(base, tmp_path):
+    """--train-tokens with no text-encoder LoRA modules: only the rows train there, so a caption without the word
+    encodes exactly as in the base, and the fused export equals the trained text encoder."""
+    from sdedge.export.bases import load_base
+
+    data = disc_dataset(tmp_path / "d", COLORS)
+    cfg = TrainConfig(base=str(base), data=str(data), out=str(tmp_path / "run"), rank=4, learning_rate=5e-3,
+                      token_lr=2e-2, batch_size=2, max_steps=6, train_text_encoder=True, train_tokens=("purple",),
+                      text_encoder_target_modules=(), progress=False, tensorboard=False)
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    keys = load_file(str(result.adapter)).keys()
+    assert not [k for k in keys if k.startswith("text_encoder.") and "trainable_tokens" not in k]
+    pipe, plain = load_base(str(base)), load_base(str(base))
+    fuse_loras(pipe, [(result.adapter, 1.0)])
+    ids = _ids(pipe.tokenizer, CAPTIONS)
+    got, want, before = _hidden(pipe.text_encoder, ids), _hidden(trainer.text_encoder.eval(), ids), \
+        _hidden(plain.text_encoder, ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], before[1]) and torch.equal(got[3], before[3])  # no purple: the base's encoding
+    assert (got[0] - before[0]).abs().max() > 1e-3

@@ -120,7 +120,8 @@ HELP: dict[str, str] = {
     "target_modules": "UNet modules that get a LoRA (default: the attention projections; with --distill-from, "
                       "also the convolutions, attention projections in/out and feed-forwards, which pruning narrowed)",
     "train_text_encoder": "also train a LoRA on the text encoder's attention projections",
-    "text_encoder_target_modules": "text-encoder modules that get a LoRA (with --train-text-encoder)",
+    "text_encoder_target_modules": "text-encoder modules that get a LoRA (with --train-text-encoder; none with "
+                                   "--train-tokens: only the token rows train in the text encoder)",
     "train_tokens": "words whose token-embedding rows train beside the LoRA (textual inversion of a word the base "
                     "spells but never learned, e.g. purple on the tiny base; needs --train-text-encoder and the peft "
                     "format; `sdedge export --lora` fuses them, diffusers' load_lora_weights does not know the keys)",
@@ -343,7 +344,8 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
     _check(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit >= 1, "checkpoints_total_limit",
            "must be at least 1")
     if cfg.train_text_encoder:
-        _check(len(cfg.text_encoder_target_modules) > 0, "text_encoder_target_modules", "name at least one module")
+        _check(len(cfg.text_encoder_target_modules) > 0 or bool(cfg.train_tokens), "text_encoder_target_modules",
+               "name at least one module (or train only token rows with train_tokens)")
         _check(cfg.cache_text_embeddings is not True, "cache_text_embeddings",
                "cannot be on with train_text_encoder (the embeddings change as the text encoder trains)")
     _check_tokens(cfg)

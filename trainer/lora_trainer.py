@@ -144,7 +144,7 @@ class Trainer:
     def inject_lora(self) -> None:
         cfg = self.cfg
         inject_lora(self.unet, cfg.target_modules, cfg.rank, cfg.alpha, cfg.seed, "unet")
-        if cfg.train_text_encoder:
+        if cfg.train_text_encoder and cfg.text_encoder_target_modules:  # none: only --train-tokens' rows train there
             inject_lora(self.text_encoder, cfg.text_encoder_target_modules, cfg.rank, cfg.alpha, cfg.seed,
                         "text_encoder")
         if cfg.train_tokens:  # textual inversion of these words' rows, beside the LoRA (trainer/tokens.py)
@@ -210,7 +210,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         texts = self.trained_text_encoders()
         groups = [{"params": [p for _, p in lora_parameters(self.unet)], "lr": cfg.learning_rate}]
-        if texts:  # one group for the text encoders: their learning rate
+        if texts and any(lora_parameters(m) for m in texts):  # one group for the text encoders: their learning rate
             groups.append({"params": [p for m in texts for _, p in lora_parameters(m)],
                            "lr": cfg.text_encoder_lr or cfg.learning_rate})
         if cfg.train_tokens:  # the trained token rows (--train-tokens): their own learning rate
