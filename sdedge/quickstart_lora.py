@@ -1,9 +1,10 @@
 """The quickstart's custom model: the LoRA recipe that teaches the trained tiny base a colour it never saw, the
 prompt-match rates on the new colour and on the base colours, and the optimised bundle the export's speed gate picks.
 
-The recipe is the best of the experiments in docs/tiny-base.md ("Teaching it purple"): it keeps the base colours
-(drift within 0.05) but reaches about 0.53 on purple, short of issue 23's 0.85; stronger recipes learned purple no
-better and drifted more, prior preservation (`sdedge train --prior-data`) included.
+The recipe is the best of the experiments in docs/tiny-base.md ("Teaching it purple"): the LoRA of the last stop
+plus textual inversion of purple's token row, which the base never trained (`--train-tokens`). It keeps the base
+colours (drift within 0.05) but reaches about 0.64 on purple, short of issue 23's 0.85; longer runs, rank 16, the
+text encoder's MLPs, more targets and prior preservation (`sdedge train --prior-data`) learned purple no better.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def base_colour_prompts() -> list[str]:
 
 
 def lora_config(base_dir: Path, data: Path, out: Path):
-    """The quickstart's LoRA recipe: rank 8 on the UNet's attention and the text encoder's, AdamW at 1e-3 after a
-    10-step warm-up, 300 steps of 8 (docs/tiny-base.md has what else was tried)."""
+    """The quickstart's LoRA recipe: rank 8 on the UNet's attention and the text encoder's, and the token row of the
+    new colour's word trained beside them (`--train-tokens purple`: the base never trained that row, and a LoRA
+    cannot move it) at 3e-3, AdamW at 1e-3 after a 10-step warm-up, 300 steps of 8 (docs/tiny-base.md has what else was
+    tried)."""
+    from sdedge.tinyworld.shapes import NEW_COLOUR
     from sdedge.trainer.config import TrainConfig
 
     return TrainConfig(base=str(base_dir), data=str(data), out=str(out), rank=8, learning_rate=1e-3, batch_size=8,
-                       max_steps=LORA_STEPS, train_text_encoder=True, lr_warmup_steps=10, seed=0, tensorboard=False,
-                       progress=False, log_steps=25, overwrite=True)
+                       max_steps=LORA_STEPS, train_text_encoder=True, train_tokens=(NEW_COLOUR,), token_lr=3e-3,
+                       lr_warmup_steps=10, seed=0, tensorboard=False, progress=False, log_steps=25, overwrite=True)
 
 
 def generate(pipe, prompts: list[str], seeds=SEEDS) -> np.ndarray:
