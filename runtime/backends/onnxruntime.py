@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BundleError, MissingDependency
-from ..files import atomic_write_bytes
 from ..manifest import ComponentInfo
 from . import onnx_refs, ort_cache
 
@@ -185,19 +183,12 @@ class OrtEngine:
         user can open (as the OpenVINO engine does), and ONNX Runtime reads that copy by path (1.1x); the folder is
         removed once the session holds the weights. Not cached (ort_cache): the cache hands its files over from
         memory too."""
-        from .openvino import _copy_checked
+        from .openvino import private_copy  # the module imports OpenVINO only when it runs
 
         model = self.bundle.read(self.info.file)
         files = onnx_refs.checked_external_files(self.bundle, self.info, model, "ONNX Runtime", self.name)
-        folder = Path(tempfile.mkdtemp(prefix=f"sdedge-ort-{self.name}-"))
-        try:
-            name = Path(self.info.file).name
-            atomic_write_bytes(folder / name, model, mode=0o600)
-            for loc, rel in files.items():
-                _copy_checked(self.bundle, rel, folder / loc)
-            return ort.InferenceSession(str(folder / name), sess_options=opts, providers=providers)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        with private_copy(self.bundle, self.info.file, model, files, f"sdedge-ort-{self.name}-") as path:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
     def _verify_files(self) -> None:
         """Hash-check the model and its external data files against the manifest (on a cache hit, where the

@@ -42,6 +42,7 @@ falls back to "f32" and says so in the log: the result is then the fp32 engine's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -51,6 +52,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,15 +222,8 @@ class OvEngine:
         copied and checked against the manifest before OpenVINO opens it (so no file's bytes are held in memory and
         a file swapped in the bundle after the check is never what OpenVINO reads). OpenVINO maps the copies; the
         folder is removed once the model is read (the mapping lives until the model is dropped)."""
-        folder = Path(tempfile.mkdtemp(prefix=f"sdedge-ov-{self.name}-"))
-        try:
-            name = Path(self.info.file).name
-            atomic_write_bytes(folder / name, model, mode=0o600)
-            for loc, rel in external.items():
-                _copy_checked(self.bundle, rel, folder / loc)
-            return core().read_model(str(folder / name))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        with private_copy(self.bundle, self.info.file, model, external, f"sdedge-ov-{self.name}-") as path:
+            return core().read_model(str(path))
 
     def _cache_key(self, shapes: tuple) -> str:
         import openvino as ov
@@ -362,6 +357,23 @@ def _hold_weights_fp16(model) -> None:
                     fp32_copy(target.get_node(), data)
     for op in constants(ov.Type.f32):  # what the pass kept fp32, on the read memory: copied off it
         fp32_copy(op, op.get_data())
+
+
+@contextlib.contextmanager
+def private_copy(bundle: Bundle, file: str, model: bytes, external: dict[str, str], prefix: str) -> Iterator[Path]:
+    """The checked `model` bytes of the bundle's `file` and its external files ({location: bundle path}, each copied
+    in chunks, hashed and checked against the manifest) in a fresh folder only this user can open (mode 0700);
+    yields the model's path there, for an engine that reads external data only by path. Removed when the block
+    ends (a mapping the engine made of the copies lives on)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        path = folder / Path(file).name
+        atomic_write_bytes(path, model, mode=0o600)
+        for loc, rel in external.items():
+            _copy_checked(bundle, rel, folder / loc)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _copy_checked(bundle: Bundle, rel: str, dest: Path) -> None:
