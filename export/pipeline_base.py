@@ -254,8 +254,9 @@ def shape_range(pipe, opts: ExportOptions) -> ShapeRange:
             raise BadInput(f"{label} {v}: must be a multiple of {multiple} for this base")
     if lo > hi:
         raise BadInput(f"size range {lo}-{hi} is empty")
+    size = min(max(native, lo), hi)  # the native size, or the range's nearest end when the range leaves it out
     return ShapeRange(batch_min=opts.batch_min, batch_max=opts.batch_max, height_min=lo, height_max=hi,
-                      width_min=lo, width_max=hi, pixel_multiple=multiple, default_height=native, default_width=native)
+                      width_min=lo, width_max=hi, pixel_multiple=multiple, default_height=size, default_width=size)
 
 
 def parity_geometry(pipe, opts: ExportOptions) -> tuple[ShapeRange, int, int]:

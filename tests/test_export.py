@@ -186,3 +186,19 @@ def test_the_default_steps_follow_the_scheduler_in_the_python_api_as_in_the_cli(
     assert ExportOptions().default_steps == 20 and ExportOptions(default_scheduler="euler").default_steps == 20
     assert ExportOptions(default_scheduler="lcm", default_steps=6).default_steps == 6
     assert from_dict(ExportOptions, {"default_scheduler": "lcm"}, "prepare").default_steps == 4
+
+
+def test_the_default_size_lies_in_the_exported_range():
+    """sdxl-arch exported with --size-range 512-512 recorded the native 1024² as its default size: a request with no
+    size was refused by its own bundle."""
+    from types import SimpleNamespace
+
+    from sdedge.export.options import ExportOptions
+    from sdedge.export.pipeline_base import shape_range
+
+    pipe = SimpleNamespace(vae_scale_factor=8, unet=SimpleNamespace(config=SimpleNamespace(
+        sample_size=128, block_out_channels=(320, 640, 1280))))  # SDXL's: native 1024², multiple 32
+    assert shape_range(pipe, ExportOptions()).default_width == 1024
+    r = shape_range(pipe, ExportOptions(size_min=512, size_max=512))
+    assert (r.default_width, r.default_height) == (512, 512)
+    assert shape_range(pipe, ExportOptions(size_min=1280, size_max=2048)).default_width == 1280
