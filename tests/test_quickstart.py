@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-# Honest floors, measured on the 2-core machine (docs/tiny-base.md, "Teaching it purple"): the LoRA reached 0.53 on the
-# new colour (issue 23 asks for 0.85: not met) and the base colours moved 0.85 -> 0.83 (issue 23: within 0.05).
-NEW_COLOUR_FLOOR = 0.45
+# Honest floors, measured on the 2-core machine (docs/tiny-base.md, "Teaching it purple"): the LoRA with purple's
+# token row trained reached 0.64 on the new colour (issue 23 asks for 0.85: not met; the LoRA alone 0.53) and the base
+# colours moved 0.85 -> 0.83 (issue 23: within 0.05). The floor leaves about one standard error (0.08 on 36 images).
+NEW_COLOUR_FLOOR = 0.56
 BASE_DRIFT_CAP = 0.05
 
 
@@ -31,6 +32,9 @@ def test_quickstart_end_to_end(tmp_path):
     assert summary["images_per_rate"] == 36 and summary["images_per_base_colour_rate"] == 60
     assert rates["base"]["new_colour"] <= 0.5 and rates["base"]["base_colours"] >= 0.75, rates
     assert rates["lora_fp32"]["new_colour"] >= NEW_COLOUR_FLOOR, rates
+    # the recipe trains purple's token row beside the LoRA (--train-tokens), fused into the bundle's text encoder
+    adapter = json.loads((out / "lora" / "adapter.json").read_text())
+    assert list(adapter["tokens"]) == ["purple"] and adapter["config"]["token_lr"] == 3e-3, adapter["tokens"]
     assert rates["lora_fp32"]["base_colours"] >= rates["base"]["base_colours"] - BASE_DRIFT_CAP, rates
     if opt["precision"] == "fp32":  # nothing reduced was faster here: the reason names each candidate's speed
         assert opt["speed_ratio"] is None and all(" not faster here" in t or "off by" in t for t in opt["tried"])
