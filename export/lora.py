@@ -164,6 +164,34 @@ def read_lora(path: str | Path) -> LoraFile:
     """Parse a LoRA file's keys into layers (no model needed). Keys of unsupported kinds are recorded in
     `unmatched` with the reason; a file that is not a readable safetensors LoRA is a `LoraError`."""
     path = Path(path)
+    header, tensors = _read_tensors(path)
+    layers: dict[tuple[str | None, str], LoraLayer] = {}
+    unmatched: list[tuple[str, str]] = []
+    formats: set[str] = set()
+    tokens, tensors = _token_rows(tensors, path), dict(tensors)
+    for rows in tokens.values():
+        for k in rows.keys:
+            del tensors[k]
+
+    def layer(comp, module, kohya=False) -> LoraLayer:
+        return layers.setdefault((comp, module), LoraLayer(comp, module, kohya))
+
+    for key in sorted(tensors):
+        reason = _unsupported(key) or _parse_key(key, tensors[key], layer, formats)
+        if reason:
+            unmatched.append((key, reason))
+    _drop_incomplete(layers, unmatched)
+    _check_ranks(layers, path)
+    _apply_metadata_alphas(layers, header, path)
+    fmt = "+".join(sorted(formats)) or "unknown"
+    return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers, metadata=header,
+                    key_count=len(tensors) + sum(len(r.keys) for r in tokens.values()), unmatched=unmatched,
+                    tokens=tokens)
+
+
+def _read_tensors(path: Path) -> tuple[dict, dict]:
+    """(header metadata, every tensor) of a safetensors LoRA, refusing what is missing, a pickle, unreadable, empty
+    or not finite."""
     if not path.is_file():
         raise LoraError(f"LoRA not found: {path}")
     if path.suffix.lower() in _PICKLES:
@@ -179,86 +207,62 @@ def read_lora(path: str | Path) -> LoraFile:
     if not tensors:
         raise LoraError(f"{path}: holds no tensors")
     _check_finite(tensors, path)
+    return header, tensors
 
-    layers: dict[tuple[str | None, str], LoraLayer] = {}
-    unmatched: list[tuple[str, str]] = []
-    formats = set()
-    tokens, tensors = _token_rows(tensors, path), dict(tensors)
-    for rows in tokens.values():
-        for k in rows.keys:
-            del tensors[k]
 
-    def layer(comp, module, kohya=False) -> LoraLayer:
-        return layers.setdefault((comp, module), LoraLayer(comp, module, kohya))
-
-    for key in sorted(tensors):
-        t = tensors[key]
-        reason = _unsupported(key)
-        if reason:
-            unmatched.append((key, reason))
-            continue
-        m = _KOHYA.match(key)
-        if m:
-            formats.add("kohya")
-            comp = _KOHYA_COMPONENTS[m[1]]
-            lay = layer(comp, m[2], kohya=True)
-            lay.keys.append(key)
-            if m[3] == "alpha":
-                lay.alpha = float(t.float().reshape(-1)[0])
-            elif m[3] == "lora_down.weight":
-                lay.down = t
-            else:
-                lay.up = t
-            continue
-        comp, rest = _split_component(key)
-        if rest.startswith(("text_encoder_2.", "transformer.")):
-            unmatched.append((key, f"targets {rest.split('.')[0]}, which an SD1.x pipeline does not have"))
-            continue
-        m = _OLD_PROC.match(rest)
-        if m:
-            formats.add("diffusers-old")
-            target = "to_out.0" if m[2] == "to_out" else m[2]
-            lay = layer(comp, f"{m[1]}.{target}")
-            lay.keys.append(key)
-            setattr(lay, m[3], t)
-            continue
-        m = _PEFT.match(rest)
-        if m:
-            formats.add("peft")
-            lay = layer(comp, m[1].replace(".base_layer", ""))
-            lay.keys.append(key)
-            if m[2] == "A":
-                lay.down = t
-            else:
-                lay.up = t
-            continue
-        m = _OLD.match(rest)
-        if m:
-            formats.add("diffusers-old")
-            lay = layer(comp, m[1])
-            lay.keys.append(key)
-            setattr(lay, m[2], t)
-            continue
-        if rest.endswith(".alpha"):
-            lay = layer(comp, rest[: -len(".alpha")])
-            lay.keys.append(key)
+def _parse_key(key: str, t, layer, formats: set[str]) -> str | None:
+    """File one tensor under its layer (`layer(comp, module, kohya)` gets or makes it) and note its format; the
+    reason it was not used, or None."""
+    m = _KOHYA.match(key)
+    if m:
+        formats.add("kohya")
+        lay = layer(_KOHYA_COMPONENTS[m[1]], m[2], kohya=True)
+        lay.keys.append(key)
+        if m[3] == "alpha":
             lay.alpha = float(t.float().reshape(-1)[0])
-            continue
-        unmatched.append((key, "not a LoRA key of a known format (diffusers/peft, kohya/A1111)"))
+        elif m[3] == "lora_down.weight":
+            lay.down = t
+        else:
+            lay.up = t
+        return None
+    comp, rest = _split_component(key)
+    if rest.startswith(("text_encoder_2.", "transformer.")):
+        return f"targets {rest.split('.')[0]}, which an SD1.x pipeline does not have"
+    if m := _OLD_PROC.match(rest):
+        formats.add("diffusers-old")
+        lay = layer(comp, f"{m[1]}.{'to_out.0' if m[2] == 'to_out' else m[2]}")
+        lay.keys.append(key)
+        setattr(lay, m[3], t)
+    elif m := _PEFT.match(rest):
+        formats.add("peft")
+        lay = layer(comp, m[1].replace(".base_layer", ""))
+        lay.keys.append(key)
+        if m[2] == "A":
+            lay.down = t
+        else:
+            lay.up = t
+    elif m := _OLD.match(rest):
+        formats.add("diffusers-old")
+        lay = layer(comp, m[1])
+        lay.keys.append(key)
+        setattr(lay, m[2], t)
+    elif rest.endswith(".alpha"):
+        lay = layer(comp, rest[: -len(".alpha")])
+        lay.keys.append(key)
+        lay.alpha = float(t.float().reshape(-1)[0])
+    else:
+        return "not a LoRA key of a known format (diffusers/peft, kohya/A1111)"
+    return None
 
+
+def _drop_incomplete(layers: dict, unmatched: list[tuple[str, str]]) -> None:
+    """Move layers that lack their down or up weight to `unmatched`, each key with the reason."""
     for (comp, module), lay in list(layers.items()):
         if lay.down is None or lay.up is None:
             missing = "down (lora_A)" if lay.down is None else "up (lora_B)"
             for k in lay.keys:
                 unmatched.append((k, f"its {missing} weight is missing"))
             del layers[(comp, module)]
-
-    _check_ranks(layers, path)
-    _apply_metadata_alphas(layers, header, path)
-    fmt = "+".join(sorted(formats)) or "unknown"
-    return LoraFile(path=path, sha256=sha256_file(path), format=fmt, layers=layers, metadata=header,
-                    key_count=len(tensors) + sum(len(r.keys) for r in tokens.values()), unmatched=unmatched,
-                    tokens=tokens)
 
 
 def _token_rows(tensors: dict, path: Path) -> dict[tuple[str | None, str], TokenRows]:
