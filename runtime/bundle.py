@@ -130,24 +130,50 @@ class Bundle:
         if entry is None:
             raise BundleError(f"{self.root / rel}: not listed in {MANIFEST_NAME}")
         data = read_nofollow(self.root, rel, entry.bytes)
-        if len(data) != entry.bytes:
-            size = f"more than {entry.bytes}" if len(data) > entry.bytes else str(len(data))
-            raise BundleError(f"{self.root / rel}: {size} bytes on disk but {entry.bytes} in {MANIFEST_NAME}; "
-                              "the file is truncated or was changed")
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise BundleError(
-                f"{self.root / rel}: SHA-256 differs from {MANIFEST_NAME}; the file is corrupt or was changed"
-            )
+        self._check_size(rel, len(data))
+        self._check_sha256(rel, hashlib.sha256(data).hexdigest())
         return data
 
     def verify_hash(self, rel: str) -> None:
         """Hash a (large) file in chunks without holding it in memory (no symbolic links, as `read`)."""
-        entry = self.manifest.files[rel]
         digest = hashlib.sha256()
-        with os.fdopen(open_nofollow(self.root, rel), "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
+        for chunk in self._chunks(rel):
+            digest.update(chunk)
+        self._check_sha256(rel, digest.hexdigest())
+
+    def copy_checked(self, rel: str, dest: Path) -> None:
+        """Copy the file to `dest` (a new file) in chunks, as `verify_hash` reads it, hashing what is written; a size
+        or SHA-256 that differs from the manifest is a BundleError (the caller removes the copy). For an engine
+        that reads a file only by path: it reads this checked copy, never a file swapped in the bundle later.
+        Written in place, not published (no fsync and rename of several GB, as files.atomic_output does): the
+        copy is a scratch file in a private folder the caller removes."""
+        digest, n = hashlib.sha256(), 0
+        with open(dest, "xb") as out:
+            for chunk in self._chunks(rel):
                 digest.update(chunk)
-        if digest.hexdigest() != entry.sha256:
+                out.write(chunk)
+                n += len(chunk)
+        self._check_size(rel, n)
+        self._check_sha256(rel, digest.hexdigest())
+
+    def _chunks(self, rel: str):
+        """The listed file's bytes in chunks (no symbolic links), never more than one byte past its recorded size."""
+        limit = self.manifest.files[rel].bytes + 1
+        n = 0
+        with os.fdopen(open_nofollow(self.root, rel), "rb") as f:
+            while n < limit and (chunk := f.read(min(HASH_CHUNK, limit - n))):
+                n += len(chunk)
+                yield chunk
+
+    def _check_size(self, rel: str, size: int) -> None:
+        expected = self.manifest.files[rel].bytes
+        if size != expected:
+            got = f"more than {expected}" if size > expected else str(size)
+            raise BundleError(f"{self.root / rel}: {got} bytes on disk but {expected} in {MANIFEST_NAME}; "
+                              "the file is truncated or was changed")
+
+    def _check_sha256(self, rel: str, sha256: str) -> None:
+        if sha256 != self.manifest.files[rel].sha256:
             raise BundleError(
                 f"{self.root / rel}: SHA-256 differs from {MANIFEST_NAME}; the file is corrupt or was changed"
             )

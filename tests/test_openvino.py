@@ -255,7 +255,7 @@ def test_external_data_is_copied_checked_and_only_the_copy_read(tiny_bundle, tmp
     good = run(tiny_bundle)
     out = _copy(tiny_bundle, tmp_path)
     _externalise(out)
-    real = ov_backend._copy_checked
+    real = Bundle.copy_checked
     swaps = []
 
     def then_swapped(bundle, rel, dest):  # the bundle's file becomes zeros right after the checked copy
@@ -263,10 +263,10 @@ def test_external_data_is_copied_checked_and_only_the_copy_read(tiny_bundle, tmp
         (out / DATA).write_bytes(bytes((out / DATA).stat().st_size))
         swaps.append(rel)
 
-    monkeypatch.setattr(ov_backend, "_copy_checked", then_swapped)
+    monkeypatch.setattr(Bundle, "copy_checked", then_swapped)
     np.testing.assert_allclose(run(out), good, atol=1e-5)
     assert swaps == [DATA]
-    monkeypatch.setattr(ov_backend, "_copy_checked", real)
+    monkeypatch.setattr(Bundle, "copy_checked", real)
     with pytest.raises(BundleError, match=r"model\.onnx\.data: SHA-256 differs"):  # the zeros, now read and checked
         run(out)
 

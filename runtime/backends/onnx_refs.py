@@ -11,9 +11,17 @@ The runtime may not import `onnx` (and does not need it): this walks only the me
 
 and returns every `location` a tensor stored outside the model refers to. Large fields (raw weights) are skipped
 by their length, never copied. A model that is not well-formed protobuf is a ValueError.
+
+`checked_external_files` matches those locations against the files the manifest lists for the component;
+`private_copy` puts the checked model and files in a private folder for an engine that reads them only by path.
 """
 
 from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
 
 MAX_NESTING = 64  # subgraphs inside attributes inside subgraphs ...
 
@@ -139,3 +147,23 @@ def checked_external_files(bundle, info, model: bytes | memoryview, engine: str 
                               f"lists for this component (external_data: {listed}); refusing to load it")
         out[loc] = rel
     return out
+
+
+@contextlib.contextmanager
+def private_copy(bundle, file: str, model: bytes, external: dict[str, str], prefix: str):
+    """The checked `model` bytes of the bundle's `file` and its external files ({location: bundle path}, from
+    `checked_external_files`; each copied by `Bundle.copy_checked`) in a fresh folder only this user can open
+    (mode 0700); yields the model's path there, for an engine that reads external data only by path (OpenVINO,
+    ONNX Runtime for data over 2 GiB). Removed when the block ends (a mapping the engine made of the copies
+    lives on)."""
+    from ..files import atomic_write_bytes
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        path = folder / Path(file).name
+        atomic_write_bytes(path, model, mode=0o600)
+        for loc, rel in external.items():
+            bundle.copy_checked(rel, folder / loc)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

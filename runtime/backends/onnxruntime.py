@@ -183,11 +183,9 @@ class OrtEngine:
         user can open (as the OpenVINO engine does), and ONNX Runtime reads that copy by path (1.1x); the folder is
         removed once the session holds the weights. Not cached (ort_cache): the cache hands its files over from
         memory too."""
-        from .openvino import private_copy  # the module imports OpenVINO only when it runs
-
         model = self.bundle.read(self.info.file)
         files = onnx_refs.checked_external_files(self.bundle, self.info, model, "ONNX Runtime", self.name)
-        with private_copy(self.bundle, self.info.file, model, files, f"sdedge-ort-{self.name}-") as path:
+        with onnx_refs.private_copy(self.bundle, self.info.file, model, files, f"sdedge-ort-{self.name}-") as path:
             return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
     def _verify_files(self) -> None:

@@ -42,23 +42,19 @@ falls back to "f32" and says so in the log: the result is then the fp32 engine's
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..bundle import HASH_CHUNK, Bundle, open_nofollow
+from ..bundle import Bundle
 from ..errors import BundleError, MissingDependency
 from ..files import atomic_write_bytes
 from ..manifest import ComponentInfo, Precision
@@ -222,7 +218,7 @@ class OvEngine:
         copied and checked against the manifest before OpenVINO opens it (so no file's bytes are held in memory and
         a file swapped in the bundle after the check is never what OpenVINO reads). OpenVINO maps the copies; the
         folder is removed once the model is read (the mapping lives until the model is dropped)."""
-        with private_copy(self.bundle, self.info.file, model, external, f"sdedge-ov-{self.name}-") as path:
+        with onnx_refs.private_copy(self.bundle, self.info.file, model, external, f"sdedge-ov-{self.name}-") as path:
             return core().read_model(str(path))
 
     def _cache_key(self, shapes: tuple) -> str:
@@ -357,45 +353,6 @@ def _hold_weights_fp16(model) -> None:
                     fp32_copy(target.get_node(), data)
     for op in constants(ov.Type.f32):  # what the pass kept fp32, on the read memory: copied off it
         fp32_copy(op, op.get_data())
-
-
-@contextlib.contextmanager
-def private_copy(bundle: Bundle, file: str, model: bytes, external: dict[str, str], prefix: str) -> Iterator[Path]:
-    """The checked `model` bytes of the bundle's `file` and its external files ({location: bundle path}, each copied
-    in chunks, hashed and checked against the manifest) in a fresh folder only this user can open (mode 0700);
-    yields the model's path there, for an engine that reads external data only by path. Removed when the block
-    ends (a mapping the engine made of the copies lives on)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        path = folder / Path(file).name
-        atomic_write_bytes(path, model, mode=0o600)
-        for loc, rel in external.items():
-            _copy_checked(bundle, rel, folder / loc)
-        yield path
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _copy_checked(bundle: Bundle, rel: str, dest: Path) -> None:
-    """Copy the bundle's file `rel` to `dest` (a new file in a private folder) in chunks, without following
-    symbolic links and reading no more than one byte past its recorded size, hashing what is written; a size or
-    SHA-256 that differs from the manifest is a BundleError (the copy is then removed with its folder)."""
-    entry = bundle.manifest.files[rel]
-    digest, n = hashlib.sha256(), 0
-    # a scratch copy in a private folder, read once by this process and deleted: not a published file, so it is
-    # written in place (no fsync and rename of several GB, as files.atomic_output would do)
-    with os.fdopen(open_nofollow(bundle.root, rel), "rb") as src, open(dest, "xb") as out:
-        while n <= entry.bytes and (chunk := src.read(min(HASH_CHUNK, entry.bytes + 1 - n))):
-            digest.update(chunk)
-            out.write(chunk)
-            n += len(chunk)
-    where = bundle.path(rel)
-    if n != entry.bytes:
-        size = f"more than {entry.bytes}" if n > entry.bytes else str(n)
-        raise BundleError(f"{where}: {size} bytes on disk but {entry.bytes} in the manifest; the file is truncated "
-                          "or was changed")
-    if digest.hexdigest() != entry.sha256:
-        raise BundleError(f"{where}: SHA-256 differs from the manifest; the file is corrupt or was changed")
 
 
 def _ov_tensor(data: bytes | bytearray):
