@@ -622,7 +622,7 @@ def test_the_component_parity_gate_fails_on_nan(tmp_path):
     """A graph whose output is NaN where PyTorch's is too: the max abs error was max(0.0, nan) = 0.0, a pass."""
     import torch
 
-    from sdedge.export.onnx_export import ExportError, check_parity
+    from sdedge.export.onnx_export import ExportError, check_parity, torch_references
     from sdedge.export.specs import ComponentSpec, TensorSpec
 
     class Log(torch.nn.Module):
@@ -635,4 +635,4 @@ def test_the_component_parity_gate_fails_on_nan(tmp_path):
     torch.onnx.export(Log(), (torch.ones(2, 4),), str(path), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
     with pytest.raises(ExportError, match=r"toy: output y at 2x4 holds NaN or infinite values"):
-        check_parity(spec, Log(), path, {}, [{"B": 2}], vocab=10)
+        check_parity(spec, path, {}, [{"B": 2}], torch_references(spec, Log(), {}, [{"B": 2}], vocab=10))
