@@ -399,13 +399,18 @@ def test_symlinks_out_of_the_input_and_bad_caption_files_are_skipped_with_a_reas
 
 # -- 8. checkpoints survive power loss ---------------------------------------------------------------------------------
 def _tiny_state(step: int):
+    """save_checkpoint's (state, trainable, optimizer tensors) of a one-parameter AdamW after one step."""
     import torch
+
+    from sdedge.trainer.checkpoint import CheckpointState, optimizer_to_flat
 
     p = torch.nn.Parameter(torch.arange(6, dtype=torch.float32).reshape(2, 3))
     opt = torch.optim.AdamW([p], lr=1e-3)
     p.grad = torch.ones_like(p)
     opt.step()
-    return {"unet.layer.lora_A.weight": p.detach().clone() + step}, opt.state_dict(), {"loss": 0.5}
+    opt_tensors, opt_rest = optimizer_to_flat(opt.state_dict())
+    trainable = {"unet.layer.lora_A.weight": p.detach().clone() + step}
+    return CheckpointState(step=step, optimizer=opt_rest, loss=0.5), trainable, opt_tensors
 
 
 def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tmp_path, monkeypatch):
@@ -429,7 +434,7 @@ def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tmp_path, mon
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "rename", rename)
-    final = ck.save_checkpoint(tmp_path, 7, *_tiny_state(7))
+    final = ck.save_checkpoint(tmp_path, *_tiny_state(7))
     into_place = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(final))
     staged = Path(events[into_place][1])
     before = [e[1] for e in events[:into_place] if e[0] == "fsync"]
@@ -438,14 +443,14 @@ def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tmp_path, mon
     assert str(staged) in before, "the checkpoint folder itself was not fsynced before the rename"
     assert str(tmp_path) in [e[1] for e in events[into_place:] if e[0] == "fsync"], "the parent was not fsynced"
     trainable, _, state = ck.load_checkpoint(final)
-    assert state["step"] == 7 and set(state["files"]) == {"trainable.safetensors", "optimizer.safetensors"}
+    assert state.step == 7 and set(state.files) == {"trainable.safetensors", "optimizer.safetensors"}
 
 
 def test_a_damaged_newest_checkpoint_falls_back_and_older_ones_are_kept(tmp_path, caplog):
     from sdedge.trainer import checkpoint as ck
 
     for step in (1, 2, 3):
-        ck.save_checkpoint(tmp_path, step, *_tiny_state(step))
+        ck.save_checkpoint(tmp_path, *_tiny_state(step))
     newest = tmp_path / "step-000003" / "trainable.safetensors"
     newest.write_bytes(newest.read_bytes()[:-8])  # a write the power cut left short
     with caplog.at_level(logging.WARNING, logger="sdedge.trainer"):
@@ -499,7 +504,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(run
     last = latest_checkpoint(out / "checkpoints")
     if last is not None:  # every checkpoint left is whole and finite
         trainable, _, state = load_checkpoint(last)
-        assert np.isfinite(state["loss"])
+        assert np.isfinite(state.loss)
     for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else ():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds a bare {c}"))
 

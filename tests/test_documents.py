@@ -5,6 +5,7 @@ unknown key, a wrong version and a wrong type are refused naming the file and th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -206,24 +207,25 @@ def test_checkpoint_round_trip_and_an_older_one_resumes(tmp_path):
     whose state.json is the old bare version 1 loads as before."""
     import torch
 
-    from sdedge.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from sdedge.trainer.checkpoint import latest_checkpoint, load_checkpoint, optimizer_to_flat, save_checkpoint
 
     p = torch.nn.Parameter(torch.ones(2, 3))
     opt = torch.optim.AdamW([p], lr=1e-3)
     p.grad = torch.full_like(p, 0.5)
     opt.step()
-    extra = {"config": {"rank": 4}, "world_size": 1, "base_sha256": SHA, "teacher_sha256": None,
-             "dataset_sha256": SHA, "loss": 0.5, "optimizer_kind": "adamw", "scaler": None}
-    folder = save_checkpoint(tmp_path, 7, {"w": p.detach()}, opt.state_dict(), extra)
+    opt_tensors, opt_rest = optimizer_to_flat(opt.state_dict())
+    state = CheckpointState(step=7, optimizer=opt_rest, config={"rank": 4}, world_size=1, base_sha256=SHA,
+                            teacher_sha256=None, dataset_sha256=SHA, loss=0.5, optimizer_kind="adamw", scaler=None)
+    folder = save_checkpoint(tmp_path, state, {"w": p.detach()}, opt_tensors)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["step-000007"]  # no scratch folder left
     trainable, optimizer, state = load_checkpoint(folder)
-    assert torch.equal(trainable["w"], p.detach()) and state["step"] == 7 and state["base_sha256"] == SHA
+    assert torch.equal(trainable["w"], p.detach()) and state.step == 7 and state.base_sha256 == SHA
     assert optimizer["param_groups"][0]["betas"] == (0.9, 0.999)
     doc = json.loads((folder / "state.json").read_text())
     assert (doc.pop("format"), doc.pop("version")) == ("sdedge-checkpoint", 2)
     del doc["files"], doc["teacher_sha256"]
     _write(folder / "state.json", {"version": 1, **doc})  # as sdedge wrote it before
-    assert load_checkpoint(folder)[2]["step"] == 7 and latest_checkpoint(tmp_path) == folder
+    assert load_checkpoint(folder)[2].step == 7 and latest_checkpoint(tmp_path) == folder
 
 
 def test_older_dataset_and_adapter_read():
@@ -239,13 +241,18 @@ def test_older_dataset_and_adapter_read():
 
 
 def test_adapter_json_is_checked_before_it_is_written(tmp_path):
-    doc = {k: v for k, v in ADAPTER_JSON.read_dict(TRAIN_STEP / "runs" / "cached" / "adapter.json").items()
-           if k not in ("format", "version")}
+    """write_adapter_json takes the AdapterDocument a trainer builds: checked to read back before it is written (a
+    wrong value names its key and nothing is written); a dict of its fields is refused."""
+    doc = DOCUMENTS["adapter"][1]
     write_adapter_json(tmp_path / "adapter.json", doc)
-    assert read_adapter_json(tmp_path / "adapter.json") == DOCUMENTS["adapter"][1]
-    with pytest.raises(ConfigError, match=r"b.json\.lora: missing key 'rank'"):
-        write_adapter_json(tmp_path / "b.json", {**doc, "lora": {k: v for k, v in doc["lora"].items() if k != "rank"}})
+    assert read_adapter_json(tmp_path / "adapter.json") == doc
+    with pytest.raises(ConfigError, match=r"b.json \(being written\)\.lora\.rank: -1 is below the minimum 0"):
+        write_adapter_json(tmp_path / "b.json", dataclasses.replace(doc, lora=dataclasses.replace(doc.lora, rank=-1)))
     assert not (tmp_path / "b.json").exists()
+    fields = {k: v for k, v in ADAPTER_JSON.read_dict(tmp_path / "adapter.json").items() if k not in ("format", "version")}
+    with pytest.raises(TypeError, match="write_adapter_json: doc is a dict, not an AdapterDocument"):
+        write_adapter_json(tmp_path / "c.json", fields)
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_older_bench_reports_read():

@@ -14,7 +14,8 @@
     `lora_te_text_model_...` for the text encoder, the keys A1111 and kohya's sd-scripts read.
 - `write_adapter(path, tensors, metadata)`: safetensors, written to a temporary file and renamed into place.
 - `write_adapter_json(path, doc)` / `read_adapter_json(path)`: adapter.json, the `AdapterDocument` beside it
-  (runtime/documents.py: format "sdedge-adapter", version 1): what was trained, on what, from which base.
+  (runtime/documents.py: format "sdedge-adapter", version 1): what was trained, on what, from which base. The
+  trainer builds the dataclass (trainer/lora_trainer.py `adapter_document`); `write_adapter_json` takes nothing else.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from sdedge.runtime.strict import NonNegative
 
 from .dataset import seed_for
 
-__all__ = ["ADAPTER_NAME", "ADAPTER_JSON", "AdapterDocument", "inject_lora", "lora_parameters", "lora_layers",
-           "adapter_tensors", "write_adapter", "write_adapter_json", "read_adapter_json"]
+__all__ = ["ADAPTER_NAME", "ADAPTER_JSON", "AdapterDocument", "BaseRef", "TeacherRef", "DatasetRef", "PriorRef",
+           "LoraShape", "inject_lora", "lora_parameters", "lora_layers", "adapter_tensors", "write_adapter",
+           "write_adapter_json", "read_adapter_json"]
 
 ADAPTER_NAME = "default"
 
@@ -184,11 +186,12 @@ def write_adapter(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
-def write_adapter_json(path: str | os.PathLike, doc: dict[str, Any]) -> None:
-    """adapter.json from the run's description (a dict, format and version keys optional): checked to be an
-    `AdapterDocument` (every key known, every type right), then written atomically."""
-    ADAPTER_JSON.write(path, ADAPTER_JSON.parse({"format": ADAPTER_JSON.format, "version": ADAPTER_JSON.version,
-                                                 **doc}, str(path)))
+def write_adapter_json(path: str | os.PathLike, doc: AdapterDocument) -> None:
+    """adapter.json: the trainer's `AdapterDocument`, checked to read back (every type right), then written
+    atomically. A TypeError for anything else (a dict of its fields is not built and checked afterwards)."""
+    if not isinstance(doc, AdapterDocument):
+        raise TypeError(f"write_adapter_json: doc is a {type(doc).__name__}, not an AdapterDocument")
+    ADAPTER_JSON.write(path, doc)
 
 
 def read_adapter_json(path: str | os.PathLike) -> AdapterDocument:

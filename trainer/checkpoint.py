@@ -18,6 +18,7 @@ state.json of earlier sdedge versions, a bare "version": 1, reads as version 1).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -28,12 +29,13 @@ from typing import Any
 from sdedge.runtime.documents import DocumentType, Legacy
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.files import atomic_write_bytes, staged_dir
-from sdedge.runtime.strict import NonNegative, from_dict, to_dict
+from sdedge.runtime.strict import NonNegative
 
+from .adapter import PriorRef
 from .hashing import sha256_bytes, sha256_file
 
-__all__ = ["CHECKPOINT_VERSION", "CheckpointState", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "prune_checkpoints", "optimizer_to_flat", "optimizer_from_flat"]
+__all__ = ["CHECKPOINT_VERSION", "CheckpointState", "OptimizerRest", "save_checkpoint", "load_checkpoint",
+           "latest_checkpoint", "prune_checkpoints", "optimizer_to_flat", "optimizer_from_flat"]
 
 CHECKPOINT_VERSION = 2
 _NAME = re.compile(r"^step-(\d+)$")
@@ -60,7 +62,7 @@ class CheckpointState:
     base_sha256: str | None = None
     dataset_sha256: str | None = None
     teacher_sha256: str | None = None  # --distill-from's; None without one (and before distillation existed)
-    prior: dict[str, Any] | None = None  # --prior-data's SHA-256, size, path and weight (trainer/prior.py); None without
+    prior: PriorRef | None = None  # --prior-data's SHA-256, size, path and weight (trainer/prior.py); None without
     loss: float | None = None
     optimizer_kind: str = "adamw"
     scaler: dict[str, Any] | None = None  # the grad scaler's state (fp16 mixed precision)
@@ -71,8 +73,8 @@ STATE = DocumentType(CheckpointState, "sdedge-checkpoint", CHECKPOINT_VERSION, "
                      legacy=Legacy("version"))
 
 
-def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An optimizer state dict as (tensors, JSON-ready rest)."""
+def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, Any], OptimizerRest]:
+    """An optimizer state dict as (tensors, the JSON-ready rest that state.json records)."""
     import torch
 
     tensors: dict[str, Any] = {}
@@ -83,19 +85,19 @@ def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, Any], dict[str, Any]]
                 tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    groups = tuple({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"])
+    return tensors, OptimizerRest(groups, scalars)
 
 
-def optimizer_from_flat(tensors: dict[str, Any], rest: dict[str, Any]) -> dict:
+def optimizer_from_flat(tensors: dict[str, Any], rest: OptimizerRest) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for key, t in tensors.items():
         _, pid, k = key.split(".", 2)
         state.setdefault(int(pid), {})[k] = t
-    for key, v in rest.get("scalars", {}).items():
+    for key, v in rest.scalars.items():
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest["param_groups"]]
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in rest.param_groups]
     return {"state": state, "param_groups": groups}
 
 
@@ -108,24 +110,27 @@ def check_finite(tensors: dict[str, Any], where: str) -> None:
             raise SdedgeError(f"{where}: tensor {name!r} holds NaN or infinite values")
 
 
-def save_checkpoint(root: Path, step: int, trainable: dict[str, Any], optimizer_state: dict, state: dict) -> Path:
+def save_checkpoint(root: Path, state: CheckpointState, trainable: dict[str, Any],
+                    optimizer_tensors: dict[str, Any]) -> Path:
+    """Write ROOT/step-NNNNNN of `state` (its `optimizer` the rest of `optimizer_to_flat`, whose tensors are
+    `optimizer_tensors`); `files` is filled here with the SHA-256 of the tensor files written. A TypeError for
+    anything but a `CheckpointState`: the trainer builds the document, never a dict of its fields."""
     from safetensors.torch import save
 
+    if not isinstance(state, CheckpointState):
+        raise TypeError(f"save_checkpoint: state is a {type(state).__name__}, not a CheckpointState")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
+    final = root / f"step-{state.step:06d}"
     trainable = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
-    check_finite(trainable, f"checkpoint of step {step}")  # a diverged run keeps its last good checkpoint
+    check_finite(trainable, f"checkpoint of step {state.step}")  # a diverged run keeps its last good checkpoint
     with staged_dir(final) as tmp:  # every file fsynced, then the folder; the parent after the rename
-        opt_tensors, opt_rest = optimizer_to_flat(optimizer_state)
         files = {}
-        for name, tensors in zip(TENSOR_FILES, (trainable, opt_tensors)):
+        for name, tensors in zip(TENSOR_FILES, (trainable, optimizer_tensors)):
             data = save(tensors)
             atomic_write_bytes(tmp / name, data)  # fsynced
             files[name] = sha256_bytes(data)
-        doc = from_dict(CheckpointState, {"step": step, **state, "optimizer": opt_rest, "files": files},
-                        f"checkpoint of step {step}")
-        STATE.write(tmp / "state.json", doc)  # last: its presence says the rest is there
+        STATE.write(tmp / "state.json", dataclasses.replace(state, files=files))  # last: says the rest is there
     load_checkpoint(final)  # read back: known good before prune_checkpoints may drop an older one
     return final
 
@@ -142,10 +147,9 @@ def _read_state(folder: Path) -> CheckpointState:
     return state
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, dict, dict[str, Any]]:
-    """(trainable tensors, optimizer state dict, state.json's fields) of a checkpoint folder; SdedgeError when it
-    is damaged (a file missing or changed, a tensor NaN/Inf). The fields are `CheckpointState`'s, read strictly,
-    handed on as a dict (what the training loops of train.py, lcm.py and sdxl_train.py read)."""
+def load_checkpoint(folder: Path) -> tuple[dict, dict, CheckpointState]:
+    """(trainable tensors, optimizer state dict, state.json read strictly) of a checkpoint folder; SdedgeError
+    when it is damaged (a file missing or changed, a tensor NaN/Inf)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -159,11 +163,10 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict[str, Any]]:
     check_finite(trainable, str(folder / TENSOR_FILES[0]))
     check_finite(opt_tensors, str(folder / TENSOR_FILES[1]))
     try:
-        optimizer = optimizer_from_flat(opt_tensors, {"param_groups": state.optimizer.param_groups,
-                                                       "scalars": state.optimizer.scalars})
+        optimizer = optimizer_from_flat(opt_tensors, state.optimizer)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SdedgeError(f"{folder / 'state.json'}: corrupt optimizer state: {e!r}") from e
-    return trainable, optimizer, to_dict(state)
+    return trainable, optimizer, state
 
 
 def _steps(root: Path) -> list[tuple[int, Path]]:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from sdedge.runtime.errors import BadInput, MissingDependency, SdedgeError
 
+from .adapter import AdapterDocument, TeacherRef
 from .batches import Batch, tokenize
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointState, OptimizerRest, load_checkpoint
 from .dataset import seed_for
 from .hashing import sha256_bytes
 from .lora_trainer import Trainer, TrainResult
@@ -232,22 +233,21 @@ class LcmTrainer(Trainer):
         base = dataclasses.replace(self.base, scheduler_class="LCMScheduler", scheduler_config=config)
         return base, VALIDATION_STEPS, VALIDATION_GUIDANCE
 
-    def checkpoint_state(self, loss: float) -> dict:
-        return dict(super().checkpoint_state(loss), teacher_sha256=self.teacher_sha256)
+    def checkpoint_state(self, step: int, loss: float, optimizer: OptimizerRest) -> CheckpointState:
+        return dataclasses.replace(super().checkpoint_state(step, loss, optimizer), teacher_sha256=self.teacher_sha256)
 
     def resume(self):
         if self.checkpoint is not None:
             _, _, state = load_checkpoint(self.checkpoint)
-            if state.get("teacher_sha256") != self.teacher_sha256:
+            if state.teacher_sha256 != self.teacher_sha256:
                 raise SdedgeError(f"--resume {self.checkpoint}: the base or the LoRAs fused into it (lcm_fuse) "
                                   "changed since the checkpoint (SHA-256 differs)")
         return super().resume()
 
-    def adapter_document(self, adapter_path, unet_layers: int, text_layers: int) -> dict:
-        doc = super().adapter_document(adapter_path, unet_layers, text_layers)
-        doc["distilled_from"] = {"id": self.base.id, "sha256": self.teacher_sha256,
-                                 "path": str(self.base.path.resolve()), "weight": 1.0}
-        return doc
+    def adapter_document(self, adapter_path, unet_layers: int, text_layers: int) -> AdapterDocument:
+        teacher = TeacherRef(id=self.base.id, sha256=self.teacher_sha256, path=str(self.base.path.resolve()), weight=1.0)
+        return dataclasses.replace(super().adapter_document(adapter_path, unet_layers, text_layers),
+                                   distilled_from=teacher)
 
 
 def train_lcm(cfg, *, console=None, stop_after: int | None = None, unet_loader=None, lora_fuser=None) -> TrainResult:

@@ -23,9 +23,28 @@ from pathlib import Path
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.strict import ConfigError, to_dict
 
-from .adapter import adapter_tensors, inject_lora, lora_layers, lora_parameters, write_adapter, write_adapter_json
+from .adapter import (
+    AdapterDocument,
+    BaseRef,
+    DatasetRef,
+    LoraShape,
+    TeacherRef,
+    adapter_tensors,
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    write_adapter,
+    write_adapter_json,
+)
 from .batches import Batch, Batches, latent_cache, text_cache, tokenize
-from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    CheckpointState,
+    OptimizerRest,
+    load_checkpoint,
+    optimizer_to_flat,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .config import TrainConfig, resolve, save_config
 from .dataset import BatchPlan, load_prepared
 from .hashing import sha256_file
@@ -166,24 +185,25 @@ class Trainer:
         return params
 
     # -- resume ----------------------------------------------------------------------------------------------------
-    def resume(self) -> tuple[dict | None, dict]:
-        """Load the checkpoint's LoRA weights after checking it belongs to this run; (optimizer state, state)."""
+    def resume(self) -> tuple[dict | None, CheckpointState | None]:
+        """Load the checkpoint's LoRA weights after checking it belongs to this run; (optimizer state, its
+        state.json), or (None, None) for a new run."""
         import torch
 
         checkpoint, cfg = self.checkpoint, self.cfg
         if checkpoint is None:
-            return None, {}
+            return None, None
         trainable, opt_state, state = load_checkpoint(checkpoint)
         check_resume(cfg, state, checkpoint, self.base.sha256, self.data.sha256)
         check_prior_resume(cfg, state, checkpoint)
-        if self.teacher is not None and state.get("teacher_sha256") != self.teacher.sha256:
+        if self.teacher is not None and state.teacher_sha256 != self.teacher.sha256:
             raise SdedgeError(f"--resume {checkpoint}: the teacher changed since the checkpoint (SHA-256 differs)")
-        self.resumed_from = int(state["step"])
+        self.resumed_from = state.step
         if self.resumed_from > cfg.max_steps:
             raise SdedgeError(f"--resume {checkpoint}: at step {self.resumed_from}, past max_steps {cfg.max_steps}")
-        if state.get("world_size", self.world) != self.world:
+        if state.world_size != self.world:
             log.warning("resuming a run of %s processes on %s: the data order from here differs from the original",
-                        state.get("world_size"), self.world)
+                        state.world_size, self.world)
         params = self.lora_params()
         if set(params) != set(trainable):
             extra = sorted(set(trainable) ^ set(params))[0]
@@ -206,7 +226,7 @@ class Trainer:
         """The text encoders that get a LoRA, in order (trainer/sdxl_train.py: both of SDXL's)."""
         return [self.text_encoder] if self.cfg.train_text_encoder else []
 
-    def prepare_optimizer(self, opt_state: dict | None, state: dict) -> None:
+    def prepare_optimizer(self, opt_state: dict | None, state: CheckpointState | None) -> None:
         cfg, acc = self.cfg, self.accelerator
         texts = self.trained_text_encoders()
         groups = [{"params": [p for _, p in lora_parameters(self.unet)], "lr": cfg.learning_rate}]
@@ -225,8 +245,8 @@ class Trainer:
         self.models = (self.unet_p, *self.text_ps)
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
-            if state.get("scaler") and acc.scaler is not None:
-                acc.scaler.load_state_dict(state["scaler"])
+            if state.scaler and acc.scaler is not None:
+                acc.scaler.load_state_dict(state.scaler)
         self.trainable_params = [p for g in groups for p in g["params"]]
 
     # -- the loss --------------------------------------------------------------------------------------------------
@@ -297,19 +317,20 @@ class Trainer:
                     self.metrics.image(f"validation/{i:02d}", im.convert("RGB"), step)
         acc.wait_for_everyone()
 
-    def checkpoint_state(self, loss: float) -> dict:
-        """What a checkpoint records beside the weights and the optimizer (state.json)."""
+    def checkpoint_state(self, step: int, loss: float, optimizer: OptimizerRest) -> CheckpointState:
+        """The checkpoint's state.json after optimizer step `step` (save_checkpoint adds the tensor files' SHA-256)."""
         acc = self.accelerator
-        return {"config": to_dict(self.cfg), "world_size": self.world, "base_sha256": self.base.sha256,
-                "teacher_sha256": self.teacher.sha256 if self.teacher is not None else None,
-                "dataset_sha256": self.data.sha256, "prior": prior_record(self), "loss": loss,
-                "optimizer_kind": self.optimizer_kind,
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+        return CheckpointState(step=step, optimizer=optimizer, config=to_dict(self.cfg), world_size=self.world,
+                               base_sha256=self.base.sha256, dataset_sha256=self.data.sha256,
+                               teacher_sha256=self.teacher.sha256 if self.teacher is not None else None,
+                               prior=prior_record(self), loss=loss, optimizer_kind=self.optimizer_kind,
+                               scaler=acc.scaler.state_dict() if acc.scaler is not None else None)
 
     def checkpoint_now(self, step: int, loss: float) -> None:
         if self.is_main:
-            save_checkpoint(self.out / "checkpoints", step, self.lora_params(unwrap=True), self.optimizer.state_dict(),
-                            self.checkpoint_state(loss))
+            opt_tensors, opt_rest = optimizer_to_flat(self.optimizer.state_dict())
+            save_checkpoint(self.out / "checkpoints", self.checkpoint_state(step, loss, opt_rest),
+                            self.lora_params(unwrap=True), opt_tensors)
             prune_checkpoints(self.out / "checkpoints", self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
 
@@ -412,33 +433,33 @@ class Trainer:
         write_adapter_json(self.out / "adapter.json", self.adapter_document(adapter_path, len(unet_layers),
                                                                            len(text_layers)))
 
-    def adapter_document(self, adapter_path: Path, unet_layers: int, text_layers: int) -> dict:
+    def adapter_document(self, adapter_path: Path, unet_layers: int, text_layers: int) -> AdapterDocument:
+        """adapter.json: what was trained (the file, its LoRA's shape), on what and from which base, and how."""
         cfg, base, teacher, data = self.cfg, self.base, self.teacher, self.data
         tail, loss_value = self.history[-10:], self.loss_value
-        return {
-            "format": "sdedge-adapter",
-            "version": 1,
-            "file": adapter_path.name,
-            "sha256": sha256_file(adapter_path),
-            "key_format": cfg.format,
-            "base": {"id": base.id, "sha256": base.sha256, "path": str(Path(cfg.base).resolve())},
-            "distilled_from": ({"id": teacher.id, "sha256": teacher.sha256, "path": str(teacher.path.resolve()),
-                                "weight": cfg.distill_weight} if teacher is not None else None),
-            "dataset": {"sha256": data.sha256, "images": len(data.items), "path": str(Path(cfg.data).resolve())},
-            "prior": prior_record(self),
-            "tokens": dict(self.token_ids) or None,
-            "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "unet_targets": list(cfg.target_modules),
-                     "unet_layers": unet_layers,
-                     "text_encoder_targets": list(cfg.text_encoder_target_modules) if cfg.train_text_encoder else None,
-                     "text_encoder_layers": text_layers},
-            "steps": cfg.max_steps,
-            "final_loss": loss_value if math.isfinite(loss_value) else None,  # JSON has no NaN
-            "final_loss_mean10": sum(tail) / len(tail) if tail and all(map(math.isfinite, tail)) else None,
-            "world_size": self.world,
-            "optimizer": self.optimizer_kind,
-            "resumed_from": self.resumed_from or None,
-            "seconds": round(time.perf_counter() - self.t_start, 2),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "toolchain": toolchain(),
-            "config": {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")},
-        }
+        lora = LoraShape(rank=cfg.rank, alpha=float(cfg.alpha), unet_targets=tuple(cfg.target_modules),
+                         unet_layers=unet_layers,
+                         text_encoder_targets=tuple(cfg.text_encoder_target_modules) if cfg.train_text_encoder else None,
+                         text_encoder_layers=text_layers)
+        return AdapterDocument(
+            file=adapter_path.name,
+            sha256=sha256_file(adapter_path),
+            key_format=cfg.format,
+            base=BaseRef(id=base.id, sha256=base.sha256, path=str(Path(cfg.base).resolve())),
+            distilled_from=(TeacherRef(id=teacher.id, sha256=teacher.sha256, path=str(teacher.path.resolve()),
+                                       weight=float(cfg.distill_weight)) if teacher is not None else None),
+            dataset=DatasetRef(sha256=data.sha256, images=len(data.items), path=str(Path(cfg.data).resolve())),
+            prior=prior_record(self),
+            tokens=dict(self.token_ids) or None,
+            lora=lora,
+            steps=cfg.max_steps,
+            final_loss=loss_value if math.isfinite(loss_value) else None,  # JSON has no NaN
+            final_loss_mean10=sum(tail) / len(tail) if tail and all(map(math.isfinite, tail)) else None,
+            world_size=self.world,
+            optimizer=self.optimizer_kind,
+            resumed_from=self.resumed_from or None,
+            seconds=round(time.perf_counter() - self.t_start, 2),
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            toolchain=toolchain(),
+            config={k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")},
+        )

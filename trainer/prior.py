@@ -21,7 +21,9 @@ from pathlib import Path
 
 from sdedge.runtime.errors import SdedgeError
 
+from .adapter import PriorRef
 from .batches import Batches, latent_cache, text_cache
+from .checkpoint import CheckpointState
 from .dataset import BatchPlan, load_prepared, seed_for
 
 __all__ = ["PriorBatches", "prior_batches", "prior_record", "check_prior_resume", "write_class_images"]
@@ -52,18 +54,18 @@ def prior_batches(trainer) -> PriorBatches | None:
     return PriorBatches(cfg, trainer.base, data, plan, trainer.accelerator, cache)
 
 
-def prior_record(trainer) -> dict | None:
+def prior_record(trainer) -> PriorRef | None:
     """What adapter.json and a checkpoint record of the prior data (None without it)."""
     prior = getattr(trainer, "prior", None)
     if prior is None:
         return None
-    return {"sha256": prior.data.sha256, "images": len(prior.data.items),
-            "path": str(Path(trainer.cfg.prior_data).resolve()), "weight": trainer.cfg.prior_weight}
+    return PriorRef(sha256=prior.data.sha256, images=len(prior.data.items),
+                    path=str(Path(trainer.cfg.prior_data).resolve()), weight=float(trainer.cfg.prior_weight))
 
 
-def check_prior_resume(cfg, state: dict, checkpoint: Path) -> None:
+def check_prior_resume(cfg, state: CheckpointState, checkpoint: Path) -> None:
     """A run resumes only on the prior data it was interrupted with (same SHA-256)."""
-    saved = (state.get("prior") or {}).get("sha256")
+    saved = state.prior.sha256 if state.prior is not None else None
     now = load_prepared(cfg.prior_data).sha256 if cfg.prior_data else None
     if saved != now:
         raise SdedgeError(f"--resume {checkpoint}: the prior data changed since the checkpoint (SHA-256 differs)")

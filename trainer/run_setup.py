@@ -16,7 +16,7 @@ from sdedge.runtime.files import check_sdedge_folder
 from sdedge.runtime.strict import ConfigError, to_dict
 
 from .adapter import ADAPTER_JSON
-from .checkpoint import latest_checkpoint
+from .checkpoint import CheckpointState, latest_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig
 
 __all__ = ["OUTPUTS", "RUN_MARKER", "non_finite_error", "toolchain", "prepare_out", "make_accelerator",
@@ -129,8 +129,10 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
     return torch.optim.AdamW(groups, **kw), kind
 
 
-def check_resume(cfg: TrainConfig, state: dict, checkpoint: Path, base_sha: str, data_sha: str) -> None:
-    saved = state.get("config", {})
+def check_resume(cfg: TrainConfig, state: CheckpointState, checkpoint: Path, base_sha: str, data_sha: str) -> None:
+    """A checkpoint resumes only the run it was written by: the same settings (but RESUME_MAY_CHANGE; a key the
+    checkpoint's sdedge did not know is passed over), base and dataset."""
+    saved = state.config
     now = to_dict(cfg)
     for key, value in now.items():
         if key in RESUME_MAY_CHANGE or key not in saved:
@@ -138,9 +140,9 @@ def check_resume(cfg: TrainConfig, state: dict, checkpoint: Path, base_sha: str,
         if saved[key] != value:
             raise ConfigError(f"--resume {checkpoint}: {key} was {saved[key]!r} in the interrupted run and is "
                               f"{value!r} now; resume with the same setting (or start a new run)")
-    if state.get("base_sha256") != base_sha:
+    if state.base_sha256 != base_sha:
         raise SdedgeError(f"--resume {checkpoint}: the base changed since the checkpoint (SHA-256 differs)")
-    if state.get("dataset_sha256") != data_sha:
+    if state.dataset_sha256 != data_sha:
         raise SdedgeError(f"--resume {checkpoint}: the dataset changed since the checkpoint (SHA-256 differs)")
 
 

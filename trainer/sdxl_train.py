@@ -115,7 +115,7 @@ class SdxlTrainer(Trainer):
     def trained_text_encoders(self) -> list:
         return [self.text_encoder, self.text_encoder_2] if self.cfg.train_text_encoder else []
 
-    def prepare_optimizer(self, opt_state: dict | None, state: dict) -> None:
+    def prepare_optimizer(self, opt_state: dict | None, state) -> None:
         super().prepare_optimizer(opt_state, state)
         self.text2_p = self.text_ps[1] if self.text_ps else self.text_encoder_2
 
