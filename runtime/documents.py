@@ -9,7 +9,7 @@ Every document sdedge writes is a JSON object whose first two keys say what it i
     sdedge_pruned.json   sdedge-pruned-base  export/markers.py        PrunedMarker
     metadata.json        sdedge-data         trainer/prepare.py       DatasetMetadata
     state.json           sdedge-checkpoint   trainer/checkpoint.py    CheckpointState
-    adapter.json         sdedge-adapter      trainer/adapter.py       AdapterInfo
+    adapter.json         sdedge-adapter      trainer/adapter.py       AdapterDocument
     report.json          sdedge-bench        benchmarks/report.py     BenchReport
     sdedge_run.json      sdedge-train-run    trainer/run_setup.py     RunMarker (a training run's folder)
 

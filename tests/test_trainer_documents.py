@@ -87,3 +87,32 @@ def test_a_resumed_run_gets_the_checkpoint_state_and_writes_an_adapter_document(
 def _as_written(state: CheckpointState, files: dict) -> CheckpointState:
     """`state` as save_checkpoint writes it (its tensor files' SHA-256 added) and a reader reads it back."""
     return STATE.parse(STATE.to_dict(dataclasses.replace(state, files=files)))
+
+
+def test_the_same_adapter_weights_are_the_same_bytes(tmp_path):
+    """safetensors writes its header's metadata in hash-map order, new in each map: write_adapter sorts it, so
+    the same tensors and metadata give the same file (and adapter.json the same SHA-256), which still loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from sdedge.trainer.adapter import sorted_metadata, write_adapter
+
+    tensors = {"unet.a.lora_A.weight": torch.arange(12.0).reshape(3, 4), "unet.a.lora_B.weight": torch.ones(4, 3)}
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0",
+            "ss_base_model_version": "sd_v1", "ss_training_comment": "trained with sdedge é"}
+    files = []
+    for i in range(8):
+        path = tmp_path / f"{i}.safetensors"
+        write_adapter(path, tensors, dict(reversed(meta.items())) if i % 2 else meta)
+        files.append(path.read_bytes())
+    assert all(f == files[0] for f in files)
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), t) for k, t in tensors.items())
+    raw = save(tensors)  # no metadata: kept as safetensors wrote it
+    assert sorted_metadata(raw) == raw and sorted_metadata(files[0]) == files[0]
+    assert _tensor_bytes(files[0]) == _tensor_bytes(save(tensors, metadata=meta)) == _tensor_bytes(raw)
+
+
+def _tensor_bytes(data: bytes) -> bytes:
+    """What follows a safetensors file's 8-byte header size and header."""
+    return data[8 + int.from_bytes(data[:8], "little"):]
