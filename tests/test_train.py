@@ -141,6 +141,7 @@ def _eval_loss(pipe, data, n_t=8):
     return total / n_t, torch.cat(outs)
 
 
+@pytest.mark.slow  # a 24-step run and three pipelines: 5-55 s; fast: test_clear_errors, test_tokens
 def test_loss_falls_and_the_adapter_changes_the_unet(trained, tiny_base, data):
     """The acceptance test: on tiny with a small generated image set the training loss falls, and the adapter
     (loaded unchanged by diffusers' load_lora_weights) changes the UNet's output and lowers its loss."""
@@ -169,6 +170,7 @@ def test_loss_falls_and_the_adapter_changes_the_unet(trained, tiny_base, data):
     torch.testing.assert_close(fused_out, lora_out, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the same 24-step run (module fixture): ~15 s alone; fast: test_clear_errors
 def test_run_outputs(trained, tiny_base, data):
     from safetensors import safe_open
 
