@@ -96,7 +96,9 @@ def test_strength_timesteps_and_add_noise_match_diffusers(name, strength):
 
 
 # -- image-to-image -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+# slow: 4-11 s each; their steps are in the fast lane through tests/test_runtime.py::test_image_parity_with_diffusers
+@pytest.mark.parametrize("scheduler", [pytest.param(s, marks=pytest.mark.slow) if s in (
+    "euler", "euler_a", "dpm++2m", "dpm++2m-karras") else s for s in SCHEDULERS])
 def test_img2img_parity_with_diffusers(pipe, tiny_pipe, scheduler):
     assert parity(pipe, tiny_pipe, mask=None, strength=0.6, scheduler=scheduler) >= 40.0
 
@@ -182,12 +184,14 @@ def test_inpaint_parity_below_full_strength(inpaint_pipe, inpaint_torch, schedul
     assert parity(inpaint_pipe, inpaint_torch, mask=MASK, strength=0.7, scheduler=scheduler) >= 40.0
 
 
-@pytest.mark.parametrize("scheduler, strength", [("ddim", 1.0), ("euler", 0.7), ("lcm", 1.0)])
+@pytest.mark.parametrize("scheduler, strength", [pytest.param("ddim", 1.0, marks=pytest.mark.slow),  # 7-12 s
+                                                 pytest.param("euler", 0.7, marks=pytest.mark.slow), ("lcm", 1.0)])
 def test_four_channel_unet_inpaints_by_blending(pipe, tiny_pipe, scheduler, strength):
     """diffusers' inpainting with an ordinary UNet: the image outside the mask is put back after every step."""
     assert parity(pipe, tiny_pipe, mask=MASK, strength=strength, scheduler=scheduler) >= 40.0
 
 
+@pytest.mark.slow  # exports the inpainting bundle (module fixture): 5-16 s
 def test_inpaint_bundle_is_told_apart(pipe, inpaint_pipe, inpaint_bundle):
     assert pipe.supports_img2img and not pipe.is_inpaint and pipe.unet_in_channels == 4
     assert inpaint_pipe.supports_img2img and inpaint_pipe.is_inpaint and inpaint_pipe.unet_in_channels == 9
@@ -201,6 +205,7 @@ def test_inpaint_bundle_is_told_apart(pipe, inpaint_pipe, inpaint_bundle):
         inpaint_pipe.generate(PROMPT, image=IMAGE, steps=2)
 
 
+@pytest.mark.slow  # the inpainting bundle's export; fast: test_four_channel_unet_inpaints_by_blending[lcm-1.0]
 def test_inpaint_keeps_what_the_mask_leaves(inpaint_pipe):
     """Only the masked part is painted anew: outside it the output follows the picture (up to the VAE's
     reconstruction), and a different mask changes the output."""
