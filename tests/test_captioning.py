@@ -110,6 +110,7 @@ def _items(out: Path) -> tuple[dict, dict]:
     return meta, {e["source"]: e for e in meta["items"]}
 
 
+@pytest.mark.slow  # two datasets captioned: up to 13 s; fast: test_cli
 def test_uncaptioned_images_get_the_models_caption_with_the_prefix(blip, photos, tmp_path):
     out = tmp_path / "data"
     opts = PrepareOptions(resolution=32, min_size=8, dedup=None, caption_model=str(blip), caption_prefix="sks  style")
