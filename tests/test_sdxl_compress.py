@@ -80,6 +80,7 @@ def test_pruned_sdxl_base_exports_with_its_parity(base, work):
         rt.close()
 
 
+@pytest.mark.slow  # up to 10 s; fast: tests/test_prune.py::test_prune_taylor_criterion_runs
 def test_prune_taylor_criterion_on_sdxl(pipe):
     """Taylor importance needs gradients of the UNet on SDXL's added conditioning (text_embeds, time_ids)."""
     import copy
