@@ -57,6 +57,7 @@ def test_compiled_model_cache_makes_second_load_skip_compiling(tiny_bundle, cach
     assert second.engines["unet"].compiles == 0 and second.engines["unet"].cache_hits == 1
 
 
+@pytest.mark.slow  # 4-5 s; fast: test_compiled_model_cache_makes_second_load_skip_compiling
 def test_tampered_cache_blob_is_recompiled(tiny_bundle, cache):
     _generate(tiny_bundle, "openvino")
     blob = next(cache.glob("unet-*.blob"))
@@ -111,6 +112,7 @@ def test_compiled_at_load_for_the_request_expected(tiny_bundle, monkeypatch):
 MODEL_FILES = (".onnx", ".xml", ".bin", ".data", ".blob")
 
 
+@pytest.mark.slow  # 5-9 s
 def test_nothing_read_is_held_after_load(tiny_bundle, cache, monkeypatch):
     """After load (compiled, or imported from the cache) no ov.Model is alive and Python holds under a fifth of the
     model bytes it read (traced allocations: bytes, NumPy buffers): the compiled model is the one copy."""
@@ -215,6 +217,7 @@ def test_bf16_precision_hint_follows_the_cpu():
     assert inference_precision(Precision.FP32)[0] == "f32"  # bf16 only when asked (auto rule, hint)
 
 
+@pytest.mark.slow  # a CLI process: 2-4 s; fast: test_openvino_matches_onnxruntime
 def test_cli_generate_backend_openvino(tiny_bundle, tmp_path, cache):
     out = tmp_path / "o.png"
     r = run_cli("generate", str(tiny_bundle), "a red circle", "--backend", "openvino", "--steps", "2", "--seed", "1",
@@ -271,6 +274,7 @@ def test_external_data_is_copied_checked_and_only_the_copy_read(tiny_bundle, tmp
         run(out)
 
 
+@pytest.mark.slow  # 5-7 s
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or not any(
     f in Path("/proc/cpuinfo").read_text() for f in ("avx512_bf16", "amx_bf16")), reason="needs a CPU with native bf16")
 def test_bf16_compute_holds_fp16_constants_within_parity(tiny_bundle, monkeypatch):
