@@ -117,6 +117,7 @@ def test_peers_run_beside_diffusers(tiny_bundle, tiny_base, tmp_path):
     assert "ort" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # a bench with a peer process: 5-7 s
 def test_peer_without_its_packages_is_a_clear_error(tiny_bundle, tiny_base, tmp_path, monkeypatch, capsys):
     """A peer pointed at an interpreter without optimum (here: this one) fails at load with the reason, and the
     bench's scratch folder goes with it."""
