@@ -319,6 +319,7 @@ def test_bearer_token(pipe):
 
 
 # -- a subprocess server: queue bound, RSS, graceful shutdown -----------------------------------------------------
+@pytest.mark.slow  # a subprocess server: 5-7 s; fast: test_timeout_gets_503_and_cancels_that_job_not_the_next
 def test_forty_concurrent_requests_with_a_queue_of_four(unsigned_bundle):
     import psutil  # noqa: F401  (a base dependency)
 
@@ -359,6 +360,7 @@ def test_forty_concurrent_requests_with_a_queue_of_four(unsigned_bundle):
         assert rss[2] < rss[0] + 150e6, rss
 
 
+@pytest.mark.slow  # a subprocess server: 4-7 s
 def test_sigterm_finishes_the_running_request(unsigned_bundle):
     with ProcessServer(unsigned_bundle, "--allow-unsigned") as srv:
         result = {}
