@@ -94,6 +94,7 @@ def test_sdxl_tiny_folder_loads_as_sdxl(base, pipe):
     assert getattr(pipe, "watermark", None) is None
 
 
+@pytest.mark.slow  # 4-6 s
 def test_sdxl_seeded_writes_are_identical(base, work):
     from sdedge import cli
 
