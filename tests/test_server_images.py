@@ -71,6 +71,7 @@ def post(c, route: str, **body):
 
 
 # -- the same images as the pipeline ---------------------------------------------------------------------------------
+@pytest.mark.slow  # 5 s; fast: test_img2img_jobs_share_the_queue_and_cancel_by_id
 def test_img2img_and_inpaint_answer_the_pipelines_images(server, pipe):
     image, mask = init_image(), half_mask()
     with server.client() as c:
