@@ -127,6 +127,7 @@ def test_quick_bench_against_reference(tiny_bundle, tiny_base, tmp_path):
     check_pictures(out, data)
 
 
+@pytest.mark.slow  # two bench runs: 2-4 s
 def test_target_verdict_flips(tiny_bundle, tmp_path):
     fast = quick_bench(tiny_bundle, None, tmp_path / "a", runs=1, steps=2, warmup=0, target_seconds=1000)
     assert fast["target"]["verdict"] == "pass" and fast["target"]["statement"].startswith("PASS")
