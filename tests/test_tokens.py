@@ -73,6 +73,7 @@ def test_the_row_trains_and_the_adapter_records_it(trained):
     assert any(k.endswith("trainable_tokens_delta") for k in load_file(str(ckpt / "trainable.safetensors")))
 
 
+@pytest.mark.slow  # an export: ~4 s; fast: test_scale_refuse_and_unfuse_restore_the_rows
 def test_fused_export_equals_the_trained_model(trained):
     """Parity: the text encoder (LoRA and rows fused by export/lora.py) gives the trained, adapted text encoder's
     hidden states on captions with and without the word; the UNet likewise."""
