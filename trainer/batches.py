@@ -12,7 +12,7 @@ from typing import Any
 
 from .dataset import image_tensor, seed_for
 
-__all__ = ["Batch", "Batches", "latent_cache", "text_cache", "tokenize"]
+__all__ = ["Batch", "Batches", "latent_cache", "text_cache", "timestep_weights", "tokenize"]
 
 
 @dataclass
@@ -54,6 +54,21 @@ def text_cache(text_encoder, tokenizer, data, device) -> dict:
     return cache
 
 
+def timestep_weights(cfg, T: int):
+    """The (T,) sampling weights of the training timesteps under --timestep-bias-strategy (None: uniform): the
+    biased portion, the last (later, the noisiest) or first (earlier) round(portion · T) timesteps, weighs
+    `timestep_bias_multiplier` times the rest, as diffusers' train_text_to_image_sdxl.py `generate_timestep_weights`."""
+    import torch
+
+    if cfg.timestep_bias_strategy == "none":
+        return None
+    weights = torch.ones(T, dtype=torch.float64)
+    n = max(1, round(cfg.timestep_bias_portion * T))
+    part = slice(T - n, T) if cfg.timestep_bias_strategy == "later" else slice(0, n)
+    weights[part] *= cfg.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
 class Batches:
     """The tensors of one micro-step on this process, from the plan and the per-slot generators."""
 
@@ -65,6 +80,7 @@ class Batches:
         self.latent_cache = latent_cache
         self.scaling = float(base.vae.config.scaling_factor)
         self.T = int(base.noise_scheduler.config.num_train_timesteps)
+        self.timestep_weights = timestep_weights(cfg, self.T)
 
     def _stats(self, mine: list[int]) -> list:
         import torch
@@ -89,7 +105,8 @@ class Batches:
             noise = torch.randn(z.shape, generator=g)
             if self.cfg.noise_offset:
                 noise = noise + self.cfg.noise_offset * torch.randn((z.shape[0], 1, 1), generator=g)
-            t = torch.randint(0, self.T, (1,), generator=g)
+            t = (torch.randint(0, self.T, (1,), generator=g) if self.timestep_weights is None
+                 else torch.multinomial(self.timestep_weights, 1, generator=g))
             latents.append(z)
             noises.append(noise)
             timesteps.append(t)

@@ -94,6 +94,9 @@ class TrainConfig:
     lcm_timestep_scaling: float = 10.0
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
     seed: int = 0
     # validation, logging, checkpoints
     validation_prompts: tuple[str, ...] = ()
@@ -169,6 +172,13 @@ HELP: dict[str, str] = {
                             "timestep_scaling)",
     "min_snr_gamma": "min-SNR loss weighting gamma (5 is usual; default off)",
     "noise_offset": "noise offset (e.g. 0.05; default 0)",
+    "timestep_bias_strategy": "draw training timesteps biased to the noisiest (later) or the least noisy (earlier) "
+                              "--timestep-bias-portion of the schedule, as diffusers' train_text_to_image_sdxl.py "
+                              "(none: uniform)",
+    "timestep_bias_multiplier": "with --timestep-bias-strategy: how much likelier a timestep of the biased portion is "
+                                "drawn (2: twice as likely)",
+    "timestep_bias_portion": "with --timestep-bias-strategy: the share of the schedule that is biased (0.25: the last "
+                             "250 of 1000 timesteps for later)",
     "seed": "seed of the LoRA init, data order, noise and timesteps",
     "validation_prompts": "prompts rendered to PNGs every --validation-steps and at the end",
     "validation_negative_prompt": "negative prompt of the validation images",
@@ -191,6 +201,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": ("constant", "linear", "cosine"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "lcm_loss": ("huber", "l2"),
+    "timestep_bias_strategy": ("none", "later", "earlier"),
 }
 
 # Settings a resumed run may change without changing the loss curve up to the checkpoint.
@@ -284,6 +295,8 @@ def _check_lcm(cfg: TrainConfig) -> None:
     for key in ("distill_from", "train_text_encoder", "min_snr_gamma", "prior_data"):
         _check(not getattr(cfg, key), key, "cannot be used with lcm (latent consistency distillation has its own "
                "teacher, the base, and its own loss)")
+    _check(cfg.timestep_bias_strategy == "none", "timestep_bias_strategy", "cannot be used with lcm (it draws its "
+           "own timesteps on the solver's grid)")
     _check(cfg.lcm_ddim_timesteps >= 2, "lcm_ddim_timesteps", "must be at least 2")
     _check(1.0 <= cfg.lcm_guidance_min <= cfg.lcm_guidance_max, "lcm_guidance_min",
            f"must lie in [1, lcm_guidance_max] ({cfg.lcm_guidance_min} and {cfg.lcm_guidance_max} given)")
@@ -336,6 +349,8 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
     _check(cfg.prior_weight > 0, "prior_weight", "must be positive")
     _check(cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
     _check(cfg.noise_offset >= 0, "noise_offset", "must be >= 0")
+    _check(cfg.timestep_bias_multiplier > 0, "timestep_bias_multiplier", "must be positive")
+    _check(0 < cfg.timestep_bias_portion < 1, "timestep_bias_portion", "must lie in (0, 1)")
     _check(cfg.seed >= 0, "seed", "must be >= 0")
     _check(cfg.validation_steps is None or cfg.validation_steps >= 1, "validation_steps", "must be at least 1")
     _check(cfg.validation_inference_steps >= 1, "validation_inference_steps", "must be at least 1")
