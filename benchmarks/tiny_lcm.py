@@ -6,6 +6,8 @@ step) against the base alone at 20 DPM++ 2M steps and guidance 7.5, on the 90 ba
 Images come from diffusers' StableDiffusionPipeline on the base with the LoRA fused by sdedge's own fuse
 (`sdedge.export.lora.fuse_loras`, what `sdedge export --lora` does); the same seeds for every row. The tiny world's
 shape classifier scores each image against its caption (shape, colour and background all right = a match).
+The base alone at 4 and 8 DPM++ 2M / DDIM steps and guidance 7.5 (BASE_FEW) is scored beside it as context: what few
+steps give without distillation, at two UNet batches a step.
 Written: results.json and README.md (a Markdown table), with the machine's CPU flags and the seconds per image.
 """
 
@@ -23,6 +25,8 @@ from .machine import describe_machine
 
 STEPS = (1, 2, 4, 8)
 BASE_STEPS, BASE_GUIDANCE = 20, 7.5
+# the base alone at few steps and guidance 7.5 (two UNet batches a step): what few steps cost without distillation
+BASE_FEW = (("dpm++2m", 4), ("dpm++2m", 8), ("ddim", 4), ("ddim", 8))
 SEEDS = (100, 200)  # two images per caption: 180 a row
 BATCH = 18
 
@@ -54,8 +58,9 @@ def row(pipe, classifier, prompts, *, scheduler: str, steps: int, guidance: floa
             "images": len(images), "prompt_match": round(float(rate), 4), "seconds_per_image": round(seconds, 4)}
 
 
-def lcm_curve(base_dir, lora, steps=STEPS, seeds=SEEDS) -> dict:
-    """The base's row and one LCM row per step count (the LoRA fused at scale 1)."""
+def lcm_curve(base_dir, lora, steps=STEPS, seeds=SEEDS, base_few=()) -> dict:
+    """The base's row and one LCM row per step count (the LoRA fused at scale 1); `base_few` ((scheduler, steps),
+    e.g. BASE_FEW): rows of the base alone at those few steps and guidance 7.5, as context."""
     import torch
 
     from sdedge.export.bases import load_base
@@ -68,9 +73,11 @@ def lcm_curve(base_dir, lora, steps=STEPS, seeds=SEEDS) -> dict:
     with torch.no_grad():  # not torch.set_grad_enabled(False): that left gradients off for the caller's process
         base = row(pipe, classifier, prompts, scheduler="dpm++2m", steps=BASE_STEPS, guidance=BASE_GUIDANCE,
                    seeds=seeds)
+        few = [row(pipe, classifier, prompts, scheduler=s, steps=n, guidance=BASE_GUIDANCE, seeds=seeds)
+               for s, n in base_few]
         fuse_loras(pipe, [(str(lora), 1.0)])
         lcm = [row(pipe, classifier, prompts, scheduler="lcm", steps=n, guidance=1.0, seeds=seeds) for n in steps]
-    return {"captions": len(prompts), "seeds": list(seeds), "base": base, "lcm": lcm,
+    return {"captions": len(prompts), "seeds": list(seeds), "base": base, "base_few_steps": few, "lcm": lcm,
             "gap_at_4": round(base["prompt_match"] - next(r["prompt_match"] for r in lcm if r["steps"] == 4), 4)
             if 4 in steps else None}
 
@@ -83,8 +90,9 @@ def markdown(record: dict) -> str:
              "scores shape, colour and background.", "",
              "| sampler | steps | guidance | UNet batches a step | prompt match | s / image |",
              "|---|---:|---:|---:|---:|---:|"]
-    for r in [record["base"]] + record["lcm"]:
-        name = "base, DPM++ 2M" if r["scheduler"] == "dpm++2m" else "base + LCM-LoRA, LCM"
+    names = {"dpm++2m": "base, DPM++ 2M", "ddim": "base, DDIM", "lcm": "base + LCM-LoRA, LCM"}
+    for r in [record["base"]] + record.get("base_few_steps", []) + record["lcm"]:
+        name = names.get(r["scheduler"], r["scheduler"])
         lines.append(f"| {name} | {r['steps']} | {r['guidance']:g} | {r['unet_batches_per_step']} | "
                      f"{r['prompt_match']:.3f} | {r['seconds_per_image']:.4f} |")
     if record.get("gap_at_4") is not None:
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--extra", help="a JSON file whose object is stored under 'lora' (how the LoRA was trained)")
     args = p.parse_args(argv)
-    record = lcm_curve(args.base, args.lora)
+    record = lcm_curve(args.base, args.lora, base_few=BASE_FEW)
     if args.extra:
         import json
 
