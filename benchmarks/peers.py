@@ -65,6 +65,8 @@ class PeerWorker(_DiffusersWorker):
         if self.spec.get("static_shapes", True):
             # (batch, images per prompt): the doubled batch of guidance is the pipeline's own business
             pipe.reshape(batch_size=s["batch"], height=s["size"], width=s["size"], num_images_per_prompt=1)
+            if s["guidance"] <= 1.0:
+                _unguided_unet_batch(pipe.unet.model, s["batch"])
         pipe.compile()
         precision = _ov_precision(model)
         ov_version = ov.__version__.split("-")[0]  # "2026.4.1-22982-e213a14...-releases/..." → "2026.4.1"
@@ -73,6 +75,20 @@ class PeerWorker(_DiffusersWorker):
                                          f"{'static' if self.spec.get('static_shapes', True) else 'dynamic'} shapes, "
                                          f"{precision} as exported"),
                       "precision": precision}
+
+
+def _unguided_unet_batch(model, batch: int) -> None:
+    """optimum-intel's static reshape gives the UNet the doubled batch of guidance (unless it has a `timestep_cond`
+    input, as an LCM-distilled UNet does); with an LCM-LoRA fused and guidance 1 its pipeline calls the UNet with
+    the prompt's batch alone, which that shape refuses. So those inputs are reshaped back to `batch`."""
+    shapes = {}
+    for port in model.inputs:
+        shape = port.get_partial_shape()
+        if shape.rank.is_static and shape.rank.get_length() > 0 and shape[0].is_static and \
+                shape[0].get_length() == 2 * batch:
+            shape[0] = batch
+        shapes[port] = shape
+    model.reshape(shapes)
 
 
 def _ov_precision(model: str) -> str:

@@ -14,11 +14,11 @@ held instead of 14.6 GB.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 from collections.abc import Iterator
 
 import torch
+
+from sdedge.runtime.memory import release_freed_memory
 
 PARKED = "_sdedge_parked"  # attribute on a module: the names of its fp32 parameters held in fp16
 PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")  # a pipeline's models (those it has)
@@ -55,20 +55,6 @@ def unpark(model: torch.nn.Module) -> set[str]:
         release_freed_memory()
     object.__setattr__(model, PARKED, set())
     return parked
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Weights under
-    glibc's mmap threshold (32 MB: most of a UNet's) live on the heap, and freeing them does not lower the resident
-    set until then: measured, parking 2.2 GB of 6.5 MB tensors left the RSS at 2.2 GB, trimmed 1.2 GB."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        trim = None
-    if trim is not None:
-        trim(0)
 
 
 def parked_bytes(model: torch.nn.Module) -> int:

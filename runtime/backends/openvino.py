@@ -20,8 +20,11 @@ the model's constants beside its packed (re-laid-out) weights, in a compiled mod
 (measured, docs/cpu-engines.md), so with bf16 compute (`INFERENCE_PRECISION_HINT` "bf16") the weights of an fp32
 or bf16 bundle's ONNX are held as fp16 (OpenVINO's own compress-to-fp16 pass, as `ov.save_model` applies; small
 constants stay fp32, `_hold_weights_fp16`): the plugin packs them as bf16 either way (tiny base: the same image),
-and what it keeps and the blob halve (sd15-arch UNet: 1.7 GB instead of 3.4 GB). Exact fp32 compute keeps fp32
-constants. The compiled blob is written from OpenVINO's own buffer (no second copy) and imported from the one
+and what it keeps and the blob halve (sd15-arch UNet: 1.7 GB instead of 3.4 GB). So are the fp32 components of
+an int8 bundle whose UNet is an OpenVINO IR (its text encoder and decoder: `_float_onnx`). Exact fp32 compute keeps
+fp32 constants. After each compile or import the heap's freed pages are handed back (`release_freed_memory`):
+OpenVINO's buffers while it reads and compiles are mostly under glibc's mmap threshold, and without the trim the
+resident set kept them. The compiled blob is written from OpenVINO's own buffer (no second copy) and imported from the one
 copy read and checked, dropped once imported.
 
 Compiled-model cache: each compiled model is exported (`CompiledModel.export_model`) into
@@ -58,6 +61,7 @@ from ..bundle import Bundle
 from ..errors import BundleError, MissingDependency
 from ..files import atomic_write_bytes
 from ..manifest import ComponentInfo, Precision
+from ..memory import release_freed_memory
 from . import onnx_refs
 from .ort_cache import describe, open_sealed, private_root, seal
 
@@ -169,8 +173,8 @@ class OvEngine:
             self.cache_dir = default_cache_dir()
         elif self.cache_dir is False:
             self.cache_dir = None
-        self.fp16_weights = (hint == "bf16" and not self.info.openvino_ir
-                             and precision in (Precision.FP32, Precision.BF16) and _fp16_pass() is not None)
+        self.fp16_weights = (hint == "bf16" and not self.info.openvino_ir and _fp16_pass() is not None
+                             and _float_onnx(self.info, self.bundle.manifest))
         self._expected = [t.name for t in self.info.inputs]  # checked against the model's on the first compile
         self.config = config
         log.debug("openvino %s: precision %s (%s)%s", self.name, hint, self.precision_reason,
@@ -187,6 +191,7 @@ class OvEngine:
 
     def _add(self, shapes: Shapes) -> None:
         compiled = self._compile(shapes)
+        release_freed_memory()  # what reading and compiling freed on the heap goes back (module docstring, memory)
         self.compiled[shapes] = (compiled, compiled.create_infer_request())
         while len(self.compiled) > self.max_shapes:
             self.unrun.discard(self.compiled.popitem(last=False)[0])
@@ -310,6 +315,17 @@ class OvEngine:
         self.compiled.clear()
         self.unrun.clear()
         self.config = {}
+
+
+def _float_onnx(info: ComponentInfo, manifest) -> bool:
+    """Whether the component's ONNX holds float (fp32 or bf16) weights. A component records its precision where it
+    differs from the bundle's; an int8 bundle whose UNet is an OpenVINO IR (`--int8-method openvino`) quantizes
+    only that IR (export/openvino_int8.py): its other components are the fp32 export's ONNX, unmarked."""
+    precision = info.precision or manifest.precision
+    if precision in (Precision.FP32, Precision.BF16):
+        return True
+    return (precision is Precision.INT8 and info.precision is None
+            and any(c.openvino_ir for c in manifest.components.values()))
 
 
 def _fp16_pass():
