@@ -197,7 +197,8 @@ class Pipeline:
         # SDXL encodes no negative prompt when it is empty and force_zeros_for_empty_prompt (runtime/sdxl.py)
         zeros = self.manifest.pipeline == "sdxl" and getattr(self.conditioning, "force_zeros", False)
         # the UNet first: its compile (or blob import) needs the most transient memory, which then sits on nothing
-        # else held (sd15-arch int8 at 512², imported: peak 2.83 GB instead of 3.26; docs/fast-path.md)
+        # else held (sd15-arch int8 at 512², imported: peak 2.83 GB instead of 3.26;
+        # benchmarks/results/cpu-sd15-512-fast/2026-12-02-memory-probe)
         for name, engine in sorted(self.engines.items(), key=lambda item: item[0] != "unet"):
             if not hasattr(engine, "prepare") or not engine.loaded or name == "vae_encoder":
                 continue
