@@ -36,7 +36,8 @@ def release_freed_memory() -> None:
     mmap threshold (32 MB: most of a model's weights, and OpenVINO's own while it compiles or imports) live on the
     heap, and freeing them does not lower the resident set until then. Measured: parking 2.2 GB of 6.5 MB tensors
     left the RSS at 2.2 GB, trimmed 1.2 GB (export/park.py); OpenVINO's int8 sd15-arch UNet and fp32 text encoder
-    left 0.3 GB on the heap after compiling (docs/fast-path.md, "Memory")."""
+    left 0.3 GB on the heap after compiling (its probe:
+    benchmarks/results/cpu-sd15-512-fast/2026-12-02-memory-probe)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
