@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from sdedge.runtime.documents import DocumentType, Legacy
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.files import atomic_write_text
 from sdedge.runtime.grid import write_grid
 from sdedge.runtime.strict import NonNegative
 
@@ -609,9 +610,9 @@ def write_report(report: dict, out_dir: str | os.PathLike, samples: dict) -> dic
     report["files"] = {"report_json": "report.json", "report_md": "report.md", "report_png": "report.png",
                        "samples_png": "samples.png"}
     validate(report)  # before anything is written
-    render_chart(report).save(out / "report.png")
+    write_grid(render_chart(report), out / "report.png")  # the one atomic PNG writer, as every file here
     write_grid(render_samples(report, samples), out / "samples.png")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    atomic_write_text(out / "report.md", markdown(report))
     REPORT.write(out / "report.json", report)
     return report
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sdedge.runtime.bundle import sha256_file
-from sdedge.runtime.files import atomic_write_text, check_replaceable, staged_dir
-from sdedge.runtime.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
+from sdedge.runtime.files import check_replaceable, staged_dir
+from sdedge.runtime.manifest import MANIFEST, MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 
 
 @contextlib.contextmanager
@@ -45,7 +45,7 @@ def hash_files(root: Path) -> dict[str, FileEntry]:
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
     path = Path(root) / MANIFEST_NAME
-    atomic_write_text(path, manifest.to_json())
+    MANIFEST.write(path, manifest)  # checked to read back, written atomically
     return path
 
 
