@@ -525,7 +525,7 @@ def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path,
 # Probes of 2026-12-02, second session (benchmarks/results/tiny-lcm/probes-2026-12-02.json; 600 steps each unless
 # said; 4/8 LCM steps): an EMA target (decay 0.95) 0.650/0.539; with 25 solver steps 0.656/0.444; with 10 solver
 # steps 0.678/0.450; rank 32 with the teacher's guidance fixed at 7.5 (online target) 0.528/0.383. None reaches 0.794,
-# so this recipe stays (the EMA target is better at 4 and 8 steps, worse at 1 and 2; it is not in trainer/lcm.py).
+# so this recipe stays (the EMA target is better at 4 and 8 steps, worse at 1 and 2; now `lcm_ema_decay`).
 LCM_RUN = dict(rank=8, learning_rate=1e-3, batch_size=8, lcm_guidance_min=5.0, lcm_guidance_max=10.0,
                format="kohya", lr_warmup_steps=50, seed=0)
 

@@ -18,7 +18,7 @@ import torch
 from conftest import disc_dataset, run_cli
 
 from sdedge.trainer.config import LCM_TARGETS, TrainConfig
-from sdedge.trainer.lcm import DdimSolver, LcmTrainer, boundary_scalings, lora_off, train_lcm
+from sdedge.trainer.lcm import DdimSolver, LcmTrainer, boundary_scalings, lora_off, train_lcm, weights_swapped
 
 QUIET = dict(progress=False, tensorboard=False)
 
@@ -170,6 +170,105 @@ def test_a_fused_user_lora_is_the_teacher_and_part_of_resume(tiny_random, data, 
     assert doc["config"]["lcm_fuse"] == [mine]
 
 
+class _Recording(LcmTrainer):
+    """LcmTrainer recording the LoRA weights and the EMA after every optimizer step (copies; nothing changed)."""
+
+    def optimizer_step(self, step):
+        loss = super().optimizer_step(step)
+        self.seen = getattr(self, "seen", [])
+        self.seen.append(({n: p.detach().clone() for n, p in self.lora_params(unwrap=True).items()},
+                          {n: e.clone() for n, e in self.ema.items()} if self.ema is not None else None))
+        return loss
+
+
+def test_the_ema_target_is_what_the_formula_says(tiny_random, data, tmp_path):
+    """lcm_ema_decay d: θ⁻_0 = θ_0, θ⁻_k = d·θ⁻_(k-1) + (1 − d)·θ_k after every optimizer step; the target pass
+    runs on θ⁻ (step 1's loss equals the online run's, where θ⁻ = θ; step 2's differs), and the student's weights
+    are its own again after it, bit for bit. adapter.json records the decay."""
+    d = 0.6
+    online = LcmTrainer(cfg(tiny_random, data, tmp_path / "online", max_steps=3))
+    online.run()
+    t = _Recording(cfg(tiny_random, data, tmp_path / "ema", max_steps=3, lcm_ema_decay=d))
+    t.run()
+    from sdedge.trainer.adapter import lora_parameters
+
+    init = LcmTrainer(cfg(tiny_random, data, tmp_path / "init", max_steps=3, lcm_ema_decay=d))
+    init.setup_models()
+    prev = {f"unet.{n}": p.detach().clone() for n, p in lora_parameters(init.unet)}  # θ_0: the seeded LoRA init
+    assert any(v.abs().max() > 0 for v in prev.values())
+    for k, (theta, ema) in enumerate(t.seen):
+        want = {n: d * prev[n] + (1 - d) * theta[n] for n in theta}
+        for n in theta:
+            torch.testing.assert_close(ema[n], want[n], rtol=0, atol=1e-7, msg=f"step {k + 1} {n}")
+        prev = ema
+    assert online.history[0] == pytest.approx(t.history[0], rel=1e-6)  # θ⁻_0 = θ_0: the same target at step 1
+    assert abs(online.history[1] - t.history[1]) > 1e-7  # θ⁻_1 ≠ θ_1: the target is the EMA's
+    params = t.lora_params(unwrap=True)
+    own = {n: p.detach().clone() for n, p in params.items()}
+    with weights_swapped(params, t.ema):
+        assert all(torch.equal(params[n], t.ema[n]) for n in params)
+    assert all(torch.equal(params[n], own[n]) for n in params)
+    doc = json.loads((tmp_path / "ema" / "adapter.json").read_text())
+    assert doc["config"]["lcm_ema_decay"] == d
+    assert json.loads((tmp_path / "online" / "adapter.json").read_text())["config"]["lcm_ema_decay"] == 0.0
+
+
+def test_resume_restores_the_ema_target(tiny_random, data, tmp_path):
+    """A run with lcm_ema_decay killed at step 2 and resumed follows the uninterrupted run's losses, adapter and
+    EMA: the checkpoint holds the EMA (ema.safetensors, in state.json's files) and resume reads it back."""
+    from safetensors.torch import load_file
+
+    from sdedge.runtime.strict import ConfigError
+    from sdedge.trainer.checkpoint import load_ema
+
+    c = cfg(tiny_random, data, tmp_path / "whole", max_steps=4, checkpoint_steps=2, lcm_ema_decay=0.5)
+    whole = LcmTrainer(c)
+    whole.run()
+    out = tmp_path / "resumed"
+    c = TrainConfig(**{**c.__dict__, "out": str(out)})
+    assert LcmTrainer(c, stop_after=2).run().adapter is None
+    state = json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert "ema.safetensors" in state["files"]
+    saved = load_ema(out / "checkpoints" / "step-000002")
+    assert set(saved) == set(whole.ema) and any(not torch.equal(saved[n], whole.ema[n]) for n in saved)
+    with pytest.raises(ConfigError, match="lcm_ema_decay"):  # another decay would not continue the same run
+        LcmTrainer(TrainConfig(**{**c.__dict__, "resume": "latest", "lcm_ema_decay": 0.9})).run()
+    resumed = LcmTrainer(TrainConfig(**{**c.__dict__, "resume": "latest"}))
+    result = resumed.run()
+    assert result.resumed_from == 2
+    np.testing.assert_allclose(resumed.history, whole.history, rtol=1e-5)
+    for n in whole.ema:
+        torch.testing.assert_close(resumed.ema[n], whole.ema[n], rtol=1e-5, atol=1e-7)
+    a, b = load_file(str(result.adapter)), load_file(str(tmp_path / "whole" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_checkpoints_ema_file_is_checked_like_its_other_tensors(tmp_path):
+    """ema.safetensors is written beside the trainable weights, its SHA-256 in state.json: load_ema reads it back,
+    a damaged one makes the checkpoint invalid (latest_checkpoint passes over it), a NaN one is never written."""
+    from sdedge.runtime.errors import SdedgeError
+    from sdedge.trainer import checkpoint as ck
+
+    w = {"unet.layer.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    state = ck.CheckpointState(step=1, optimizer=ck.OptimizerRest(param_groups=({"lr": 1e-3},)))
+    plain = ck.save_checkpoint(tmp_path / "a", state, w, {})
+    assert ck.load_ema(plain) is None and "ema.safetensors" not in ck.load_checkpoint(plain)[2].files
+    ema = {k: v * 0.5 for k, v in w.items()}
+    folder = ck.save_checkpoint(tmp_path / "b", state, w, {}, ema=ema)
+    assert ck.load_checkpoint(folder)[2].files.keys() == {"trainable.safetensors", "optimizer.safetensors",
+                                                          "ema.safetensors"}
+    assert torch.equal(ck.load_ema(folder)["unet.layer.lora_A.weight"], ema["unet.layer.lora_A.weight"])
+    data = bytearray((folder / "ema.safetensors").read_bytes())
+    data[-1] ^= 1
+    (folder / "ema.safetensors").write_bytes(bytes(data))
+    with pytest.raises(SdedgeError, match="ema.safetensors: damaged"):
+        ck.load_ema(folder)
+    assert ck.latest_checkpoint(tmp_path / "b") is None
+    with pytest.raises(SdedgeError, match="ema.safetensors.*NaN"):
+        ck.save_checkpoint(tmp_path / "c", state, w, {}, ema={k: v * float("nan") for k, v in w.items()})
+    assert not (tmp_path / "c" / "step-000001").exists()
+
+
 # -- bad input -------------------------------------------------------------------------------------------------------
 
 
@@ -194,7 +293,8 @@ def test_lcm_config_refuses_what_it_cannot_combine():
 
     for kw, key in ((dict(distill_from="t"), "distill_from"), (dict(train_text_encoder=True), "train_text_encoder"),
                     (dict(lcm_guidance_min=8.0, lcm_guidance_max=4.0), "lcm_guidance_min"),
-                    (dict(lcm_ddim_timesteps=1), "lcm_ddim_timesteps")):
+                    (dict(lcm_ddim_timesteps=1), "lcm_ddim_timesteps"), (dict(lcm_ema_decay=1.0), "lcm_ema_decay"),
+                    (dict(lcm_ema_decay=-0.1), "lcm_ema_decay")):
         with pytest.raises(ConfigError, match=key):
             resolve(TrainConfig(base="b", data="d", out="o", lcm=True, **kw))
 

@@ -3,6 +3,8 @@
     OUT/checkpoints/step-000100/
         trainable.safetensors   the LoRA parameters, by their names in the training models
         optimizer.safetensors   the optimizer's per-parameter tensors (AdamW moments and steps, ...)
+        ema.safetensors         only in a run that keeps one: the EMA of the trainable weights (--lcm-ema-decay's
+                                target network, trainer/lcm.py), by the same names
         state.json              step, config, the optimizer's hyper-parameters and scalars, the grad scaler, ...
 
 A checkpoint is assembled in a hidden temporary folder (every file fsynced, then the folder) and renamed into
@@ -34,12 +36,13 @@ from sdedge.runtime.strict import NonNegative
 from .adapter import PriorRef
 from .hashing import sha256_bytes, sha256_file
 
-__all__ = ["CHECKPOINT_VERSION", "CheckpointState", "OptimizerRest", "save_checkpoint", "load_checkpoint",
+__all__ = ["CHECKPOINT_VERSION", "CheckpointState", "OptimizerRest", "save_checkpoint", "load_checkpoint", "load_ema",
            "latest_checkpoint", "prune_checkpoints", "optimizer_to_flat", "optimizer_from_flat"]
 
 CHECKPOINT_VERSION = 2
 _NAME = re.compile(r"^step-(\d+)$")
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors")
+EMA_FILE = "ema.safetensors"  # optional: the EMA of the trainable weights, when the run keeps one
 log = logging.getLogger("sdedge.trainer")
 
 
@@ -111,10 +114,11 @@ def check_finite(tensors: dict[str, Any], where: str) -> None:
 
 
 def save_checkpoint(root: Path, state: CheckpointState, trainable: dict[str, Any],
-                    optimizer_tensors: dict[str, Any]) -> Path:
+                    optimizer_tensors: dict[str, Any], ema: dict[str, Any] | None = None) -> Path:
     """Write ROOT/step-NNNNNN of `state` (its `optimizer` the rest of `optimizer_to_flat`, whose tensors are
-    `optimizer_tensors`); `files` is filled here with the SHA-256 of the tensor files written. A TypeError for
-    anything but a `CheckpointState`: the trainer builds the document, never a dict of its fields."""
+    `optimizer_tensors`; `ema`, when given, the EMA of the trainable weights, as ema.safetensors); `files` is
+    filled here with the SHA-256 of the tensor files written. A TypeError for anything but a `CheckpointState`:
+    the trainer builds the document, never a dict of its fields."""
     from safetensors.torch import save
 
     if not isinstance(state, CheckpointState):
@@ -124,9 +128,14 @@ def save_checkpoint(root: Path, state: CheckpointState, trainable: dict[str, Any
     final = root / f"step-{state.step:06d}"
     trainable = {k: v.detach().cpu().contiguous() for k, v in trainable.items()}
     check_finite(trainable, f"checkpoint of step {state.step}")  # a diverged run keeps its last good checkpoint
+    parts = list(zip(TENSOR_FILES, (trainable, optimizer_tensors)))
+    if ema is not None:
+        ema = {k: v.detach().cpu().contiguous() for k, v in ema.items()}
+        check_finite(ema, f"checkpoint of step {state.step} ({EMA_FILE})")
+        parts.append((EMA_FILE, ema))
     with staged_dir(final) as tmp:  # every file fsynced, then the folder; the parent after the rename
         files = {}
-        for name, tensors in zip(TENSOR_FILES, (trainable, optimizer_tensors)):
+        for name, tensors in parts:
             data = save(tensors)
             atomic_write_bytes(tmp / name, data)  # fsynced
             files[name] = sha256_bytes(data)
@@ -142,7 +151,7 @@ def _read_state(folder: Path) -> CheckpointState:
     state = STATE.read(state_file)
     for name, digest in state.files.items():  # absent in checkpoints of earlier sdedge versions
         path = folder / name
-        if name not in TENSOR_FILES or not path.is_file() or sha256_file(path) != digest:
+        if name not in TENSOR_FILES + (EMA_FILE,) or not path.is_file() or sha256_file(path) != digest:
             raise SdedgeError(f"{path}: damaged (missing, or its SHA-256 differs from the one in state.json)")
     return state
 
@@ -167,6 +176,23 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, CheckpointState]:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SdedgeError(f"{folder / 'state.json'}: corrupt optimizer state: {e!r}") from e
     return trainable, optimizer, state
+
+
+def load_ema(folder: Path) -> dict | None:
+    """The EMA tensors of a checkpoint (ema.safetensors, its SHA-256 checked against state.json), or None when
+    the run that wrote it kept none; SdedgeError when it is damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if EMA_FILE not in _read_state(folder).files:
+        return None
+    try:
+        ema = load_file(str(folder / EMA_FILE))
+    except (OSError, SafetensorError) as e:
+        raise SdedgeError(f"{folder / EMA_FILE}: cannot read the EMA tensors: {e}") from e
+    check_finite(ema, str(folder / EMA_FILE))
+    return ema
 
 
 def _steps(root: Path) -> list[tuple[int, Path]]:

@@ -92,6 +92,7 @@ class TrainConfig:
     lcm_loss: str = "huber"
     lcm_huber_c: float = 0.001
     lcm_timestep_scaling: float = 10.0
+    lcm_ema_decay: float = 0.0  # 0: the online student is the target (the LoRA script); 0.95: the full-model script's
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     timestep_bias_strategy: str = "none"
@@ -170,6 +171,9 @@ HELP: dict[str, str] = {
     "lcm_huber_c": "with --lcm: the pseudo-Huber loss's c",
     "lcm_timestep_scaling": "with --lcm: timestep scaling of the c_skip/c_out boundary conditions (LCMScheduler's "
                             "timestep_scaling)",
+    "lcm_ema_decay": "with --lcm: the target network is the student with an EMA of its LoRA weights, updated after "
+                     "every optimizer step with this decay (0.95 in diffusers' full-model LCM script; saved in the "
+                     "checkpoints); 0: the online student without gradients, as the LCM-LoRA script",
     "min_snr_gamma": "min-SNR loss weighting gamma (5 is usual; default off)",
     "noise_offset": "noise offset (e.g. 0.05; default 0)",
     "timestep_bias_strategy": "draw training timesteps biased to the noisiest (later) or the least noisy (earlier) "
@@ -302,6 +306,8 @@ def _check_lcm(cfg: TrainConfig) -> None:
            f"must lie in [1, lcm_guidance_max] ({cfg.lcm_guidance_min} and {cfg.lcm_guidance_max} given)")
     _check(cfg.lcm_huber_c > 0, "lcm_huber_c", "must be positive")
     _check(cfg.lcm_timestep_scaling > 0, "lcm_timestep_scaling", "must be positive")
+    _check(0.0 <= cfg.lcm_ema_decay < 1.0, "lcm_ema_decay", f"must lie in [0, 1) ({cfg.lcm_ema_decay} given; 0: no EMA, "
+           "the online student is the target)")
 
 
 def _check_tokens(cfg: TrainConfig) -> None:

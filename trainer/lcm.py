@@ -10,11 +10,15 @@ caches, accumulation, resume, checkpoints, validation, the adapter files). One m
     teacher (LoRA off):  ε_c, ε_u at z_t  ─► guidance w sampled in [w_min, w_max]
                          x̂0 = x̂0_c + (w−1)(x̂0_c − x̂0_u),  ε̂ = ε_c + (w−1)(ε_c − ε_u)
                          z_s = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂                                       (one DDIM step)
-    target (LoRA on, no gradient): f(z_s, s) = c_skip(s)·z_s + c_out(s)·x̂0(z_s, s)
+    target (LoRA on, no gradient): f(z_s, s) = c_skip(s)·z_s + c_out(s)·x̂0(z_s, s)     (the EMA weights with
+                                                                                      lcm_ema_decay > 0)
     loss = mean(√((f_student − f_target)² + c²) − c)                                             (pseudo-Huber)
 
 The teacher is the frozen base: the student with its LoRA layers switched off, which equals it exactly and spares a
-second UNet in memory. The target network is the online student without gradients, as in the LoRA script (no EMA).
+second UNet in memory. The target network is by default the online student without gradients, as in the LoRA
+script; with `lcm_ema_decay` d > 0 it is the student with an EMA of its LoRA weights, θ⁻ ← d·θ⁻ + (1 − d)·θ after
+every optimizer step (θ⁻ = θ at the start), as diffusers' full-model script train_lcm_distill_sd_wds.py keeps its
+target UNet (d = 0.95 there); the EMA is saved in every checkpoint (ema.safetensors) and restored on resume.
 The guidance scale is in diffusers' convention (uncond + w·(cond − uncond)); the LCM paper's ω is w − 1. The user's
 LoRAs (`lcm_fuse`) are fused into the base first: the teacher is then their model, and the LCM-LoRA is exported
 after them (`sdedge export --lora mine.safetensors:0.8 --lora OUT/adapter.safetensors:1.0 --scheduler lcm`).
@@ -34,12 +38,13 @@ from sdedge.runtime.errors import BadInput, MissingDependency, SdedgeError
 
 from .adapter import AdapterDocument, TeacherRef
 from .batches import Batch, tokenize
-from .checkpoint import CheckpointState, OptimizerRest, load_checkpoint
+from .checkpoint import CheckpointState, OptimizerRest, load_checkpoint, load_ema
 from .dataset import seed_for
 from .hashing import sha256_bytes
 from .lora_trainer import Trainer, TrainResult
 
-__all__ = ["LcmTrainer", "train_lcm", "boundary_scalings", "DdimSolver", "check_lcm_base", "VALIDATION_STEPS"]
+__all__ = ["LcmTrainer", "train_lcm", "boundary_scalings", "DdimSolver", "check_lcm_base", "update_ema",
+           "VALIDATION_STEPS"]
 
 VALIDATION_STEPS, VALIDATION_GUIDANCE = 4, 1.0  # what an LCM-LoRA is for: the validation images use it
 SIGMA_DATA = 0.5
@@ -132,6 +137,33 @@ def lora_off(model):
             m.enable_adapters(True)
 
 
+def update_ema(ema: dict, params: dict, decay: float) -> None:
+    """ema[n] ← decay·ema[n] + (1 − decay)·params[n], in place (diffusers' training_utils update of a target net)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in params.items():
+            ema[name].mul_(decay).add_(p.detach().to(ema[name].dtype), alpha=1.0 - decay)
+
+
+@contextlib.contextmanager
+def weights_swapped(params: dict, values: dict):
+    """The parameters hold `values` inside the block and their own values again after it, bit for bit. Nothing
+    that autograd saved may use them across the block: the target pass runs before the student's."""
+    import torch
+
+    with torch.no_grad():
+        own = {name: p.detach().clone() for name, p in params.items()}
+        for name, p in params.items():
+            p.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(own[name])
+
+
 class LcmTrainer(Trainer):
     """`Trainer` with the latent consistency distillation loss; the rest of the run is `sdedge train`'s."""
 
@@ -141,6 +173,7 @@ class LcmTrainer(Trainer):
         super().__init__(cfg, **kw)
         self.lora_fuser = lora_fuser
         self.fused: list[dict] = []
+        self.ema: dict | None = None  # the target network's LoRA weights with lcm_ema_decay > 0 (by lora_params name)
 
     # -- models ----------------------------------------------------------------------------------------------------
     def inject_lora(self) -> None:
@@ -216,16 +249,49 @@ class LcmTrainer(Trainer):
         end = torch.clamp(start - self.solver.skip, min=0)  # (b,) t_n
         noisy = self.noise_scheduler.add_noise(batch.latents, batch.noise, start)  # (b, 4, h, w)
         hidden = self.encode_text(batch.captions)
+        unet = acc.unwrap_model(self.unet_p)
+        with torch.no_grad(), acc.autocast():  # before the student's pass: the EMA swap must not meet its graph
+            prev = self.teacher_step(unet, noisy, start, hidden, index, w)
+            with self.target_weights():
+                target = self.consistency(unet(prev, end, hidden).sample, end, prev)
         with acc.autocast():
             pred = self.consistency(self.unet_p(noisy, start, hidden).sample, start, noisy)
-        unet = acc.unwrap_model(self.unet_p)
-        with torch.no_grad(), acc.autocast():
-            prev = self.teacher_step(unet, noisy, start, hidden, index, w)
-            target = self.consistency(unet(prev, end, hidden).sample, end, prev)
         diff = pred.float() - target.float()
         if cfg.lcm_loss == "l2":
             return diff.pow(2).mean()
         return (torch.sqrt(diff.pow(2) + cfg.lcm_huber_c ** 2) - cfg.lcm_huber_c).mean()
+
+    # -- the EMA target ---------------------------------------------------------------------------------------------
+    def target_weights(self):
+        """The target network inside the block: the online student, or its LoRA with the EMA weights."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return weights_swapped(self.lora_params(unwrap=True), self.ema)
+
+    def start_ema(self) -> None:
+        """The EMA at the run's start: the checkpoint's when resuming, else a copy of the LoRA weights."""
+        if not self.cfg.lcm_ema_decay:
+            return
+        params = self.lora_params()
+        saved = load_ema(self.checkpoint) if self.checkpoint is not None else None
+        if self.checkpoint is not None and saved is None:
+            raise SdedgeError(f"--resume {self.checkpoint}: the checkpoint holds no EMA target (ema.safetensors), so "
+                              f"its run had lcm_ema_decay 0; resume with that setting (or start a new run)")
+        if saved is not None and set(saved) != set(params):
+            extra = sorted(set(saved) ^ set(params))[0]
+            raise SdedgeError(f"--resume {self.checkpoint}: its EMA tensors do not match this run's LoRA (first: "
+                              f"{extra!r})")
+        self.ema = {name: (saved[name] if saved is not None else p.detach()).to(self.device, dtype=p.dtype).clone()
+                    for name, p in params.items()}
+
+    def optimizer_step(self, step: int) -> float:
+        loss = super().optimizer_step(step)
+        if self.ema is not None:
+            update_ema(self.ema, self.lora_params(unwrap=True), self.cfg.lcm_ema_decay)
+        return loss
+
+    def ema_tensors(self) -> dict | None:
+        return self.ema
 
     # -- what it records -------------------------------------------------------------------------------------------
     def validation_sampling(self) -> tuple:
@@ -242,7 +308,9 @@ class LcmTrainer(Trainer):
             if state.teacher_sha256 != self.teacher_sha256:
                 raise SdedgeError(f"--resume {self.checkpoint}: the base or the LoRAs fused into it (lcm_fuse) "
                                   "changed since the checkpoint (SHA-256 differs)")
-        return super().resume()
+        resumed = super().resume()
+        self.start_ema()
+        return resumed
 
     def adapter_document(self, adapter_path, unet_layers: int, text_layers: int) -> AdapterDocument:
         teacher = TeacherRef(id=self.base.id, sha256=self.teacher_sha256, path=str(self.base.path.resolve()), weight=1.0)

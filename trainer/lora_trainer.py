@@ -326,11 +326,16 @@ class Trainer:
                                prior=prior_record(self), loss=loss, optimizer_kind=self.optimizer_kind,
                                scaler=acc.scaler.state_dict() if acc.scaler is not None else None)
 
+    def ema_tensors(self) -> dict | None:
+        """The EMA of the trainable weights a variant keeps (trainer/lcm.py's target network), saved in each
+        checkpoint beside them; None: none kept."""
+        return None
+
     def checkpoint_now(self, step: int, loss: float) -> None:
         if self.is_main:
             opt_tensors, opt_rest = optimizer_to_flat(self.optimizer.state_dict())
             save_checkpoint(self.out / "checkpoints", self.checkpoint_state(step, loss, opt_rest),
-                            self.lora_params(unwrap=True), opt_tensors)
+                            self.lora_params(unwrap=True), opt_tensors, ema=self.ema_tensors())
             prune_checkpoints(self.out / "checkpoints", self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
 
