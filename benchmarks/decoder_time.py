@@ -1,11 +1,12 @@
 """Decoder time on ONNX Runtime: a base's full VAE decoder against a light AutoencoderTiny (TAESD-architecture)
 decoder, each exported by sdedge's own decoder specs and run the way the runtime runs it (CPU provider, its threads).
 
-    python -m sdedge.benchmarks.decoder_time --tiny-base DIR --tiny-decoder DIR [--sd15] --out FILE.json
+    python -m sdedge.benchmarks.decoder_time --tiny-base DIR --tiny-decoder DIR [--tiny-decoder DIR2] [--sd15] --out FILE.json
 
 Two pairs:
 - tiny: the trained tiny base's AutoencoderKL decoder against its distilled AutoencoderTiny (`sdedge
-  distill-decoder`), at the base's size (16x16 latents, 64x64 images);
+  distill-decoder`), at the base's size (16x16 latents, 64x64 images); with --tiny-decoder given more than once,
+  every one of them against the same full decoder in the same alternating rounds (one row each, the folder named);
 - sd15 (--sd15): SD1.5's VAE decoder architecture (sdedge base sd15-arch's config, seeded random weights) against
   TAESD's architecture (diffusers' AutoencoderTiny defaults, random weights) at 64x64 latents (512x512 images).
   Speed does not depend on the weights' values.
@@ -63,17 +64,29 @@ def interleaved_seconds(runs: list, calls: int, rounds: int = 10) -> list[float]
 
 
 def time_pair(label: str, full, tiny, latent: int, threads: int, calls: int, rounds: int = 10) -> dict:
+    return time_pairs(label, full, {None: tiny}, latent, threads, calls, rounds)[0]
+
+
+def time_pairs(label: str, full, tinies: dict, latent: int, threads: int, calls: int, rounds: int = 10) -> list[dict]:
+    """One row per light decoder of `tinies` ({name or None: AutoencoderTiny}) against `full`, all of them timed
+    in the same alternating rounds (so each ratio's full-decoder time is the one measured beside it)."""
     from sdedge.export.specs import SPECS, TINY_VAE_DECODER
 
     with tempfile.TemporaryDirectory(prefix="sdedge-decoder-time-") as tmp:
-        runs = [ort_session(spec, vae, latent, threads, Path(tmp)) for spec, vae in
-                ((SPECS["vae_decoder"], full), (TINY_VAE_DECODER, tiny))]
-        full_s, tiny_s = interleaved_seconds(runs, calls, rounds)
-    params = {k: sum(p.numel() for p in m.decoder.parameters()) for k, m in (("full", full), ("tiny", tiny))}
-    return {"pair": label, "latent": [latent, latent], "image": latent * int(2 ** (len(full.config.block_out_channels) - 1)),
-            "full_seconds": round(full_s, 5), "tiny_seconds": round(tiny_s, 5), "speedup": round(full_s / tiny_s, 2),
-            "full_decoder_parameters": params["full"], "tiny_decoder_parameters": params["tiny"], "calls": calls,
-            "rounds": min(rounds, calls), "threads": threads}
+        runs = [ort_session(SPECS["vae_decoder"], full, latent, threads, Path(tmp))]
+        for i, tiny in enumerate(tinies.values()):
+            sub = Path(tmp) / str(i)
+            sub.mkdir()
+            runs.append(ort_session(TINY_VAE_DECODER, tiny, latent, threads, sub))
+        full_s, *tiny_s = interleaved_seconds(runs, calls, rounds)
+    count = lambda m: sum(p.numel() for p in m.decoder.parameters())  # noqa: E731
+    image = latent * int(2 ** (len(full.config.block_out_channels) - 1))
+    return [{"pair": label, **({"tiny_decoder": name} if name else {}), "latent": [latent, latent], "image": image,
+             "full_seconds": round(full_s, 5), "tiny_seconds": round(t, 5), "speedup": round(full_s / t, 2),
+             "full_decoder_parameters": count(full), "tiny_decoder_parameters": count(tiny),
+             **({"tiny_decoder_blocks": list(tiny.config.num_decoder_blocks)} if name else {}),
+             "calls": calls, "rounds": min(rounds, calls), "threads": threads}
+            for (name, tiny), t in zip(tinies.items(), tiny_s)]
 
 
 def main(argv=None) -> int:
@@ -81,7 +94,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m sdedge.benchmarks.decoder_time")
     p.add_argument("--tiny-base")
-    p.add_argument("--tiny-decoder")
+    p.add_argument("--tiny-decoder", action="append", help="an AutoencoderTiny folder; more than once: each one "
+                   "against the same full decoder in one set of rounds")
     p.add_argument("--sd15", action="store_true")
     p.add_argument("--threads", default="2", help="ONNX Runtime intra-op threads, a comma list for one row each")
     p.add_argument("--calls", type=int, default=10)
@@ -92,9 +106,12 @@ def main(argv=None) -> int:
     rows = []
     if args.tiny_base and args.tiny_decoder:
         full = AutoencoderKL.from_pretrained(args.tiny_base, subfolder="vae", local_files_only=True).eval()
-        tiny = AutoencoderTiny.from_pretrained(args.tiny_decoder, local_files_only=True).eval()
-        rows += [time_pair("tiny base: AutoencoderKL vs distilled AutoencoderTiny", full, tiny, 16, n, args.calls,
-                           args.rounds) for n in threads]
+        tinies = {Path(d).name: AutoencoderTiny.from_pretrained(d, local_files_only=True).eval()
+                  for d in args.tiny_decoder}
+        if len(tinies) != len(args.tiny_decoder):
+            p.error(f"--tiny-decoder: folders need distinct names, got {', '.join(args.tiny_decoder)}")
+        rows += [r for n in threads for r in time_pairs("tiny base: AutoencoderKL vs distilled AutoencoderTiny",
+                                                         full, tinies, 16, n, args.calls, args.rounds)]
     if args.sd15:
         from sdedge.export.bases import builtin_configs
 
@@ -106,7 +123,8 @@ def main(argv=None) -> int:
     doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe_machine(), "rows": rows}
     atomic_write_json(args.out, doc)
     for r in rows:
-        print(f"{r['pair']}, {r['threads']} threads: full {r['full_seconds']:.4f} s, tiny {r['tiny_seconds']:.4f} s, "
+        name = f" {r['tiny_decoder']}" if "tiny_decoder" in r else ""
+        print(f"{r['pair']}{name}, {r['threads']} threads: full {r['full_seconds']:.4f} s, tiny {r['tiny_seconds']:.4f} s, "
               f"{r['speedup']:.2f}x")
     return 0
 
