@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sdedge.runtime.conditioning import runs_guidance
 from sdedge.runtime.environment import package_versions
 
 from .suite import BenchError
@@ -65,7 +66,7 @@ class PeerWorker(_DiffusersWorker):
         if self.spec.get("static_shapes", True):
             # (batch, images per prompt): the doubled batch of guidance is the pipeline's own business
             pipe.reshape(batch_size=s["batch"], height=s["size"], width=s["size"], num_images_per_prompt=1)
-            if s["guidance"] <= 1.0:
+            if not runs_guidance(s["guidance"]):
                 _unguided_unet_batch(pipe.unet.model, s["batch"])
         pipe.compile()
         precision = _ov_precision(model)

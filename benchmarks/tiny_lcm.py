@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdedge.runtime.conditioning import runs_guidance
 from sdedge.runtime.files import atomic_write_json, atomic_write_text
 
 from .machine import describe_machine
@@ -54,7 +55,7 @@ def row(pipe, classifier, prompts, *, scheduler: str, steps: int, guidance: floa
     images = np.concatenate([generate(pipe, prompts, steps=steps, guidance=guidance, seed=s) for s in seeds])
     seconds = (time.perf_counter() - t0) / len(images)
     rate = match_rate(classifier, images, [p for _ in seeds for p in prompts])
-    return {"scheduler": scheduler, "steps": steps, "guidance": guidance, "unet_batches_per_step": 1 + (guidance > 1),
+    return {"scheduler": scheduler, "steps": steps, "guidance": guidance, "unet_batches_per_step": 1 + runs_guidance(guidance),
             "images": len(images), "prompt_match": round(float(rate), 4), "seconds_per_image": round(seconds, 4)}
 
 

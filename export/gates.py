@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdedge.runtime.conditioning import runs_guidance
 from sdedge.runtime.manifest import Manifest, SizeReport, SpeedReport
 
 from .onnx_export import ExportError
@@ -49,7 +50,7 @@ def guided(out: np.ndarray, guidance: float) -> np.ndarray:
     """u + g·(c − u) of a guided batch (negative half first, as the runtime and diffusers order it). At guidance
     ≤ 1 the runtime and diffusers run no guidance pass, so the batch is the conditional output itself (halving it
     would leave nothing to compare, and every cosine would read 1)."""
-    if guidance <= 1:
+    if not runs_guidance(guidance):
         return out.astype(np.float64)
     if out.shape[0] % 2:
         raise ValueError(f"a guided UNet batch of {out.shape[0]}: guidance {guidance} needs negative and positive halves")

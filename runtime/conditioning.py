@@ -7,6 +7,7 @@
 Each has `components` (the engines it runs, loaded up front with memory="normal"), `check(micro)` (its keyword
 options, refused where they do not apply) and `encode(prompts, negatives, do_cfg, settings, timings)` returning
 `(encoder_hidden_states, extra UNet inputs)`: the denoising loop of runtime/pipeline.py is the same for both.
+`runs_guidance(guidance)`: whether the negative prompts run at all (guidance > 1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import time
 import numpy as np
 
 from .errors import BadInput
+
+
+def runs_guidance(guidance: float) -> bool:
+    """Whether a generation at this guidance runs classifier-free guidance: the negative prompts encoded and their
+    UNet pass beside the positive one (batch 2B), ε = u + guidance · (c − u). At guidance <= 1 it runs no guidance
+    pass (batch B, ε = c), as diffusers' `do_classifier_free_guidance`. The one statement of that rule: the
+    pipeline, the export's gates and the benchmarks ask it (this module imports NumPy alone, so they stay light)."""
+    return guidance > 1.0
 
 
 class TextConditioning:

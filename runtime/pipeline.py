@@ -36,7 +36,7 @@ from .backends.onnxruntime import OrtEngine, choose_providers  # noqa: F401 (re-
 from .backends.select import EngineFactory, choose_backend
 from .backends.select import engine_factory as make_engine_factory
 from .bundle import Bundle
-from .conditioning import make_conditioning
+from .conditioning import make_conditioning, runs_guidance
 from .errors import BadInput, SdedgeError
 from .init_image import (
     binarize,
@@ -190,7 +190,7 @@ class Pipeline:
         batch, height and width (latent or pixel) compiles at its first call instead."""
         s = self._settings(None, guidance, width, height, None, num_images)
         b = s["num_images"]
-        guided = 2 * b if s["guidance"] > 1.0 else b
+        guided = 2 * b if runs_guidance(s["guidance"]) else b
         f = self.manifest.latent.vae_scale_factor
         dims = {"height": s["height"], "width": s["width"], "latent_height": s["height"] // f,
                 "latent_width": s["width"] // f}
@@ -258,8 +258,7 @@ class Pipeline:
                 raise BadInput(f"{label}={value}: must be a multiple of {s.pixel_multiple} for this model")
             if not lo <= value <= hi:
                 raise BadInput(f"{label}={value}: outside the range this bundle was exported for ({lo}–{hi})")
-        cfg = guidance > 1.0
-        max_images = s.batch_max // 2 if cfg else s.batch_max
+        max_images = s.batch_max // 2 if runs_guidance(guidance) else s.batch_max
         if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= max_images:
             raise BadInput(f"num_images={num_images!r}: must be from 1 to {max_images} for this bundle")
         return dict(steps=steps, guidance=float(guidance), width=width, height=height, scheduler=scheduler,
@@ -413,7 +412,7 @@ class Pipeline:
                                "the seed (or rng=)")
         prompts, negatives = _prompt_batch(prompt, negative_prompt, cfg_["num_images"])
         batch = len(prompts)
-        do_cfg = cfg_["guidance"] > 1.0
+        do_cfg = runs_guidance(cfg_["guidance"])
         if batch * (2 if do_cfg else 1) > self.manifest.shapes.batch_max:
             raise BadInput(f"{batch} images per call exceed this bundle's batch limit ({self.manifest.shapes.batch_max}"
                            f"{' including the negative prompts' if do_cfg else ''})")

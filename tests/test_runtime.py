@@ -59,8 +59,17 @@ def test_several_images_negative_prompts_and_seeds(pipe):
 
 
 def test_guidance_one_skips_the_negative_batch(pipe):
+    """guidance <= 1 runs no guidance pass (runtime/conditioning.py `runs_guidance`): the negative prompt is not
+    run, so it changes nothing, and the whole batch is free for images; above 1 both hold no longer."""
     r = pipe.generate("a red circle", guidance=1.0, seed=1, steps=3)
     assert r.images.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(pipe.generate("a red circle", "dark", guidance=1.0, seed=1, steps=3).images, r.images)
+    guided = [pipe.generate("a red circle", neg, guidance=1.5, seed=1, steps=3).images for neg in ("", "dark")]
+    assert not np.array_equal(*guided)
+    most = pipe.manifest.shapes.batch_max
+    assert pipe.generate("a red circle", guidance=1.0, num_images=most, seed=1, steps=1).images.shape[0] == most
+    with pytest.raises(BadInput, match="num_images"):
+        pipe.generate("a red circle", guidance=1.5, num_images=most, seed=1, steps=1)
 
 
 @pytest.mark.parametrize("scheduler", ["euler_a", "lcm"])
