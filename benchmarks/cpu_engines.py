@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdedge.runtime.files import atomic_write_json
+
 REPLY = "@@cpu-engines "
 
 
@@ -160,8 +162,7 @@ def cmd_unet(args) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "engines": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out, report)
     print(f"{'engine':<28}{'s/call':>8}{'speed-up':>10}{'cos raw':>10}{'cos g7.5':>10}{'RSS GB':>8}")
     for name, r in results.items():
         if "median_s" in r:
@@ -192,8 +193,7 @@ def cmd_derive(args) -> int:
                "backend": to_dict(m.backend), "quantisation": m.provenance.quantisation}
     print(json.dumps(summary, indent=2))
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(args.report, summary)
     return 0
 
 
@@ -234,7 +234,7 @@ def cmd_prune(args) -> int:
               "peak_rss_bytes": peak_rss_bytes()}
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
     return 0
 
 

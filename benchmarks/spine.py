@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sdedge.runtime.environment import cpu_model, package_versions
+from sdedge.runtime.files import atomic_write_json, atomic_write_text
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
@@ -122,8 +123,8 @@ def main(argv=None) -> int:
     summary["versions"] = package_versions(("sdedge", "torch", "diffusers", "onnxruntime"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "README.md").write_text(markdown(summary))
+    atomic_write_json(out / "result.json", summary)
+    atomic_write_text(out / "README.md", markdown(summary))
     print(markdown(summary))
     return 0
 

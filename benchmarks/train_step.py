@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from sdedge.runtime.environment import cpu_model
+from sdedge.runtime.files import atomic_write_json, atomic_write_text
 
 MODES = ("cached", "uncached")
 
@@ -141,8 +142,8 @@ def main(argv=None) -> int:
         summary["versions"] = {k: md.version(k) for k in ("sdedge", "torch", "diffusers", "peft", "accelerate")}
     except Exception:  # noqa: BLE001 - versions are informational
         pass
-    (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "README.md").write_text(markdown(summary))
+    atomic_write_json(out / "result.json", summary)
+    atomic_write_text(out / "README.md", markdown(summary))
     print(markdown(summary))
     return 0 if summary["cached_faster"] else 1
 
