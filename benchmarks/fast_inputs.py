@@ -60,14 +60,12 @@ def write_random_lcm_lora(base: str | Path, out: str | Path, *, seed: int = 0) -
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from sdedge.runtime.files import atomic_output
+    from sdedge.runtime.tensor_files import write_safetensors
 
     unet = UNet2DConditionModel.from_pretrained(str(Path(base) / "unet"), local_files_only=True)
     sd = lcm_lora_state(unet, seed=seed)
     del unet
-    with atomic_output(out) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-    return Path(out)
+    return write_safetensors(out, sd, {"format": "pt"}, save_file)
 
 
 def tiny_decoder_config(base: str | Path | None = None) -> dict:

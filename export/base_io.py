@@ -14,6 +14,7 @@ from typing import Any
 from sdedge.runtime.errors import SdedgeError
 from sdedge.runtime.files import check_replaceable, staged_dir
 from sdedge.runtime.strict import ConfigError, parse_json
+from sdedge.runtime.tensor_files import write_safetensors
 
 from .markers import MARKER_FILE, PRUNED_MARKER
 
@@ -76,9 +77,7 @@ def hub_layout_text_encoder(folder: Path) -> int:
     if not missing:
         return 0
     renamed = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(renamed, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_safetensors(path, renamed, metadata, save_file)
     return len(missing)
 
 

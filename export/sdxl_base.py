@@ -19,11 +19,11 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from sdedge.runtime.errors import SdedgeError
+from sdedge.runtime.tensor_files import write_safetensors
 
 __all__ = [
     "SDXL_BASES",
@@ -508,20 +508,11 @@ def save_sdxl_single_file(pipe, path: str | os.PathLike, *, dtype=None) -> Path:
     """Write an SDXL pipeline as one original-layout `.safetensors` (A1111/ComfyUI keys), atomically."""
     from safetensors.torch import save_file
 
-    from sdedge.runtime.files import scratch_dir
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SdedgeError(f"single-file checkpoints are written as .safetensors, not {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = scratch_dir(path.parent, path.name)
-    try:
-        save_file(sdxl_ldm_state_dict(pipe, dtype), str(tmp / path.name),
-                  metadata={"format": "pt", "writer": "sdedge.export.sdxl_base"})
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return write_safetensors(path, sdxl_ldm_state_dict(pipe, dtype),
+                             {"format": "pt", "writer": "sdedge.export.sdxl_base"}, save_file)
 
 
 # --- loading ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import atomic_output
+from sdedge.runtime.tensor_files import write_safetensors
 
 __all__ = [
     "UNET_PREFIX",
@@ -230,7 +230,8 @@ def to_ldm_state_dict(unet, vae, text_encoder, dtype=None) -> dict:
 def save_single_file(pipe, path: str | os.PathLike, *, dtype=None, overwrite: bool = True) -> Path:
     """Write a diffusers SD1.x pipeline (unet, vae, text_encoder) as one original-layout `.safetensors`.
 
-    The file is written to a temporary name beside `path` and renamed into place. `dtype` (e.g.
+    Written through the one safetensors writer (runtime/tensor_files.py): atomically, the same bytes for the same
+    weights, each tensor streamed from the models' memory (no second copy of the checkpoint). `dtype` (e.g.
     torch.float16) casts the floating-point tensors; default: as stored. Returns the path.
     """
     import torch
@@ -251,8 +252,4 @@ def save_single_file(pipe, path: str | os.PathLike, *, dtype=None, overwrite: bo
     state.setdefault(
         TEXT_ENCODER_PREFIX + "embeddings.position_ids", torch.arange(n_pos, dtype=torch.int64).unsqueeze(0)
     )
-    metadata = {"format": "pt", "writer": "sdedge.export.single_file"}
-
-    with atomic_output(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-    return path
+    return write_safetensors(path, state, {"format": "pt", "writer": "sdedge.export.single_file"}, save_file)

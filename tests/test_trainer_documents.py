@@ -5,6 +5,7 @@ adapter.json is the `AdapterDocument` the Trainer builds; save_checkpoint and wr
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -90,12 +91,13 @@ def _as_written(state: CheckpointState, files: dict) -> CheckpointState:
 
 
 def test_the_same_adapter_weights_are_the_same_bytes(tmp_path):
-    """safetensors writes its header's metadata in hash-map order, new in each map: write_adapter sorts it, so
-    the same tensors and metadata give the same file (and adapter.json the same SHA-256), which still loads."""
+    """safetensors writes its header's metadata in hash-map order, new in each map: write_adapter (the one writer,
+    runtime/tensor_files.py) sorts it, so the same tensors and metadata give the same file (and adapter.json the
+    same SHA-256), which still loads, its tensor bytes those safetensors itself writes."""
     from safetensors import safe_open
     from safetensors.torch import save
 
-    from sdedge.trainer.adapter import sorted_metadata, write_adapter
+    from sdedge.trainer.adapter import write_adapter
 
     tensors = {"unet.a.lora_A.weight": torch.arange(12.0).reshape(3, 4), "unet.a.lora_B.weight": torch.ones(4, 3)}
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0",
@@ -108,9 +110,9 @@ def test_the_same_adapter_weights_are_the_same_bytes(tmp_path):
     assert all(f == files[0] for f in files)
     with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
         assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), t) for k, t in tensors.items())
-    raw = save(tensors)  # no metadata: kept as safetensors wrote it
-    assert sorted_metadata(raw) == raw and sorted_metadata(files[0]) == files[0]
-    assert _tensor_bytes(files[0]) == _tensor_bytes(save(tensors, metadata=meta)) == _tensor_bytes(raw)
+    size = int.from_bytes(files[0][:8], "little")
+    assert list(json.loads(files[0][8:8 + size])["__metadata__"]) == sorted(meta)
+    assert _tensor_bytes(files[0]) == _tensor_bytes(save(tensors, metadata=meta)) == _tensor_bytes(save(tensors))
 
 
 def _tensor_bytes(data: bytes) -> bytes:

@@ -15,7 +15,8 @@ from typing import Any
 
 from sdedge.runtime.bundle import sha256_file
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import atomic_output, atomic_write_json
+from sdedge.runtime.files import atomic_write_json
+from sdedge.runtime.tensor_files import write_safetensors
 
 __all__ = ["PACKAGED", "packaged_lcm_lora", "lcm_lora_note", "pack_lcm_lora"]
 
@@ -59,8 +60,7 @@ def pack_lcm_lora(run_dir: str | Path, data_dir: str | Path | None = None) -> di
         header = f.metadata() or {}
         tensors = {k: f.get_tensor(k).half().contiguous() for k in f.keys()}
     weights = data / f"{PACKAGED}.safetensors"
-    with atomic_output(weights) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    write_safetensors(weights, tensors, header, save_file)
     adapter = json.loads((run / "adapter.json").read_text(encoding="utf-8"))
     keep = ("steps", "final_loss", "final_loss_mean10", "seconds", "lora", "key_format", "toolchain", "config")
     note = {"format": 1, "sha256": sha256_file(weights), "dtype": "float16", "keys": len(tensors),

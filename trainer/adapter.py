@@ -12,8 +12,9 @@
     right); `StableDiffusionPipeline.load_lora_weights` loads the file unchanged;
   - `kohya`: `lora_unet_<module_with_underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`, and
     `lora_te_text_model_...` for the text encoder, the keys A1111 and kohya's sd-scripts read.
-- `write_adapter(path, tensors, metadata)`: safetensors, written to a temporary file and renamed into place; its
-  header's metadata in sorted key order (`sorted_metadata`), so the same weights are the same bytes.
+- `write_adapter(path, tensors, metadata)`: safetensors through sdedge's one safetensors writer
+  (runtime/tensor_files.py `write_safetensors`): atomic, its header's metadata in sorted key order, so the same
+  weights are the same bytes.
 - `write_adapter_json(path, doc)` / `read_adapter_json(path)`: adapter.json, the `AdapterDocument` beside it
   (runtime/documents.py: format "sdedge-adapter", version 1): what was trained, on what, from which base. The
   trainer builds the dataclass (trainer/lora_trainer.py `adapter_document`); `write_adapter_json` takes nothing else.
@@ -29,9 +30,9 @@ from typing import Any
 
 from sdedge.runtime.documents import DocumentType
 from sdedge.runtime.errors import SdedgeError
-from sdedge.runtime.files import atomic_write_bytes
 from sdedge.runtime.manifest import BaseInfo
 from sdedge.runtime.strict import NonNegative
+from sdedge.runtime.tensor_files import write_safetensors
 
 from .dataset import seed_for
 
@@ -181,25 +182,11 @@ def adapter_tensors(unet_layers: dict, text_layers: dict, fmt: str, rank: int, a
 
 
 def write_adapter(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
-    """The adapter as safetensors, written atomically (runtime/files.py), the same bytes for the same weights."""
-    from safetensors.torch import save
+    """The adapter as safetensors through the one writer (runtime/tensor_files.py): atomic, and the same bytes
+    for the same weights (the header's metadata in sorted key order)."""
+    from safetensors.torch import save_file
 
-    atomic_write_bytes(path, sorted_metadata(save(tensors, metadata=metadata)))
-
-
-def sorted_metadata(data: bytes) -> bytes:
-    """A safetensors file with its header's `__metadata__` in sorted key order. safetensors (0.8) writes it in
-    the order of a Rust hash map, which differs from one process to the next: the same weights gave other bytes,
-    and adapter.json another SHA-256. The tensors' entries and offsets are kept (offsets count from the header's
-    end); the header is padded with spaces to a multiple of 8 bytes, as safetensors pads it."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    if "__metadata__" not in header:
-        return data
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+    write_safetensors(path, tensors, metadata, save_file)
 
 
 def write_adapter_json(path: str | os.PathLike, doc: AdapterDocument) -> None:
