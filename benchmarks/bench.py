@@ -205,7 +205,8 @@ def _prepare_engines(suite: Suite) -> tuple[list[tuple[str, str, dict]], dict, i
     for p in suite.peers:
         out.append((p.name, "peer", {"kind": p.kind, "model": p.model, "python": p.python, "device": "cpu",
                                      "threads": _threads(p.threads, s), "static_shapes": p.static_shapes,
-                                     "loras": p.loras, "decoder": p.decoder, "run": run_settings(p)}))
+                                     "loras": p.loras, "decoder": p.decoder, "run": run_settings(p),
+                                     "parity_against": p.parity_against}))
     return out, first, size, notes
 
 

@@ -160,6 +160,7 @@ class PeerSpec:
     scheduler: str | None = None
     guidance: float | None = None
     warmup: int | None = None
+    parity_against: str | None = None  # another peer run with this peer's settings (a few-step one's); default: the reference
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,10 @@ def validate_suite(suite: Suite) -> None:
                     (spec.guidance is None or spec.guidance >= 0, f"{entry}: guidance must be 0 or more"),
                     (spec.warmup is None or spec.warmup >= 0, f"{entry}: warmup must be 0 or more")]
     peers = {p.name for p in suite.peers}
-    for i, e in enumerate(suite.engines):
-        checks.append((e.parity_against is None or e.parity_against in peers,
-                       f"engines[{i}] {e.name!r}: parity_against {e.parity_against!r} is not a peer of the suite"))
+    for entry, spec in [(f"engines[{i}] {e.name!r}", e) for i, e in enumerate(suite.engines)] + \
+            [(f"peers[{i}] {p.name!r}", p) for i, p in enumerate(suite.peers)]:
+        checks.append((spec.parity_against is None or spec.parity_against in peers - {spec.name},
+                       f"{entry}: parity_against {spec.parity_against!r} is not another peer of the suite"))
     for i, p in enumerate(suite.peers):
         entry = f"peers[{i}] {p.name!r}"
         checks += [
@@ -433,7 +435,34 @@ def select_engines(suite: Suite, only: list[str] | None) -> Suite:
     if not engines:
         raise SuiteError(f"{suite.file or suite.name}: --only must keep at least one sdedge engine (have: "
                          f"{', '.join(e.name for e in suite.engines)}): its bundle sets the size, latents and scheduler")
-    return dataclasses.replace(suite, engines=engines, peers=tuple(p for p in suite.peers if p.name in only))
+    peers = tuple(p for p in suite.peers if p.name in only)
+    for x in engines + peers:
+        if x.parity_against is not None and x.parity_against not in only:
+            raise SuiteError(f"{suite.file or suite.name}: --only keeps {x.name!r} but leaves out "
+                             f"{x.parity_against!r}, its parity_against (the images its parity is measured on): "
+                             f"add {x.parity_against} to --only")
+    kept = dataclasses.replace(suite, engines=engines, peers=peers)
+    return dataclasses.replace(kept, prepare=_needed_steps(kept))
+
+
+def _needed_steps(suite: Suite) -> tuple[PrepareStep, ...]:
+    """The prepare steps whose output the suite's entries use, directly or through a later step's inputs (the
+    steps --only leaves: a left-out engine's bundle is not built)."""
+    def inputs(spec) -> list:
+        if isinstance(spec, PrepareStep):
+            o = spec.options
+            return [spec.export, spec.base, o.get("decoder"), o.get("calibration"),
+                    *[x[0] for x in o.get("loras") or () if isinstance(x, (list, tuple)) and x]]
+        return [getattr(spec, k, None) for k in ("bundle", "base", "model", "decoder")] + \
+            [f for f, _ in getattr(spec, "loras", ())]
+    needed = {Path(str(p)) for x in (*suite.engines, *suite.peers, *([suite.reference] if suite.reference else []))
+              for p in inputs(x) if p}
+    kept = []
+    for step in reversed(suite.prepare):
+        if Path(step.out) in needed:
+            kept.append(step)
+            needed |= {Path(str(p)) for p in inputs(step) if p}
+    return tuple(reversed(kept))
 
 
 # -- preparing -----------------------------------------------------------------------------------------------

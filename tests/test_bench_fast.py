@@ -13,7 +13,7 @@ import yaml
 from safetensors import safe_open
 
 from sdedge.benchmarks.fast_inputs import LCM_RANK, LCM_TARGETS
-from sdedge.benchmarks.suite import SuiteError, load_suite, resolve_suite, run_prepare
+from sdedge.benchmarks.suite import SuiteError, load_suite, resolve_suite, run_prepare, select_engines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,11 @@ def _suite(tmp_path: Path, tiny_base: Path, **changes) -> Path:
                      "scheduler": "lcm", "guidance": 1.0, "warmup": 1, "parity_against": "diffusers-lcm"}],
         "peers": [{"name": "diffusers-lcm", "kind": "diffusers", "model": str(tiny_base),
                    "loras": [["{work}/lcm.safetensors", 1.0]], "decoder": "{work}/taesd", "steps": 2,
-                   "scheduler": "lcm", "guidance": 1.0}],
+                   "scheduler": "lcm", "guidance": 1.0},
+                  # the same pipeline again, its parity against diffusers-lcm's images (not the reference's)
+                  {"name": "diffusers-lcm-again", "kind": "diffusers", "model": str(tiny_base),
+                   "loras": [["{work}/lcm.safetensors", 1.0]], "decoder": "{work}/taesd", "steps": 2,
+                   "scheduler": "lcm", "guidance": 1.0, "parity_against": "diffusers-lcm"}],
     }
     for key, value in changes.items():
         doc[key] = value
@@ -71,6 +75,10 @@ def test_fast_suite_runs_each_engine_with_its_own_settings(tiny_base, tmp_path):
     # the same LoRA, decoder, schedule and latents: sdedge's image is diffusers' image
     assert rows["fast"]["parity"]["against"] == "diffusers-lcm" and rows["fast"]["parity"]["psnr_db"]["min"] >= 35
     assert rows["diffusers-lcm"]["parity"]["against"] == "diffusers"  # a peer stays compared with the reference
+    # unless it names another peer: the same pipeline twice gives the same image, unlike the 3-step reference's
+    again = rows["diffusers-lcm-again"]["parity"]
+    assert again["against"] == "diffusers-lcm" and again["psnr_db"]["min"] >= 60
+    assert rows["diffusers-lcm"]["parity"]["psnr_db"]["max"] < 40
     assert rows["fast"]["speedup_vs_reference"]["median"] > 0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| fast | diffusers-lcm |" in md  # the table names each engine's truth
@@ -82,6 +90,10 @@ def test_suite_refuses_what_cannot_run(tiny_base, tmp_path):
     plain = [{"name": "e", "bundle": "b"}]
     for changes, words in (
             ({"engines": [{"name": "e", "bundle": "b", "parity_against": "nobody"}]}, "parity_against 'nobody'"),
+            ({"peers": [{"name": "d", "kind": "diffusers", "model": "m", "parity_against": "d"}], "engines": plain},
+             "peers\\[0\\] 'd': parity_against 'd' is not another peer"),
+            ({"peers": [{"name": "d", "kind": "diffusers", "model": "m", "parity_against": "e"}], "engines": plain},
+             "parity_against 'e' is not another peer"),
             ({"peers": bad_peer, "engines": plain}, "loras and decoder apply to a diffusers peer"),
             ({"peers": [{"name": "ov", "kind": "optimum-openvino", "model": "m"}], "engines": plain},
              "python: the interpreter"),
@@ -104,3 +116,25 @@ def test_shipped_fast_suite_parses():
     opts = from_dict(ExportOptions, export.options, "prepare")
     assert opts.loras == (("/tmp/w/lcm-lora-sd15-random.safetensors", 1.0),) and opts.decoder == "/tmp/w/taesd-random"
     assert {p.kind for p in suite.peers} == {"diffusers", "optimum-openvino"}
+    peers = {p.name: p for p in suite.peers}
+    # optimum's export takes the full VAE only: its truth is diffusers with the same LoRA and that decoder
+    assert peers["optimum-ov-lcm"].parity_against == "diffusers-lcm-vae"
+    truth = peers["diffusers-lcm-vae"]
+    assert truth.decoder is None and truth.loras == peers["diffusers-lcm"].loras
+    assert (truth.steps, truth.scheduler, truth.guidance) == (4, "lcm", 1.0)
+
+
+def test_only_keeps_the_prepare_steps_and_truths_it_needs():
+    suite = resolve_suite(load_suite(REPO / "benchmarks" / "cpu-sd15-512-fast.yaml"), work="/tmp/w")
+    outs = [p.out for p in suite.prepare]
+    assert outs[-1] == "/tmp/w/bundle-sd15-fast-int8"
+    assert [p.out for p in select_engines(suite, None).prepare] == outs
+    # without the int8 row its bundle is not built; everything the fast bundle and the peers use still is
+    kept = select_engines(suite, ["sdedge-fast", "diffusers-lcm"])
+    assert [p.out for p in kept.prepare] == outs[:-1]
+    assert [p.out for p in select_engines(suite, ["sdedge-fast-int8", "diffusers-lcm"]).prepare] == outs
+    # a row whose parity truth is left out is refused (its PSNR would silently be against the reference)
+    with pytest.raises(SuiteError, match="keeps 'sdedge-fast' but leaves out 'diffusers-lcm'"):
+        select_engines(suite, ["sdedge-fast"])
+    with pytest.raises(SuiteError, match="keeps 'optimum-ov-lcm' but leaves out 'diffusers-lcm-vae'"):
+        select_engines(suite, ["sdedge-fast", "diffusers-lcm", "optimum-ov-lcm"])
