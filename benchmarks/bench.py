@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdedge.runtime.conditioning import runs_guidance
 from sdedge.runtime.errors import SdedgeError
 
 from .assemble import add_clip, add_shape_scores, build_report, save_samples
@@ -180,7 +181,7 @@ def _prepare_engines(suite: Suite) -> tuple[list[tuple[str, str, dict]], dict, i
         if size % sh.pixel_multiple or not (sh.height_min <= size <= sh.height_max and sh.width_min <= size <= sh.width_max):
             raise BenchError(f"engine {e.name!r}: size {size} is outside what bundle {e.bundle} accepts "
                              f"({sh.width_min}–{sh.width_max} px, multiple of {sh.pixel_multiple})")
-        per_call = s.batch * (2 if (s.guidance if e.guidance is None else e.guidance) > 1 else 1)
+        per_call = s.batch * (2 if runs_guidance(s.guidance if e.guidance is None else e.guidance) else 1)
         if per_call > sh.batch_max:
             raise BenchError(f"engine {e.name!r}: batch {s.batch} needs {per_call} UNet samples per call; bundle "
                              f"{e.bundle} accepts at most {sh.batch_max}")
