@@ -526,6 +526,9 @@ def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path,
 # said; 4/8 LCM steps): an EMA target (decay 0.95) 0.650/0.539; with 25 solver steps 0.656/0.444; with 10 solver
 # steps 0.678/0.450; rank 32 with the teacher's guidance fixed at 7.5 (online target) 0.528/0.383. None reaches 0.794,
 # so this recipe stays (the EMA target is better at 4 and 8 steps, worse at 1 and 2; now `lcm_ema_decay`).
+# Third session (benchmarks/results/tiny-lcm/runs-2026-12-02-ema-n10-1000.json; 1,000 steps, 1/2/4/8 LCM steps):
+# lcm_ema_decay 0.95 + lcm_ddim_timesteps 10 0.589/0.706/0.706/0.439 (best at 4 steps, still 0.088 short of 0.794);
+# the same with the teacher's guidance fixed at 7.5 0.644/0.689/0.661/0.361. Not shipped.
 LCM_RUN = dict(rank=8, learning_rate=1e-3, batch_size=8, lcm_guidance_min=5.0, lcm_guidance_max=10.0,
                format="kohya", lr_warmup_steps=50, seed=0)
 
