@@ -45,14 +45,14 @@ class DistillDecoderConfig:
     base: str
     out: str
     width: int | None = None  # the decoder's width; None: 16 for a base of <= 128 px, else TAESD's 64
-    blocks: tuple[int, ...] | None = None  # blocks per decoder stage; None: (6, 3, 0) small, TAESD's (3, 3, 3, 1) else
-    steps: int = 9000
+    blocks: tuple[int, ...] | None = None  # blocks per decoder stage; None: (4, 2, 0) small, TAESD's (3, 3, 3, 1) else
+    steps: int = 12000
     batch: int = 16
     lr: float = 5e-3  # AdamW's peak: a 5 % warm-up, then cosine annealing
     crop: int | None = None  # random crops of this many latents a side (a large base's images); None: whole images
     l1: float = 0.0  # weight of an L1 term beside the decoded images' mean squared error
     encoder_every: int = 4  # the encoder's loss on every n-th step (it is not in a bundle: the decoder's steps count)
-    latents: int = 480  # training latents (each also mirrored)
+    latents: int = 600  # training latents (each also mirrored)
     eval_latents: int = 90  # held-out latents for the figures
     gen_steps: int = 15  # DPM++ 2M steps of the base's generations
     guidance: float | None = None  # None: the base's hint (sdedge_base.json), else 7.5
@@ -175,7 +175,7 @@ def tiny_config(pipe, cfg: DistillDecoderConfig) -> dict:
     small = (cfg.size or pipe.unet.config.sample_size * factor) <= 128
     width = cfg.width or (16 if small else 64)
     # small: the work where it is cheap (ONNX Runtime's time is the full-resolution stage's; none there)
-    blocks = cfg.blocks or (((6, 3) + (1,) * (stages - 3) + (0,))[-stages:] if small else (3,) * (stages - 1) + (1,))
+    blocks = cfg.blocks or (((4, 2) + (1,) * (stages - 3) + (0,))[-stages:] if small else (3,) * (stages - 1) + (1,))
     if len(blocks) != stages:
         raise BadInput(f"--blocks {','.join(map(str, blocks))}: this base needs {stages} decoder stages "
                        f"(scale factor {factor})")
