@@ -75,8 +75,9 @@ def test_fast_suite_runs_each_engine_with_its_own_settings(tiny_base, tmp_path):
     # the same LoRA, decoder, schedule and latents: sdedge's image is diffusers' image
     assert rows["fast"]["parity"]["against"] == "diffusers-lcm" and rows["fast"]["parity"]["psnr_db"]["min"] >= 35
     assert rows["diffusers-lcm"]["parity"]["against"] == "diffusers"  # a peer stays compared with the reference
-    # unless it names another peer: the same pipeline twice is close (41.5 dB measured, not identical: diffusers'
-    # LCM noise between steps is not seeded by the bench), far closer than to the 3-step reference's image
+    # unless it names another peer: the same pipeline twice is close (41.5 dB measured, not identical; the cause is
+    # not traced: LCM's between-step noise is drawn from torch's unseeded global generator), far closer than to the
+    # 3-step reference's image
     again, vs_ref = rows["diffusers-lcm-again"]["parity"], rows["diffusers-lcm"]["parity"]
     assert again["against"] == "diffusers-lcm" and again["psnr_db"]["min"] >= 35
     assert again["psnr_db"]["min"] > vs_ref["psnr_db"]["max"] + 10
