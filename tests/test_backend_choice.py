@@ -200,6 +200,8 @@ def test_avx2_cpu_keeps_fp32_on_onnxruntime_and_says_int8_is_not_fast_there(tiny
     fp32 = _choose(m, AVX2_CPU)
     assert (fp32.backend, fp32.providers) == ("onnxruntime", ("CPUExecutionProvider",))
     assert "no native bf16" in fp32.reason
+    # why: the memory it saves, with the speed OpenVINO fp32 measured beside it, and how to ask for OpenVINO
+    assert "smaller peak memory" in fp32.reason and "1.15x faster" in fp32.reason and "--backend openvino" in fp32.reason
     for manifest in (dataclasses.replace(m, precision=Precision.INT8), _with_openvino_ir(m)):
         c = _choose(manifest, AVX2_CPU)
         assert c.backend == "onnxruntime" and "no VNNI (avx512_vnni, avx_vnni, amx_int8): int8 is not the fast " \

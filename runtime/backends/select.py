@@ -22,7 +22,8 @@ the reason for it and for every candidate passed over (`BackendChoice.skipped`; 
      INFERENCE_PRECISION_HINT "bf16": measured 5.2x ONNX Runtime fp32 on sd15-arch (one guided 256x256 UNet
      call on 2 AVX-512 BF16 cores, 0.91 s against 4.7 s, image 47.9 dB against fp32: issue 19,
      docs/cpu-engines.md); tiny base 46.8 dB against the fp32 image (tests/test_backend_choice.py);
-   - fp32 elsewhere → ONNX Runtime (as fast as OpenVINO in fp32, smaller peak RSS); bf16 elsewhere →
+   - fp32 elsewhere → ONNX Runtime, for its smaller peak RSS (FP32_MEASURED: OpenVINO fp32 was the faster in one
+     512² run on an AVX2 CPU, ONNX Runtime in a 256² one; `--backend openvino` for OpenVINO); bf16 elsewhere →
      OpenVINO in f32 (at fp32 speed);
    - static int8 → OpenVINO only on a CPU with VNNI (avx512_vnni, avx_vnni, amx_int8), a UNet carrying an
      OpenVINO IR (NNCF on the OpenVINO model: export/openvino_int8.py) and the export's gates having measured
@@ -222,6 +223,10 @@ def _cpu_choice(manifest: Manifest, flags: frozenset[str], precision_hint: str =
 
 BF16_MEASURED = ("5.2x ONNX Runtime fp32 on sd15-arch (one guided 256x256 UNet call on 2 AVX-512 BF16 cores: 0.91 s "
                  "against 4.7 s, image 47.9 dB against fp32; measured for issue 19, docs/cpu-engines.md)")
+FP32_MEASURED = ("sd15-arch fast bundle at 512x512 on 2 AVX2-only cores: 6.98 GB against 10.61 GB for OpenVINO fp32, which "
+                 "ran 1.15x faster there, 20.3 s against 23.3 s per image, one image each; at 256x256 with 20 guided steps "
+                 "ONNX Runtime was 1.18x the faster: benchmarks/results/cpu-sd15-512-fast/2026-12-02-avx2, "
+                 "cpu-sd15-256/2026-11-25_epyc-2c_a645ba7")
 NO_VNNI = ("without VNNI OpenVINO's u8xs8 int8 kernels saturate 16-bit sums (sd15 QDQ UNet: cosine after guidance "
            "0.29 on an AVX2 CPU) and ONNX Runtime runs static int8 slower than fp32 (docs/cpu-engines.md)")
 
@@ -238,7 +243,8 @@ def _by_flags(manifest: Manifest, bf16: str | None, vnni: str | None, precision_
                                  f"measured {BF16_MEASURED}; --precision-hint fp32 keeps exact fp32",
                                  precision_hint="bf16")
         return BackendChoice("onnxruntime", "cpu", f"{exact or 'no native bf16 (avx512_bf16, amx): '}an fp32 "
-                             "bundle runs on ONNX Runtime, as fast as OpenVINO in fp32 with a smaller peak memory", CPU)
+                             f"bundle runs on ONNX Runtime, for its smaller peak memory ({FP32_MEASURED}); "
+                             "--backend openvino runs OpenVINO fp32", CPU)
     if precision is Precision.BF16:
         if bf16:
             return BackendChoice("openvino", "cpu", f"{bf16}: OpenVINO runs the bf16 bundle in bf16 compute, "
