@@ -5,7 +5,7 @@ The recipe is the best of the experiments in docs/tiny-base.md ("Teaching it pur
 plus textual inversion of purple's token row, which the base never trained (`--train-tokens`). It keeps the base
 colours (drift within 0.05) but reaches about 0.64 on purple, short of issue 23's 0.85; longer runs, rank 16, the
 text encoder's MLPs, more targets and prior preservation (`sdedge train --prior-data`) learned purple no better, and
-the loss on the guided prediction (`sdedge train --guided-loss-scale`) much worse (0.11, base colours 0.15).
+a loss on the guided prediction u + w·(c − u) much worse (0.11, base colours 0.15; tried, not kept).
 """
 
 from __future__ import annotations

@@ -43,14 +43,13 @@ def latent_cache(vae, data, device) -> list:
     return cache
 
 
-def text_cache(text_encoder, tokenizer, data, device, extra: tuple[str, ...] = ()) -> dict:
-    """caption -> the text encoder's last hidden state (77, d) for every distinct caption and each of `extra` (e.g.
-    the empty caption of --guided-loss-scale's unconditional prediction), on the CPU in fp32."""
+def text_cache(text_encoder, tokenizer, data, device) -> dict:
+    """caption -> the text encoder's last hidden state (77, d) for every distinct caption, on the CPU in fp32."""
     import torch
 
     cache = {}
     with torch.no_grad():
-        for text in sorted({it.text for it in data.items} | set(extra)):
+        for text in sorted({it.text for it in data.items}):
             cache[text] = text_encoder(tokenize(tokenizer, [text]).to(device))[0][0].float().cpu()
     return cache
 

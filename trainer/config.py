@@ -95,7 +95,6 @@ class TrainConfig:
     lcm_ema_decay: float = 0.0  # 0: the online student is the target (the LoRA script); 0.95: the full-model script's
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
-    guided_loss_scale: float | None = None  # the loss on the guided prediction u + w (c - u), u without gradient
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
@@ -177,11 +176,6 @@ HELP: dict[str, str] = {
                      "checkpoints); 0: the online student without gradients, as the LCM-LoRA script",
     "min_snr_gamma": "min-SNR loss weighting gamma (5 is usual; default off)",
     "noise_offset": "noise offset (e.g. 0.05; default 0)",
-    "guided_loss_scale": "take the denoising loss on the guided prediction u + w·(c − u) that sampling at guidance "
-                         "w denoises with (c: the caption's prediction; u: the empty caption's, from the model being "
-                         "trained, without gradient), so training sees what sampling does; give the guidance you "
-                         "sample at; default off: the plain loss on c. On the quickstart's purple LoRA it weakened "
-                         "every caption's hold (purple 0.11, base colours 0.85 -> 0.15 at 7.5; docs/tiny-base.md)",
     "timestep_bias_strategy": "draw training timesteps biased to the noisiest (later) or the least noisy (earlier) "
                               "--timestep-bias-portion of the schedule, as diffusers' train_text_to_image_sdxl.py "
                               "(none: uniform)",
@@ -302,7 +296,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 def _check_lcm(cfg: TrainConfig) -> None:
-    for key in ("distill_from", "train_text_encoder", "min_snr_gamma", "prior_data", "guided_loss_scale"):
+    for key in ("distill_from", "train_text_encoder", "min_snr_gamma", "prior_data"):
         _check(not getattr(cfg, key), key, "cannot be used with lcm (latent consistency distillation has its own "
                "teacher, the base, and its own loss)")
     _check(cfg.timestep_bias_strategy == "none", "timestep_bias_strategy", "cannot be used with lcm (it draws its "
@@ -361,10 +355,6 @@ def resolve(cfg: TrainConfig, *, steps_per_epoch: int | None = None) -> TrainCon
     _check(cfg.prior_weight > 0, "prior_weight", "must be positive")
     _check(cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
     _check(cfg.noise_offset >= 0, "noise_offset", "must be >= 0")
-    _check(cfg.guided_loss_scale is None or cfg.guided_loss_scale >= 1, "guided_loss_scale",
-           f"must be at least 1 ({cfg.guided_loss_scale} given; 1 is the plain loss, 7.5 the usual guidance)")
-    _check(cfg.guided_loss_scale is None or cfg.distill_from is None, "guided_loss_scale",
-           "cannot be used with distill_from (the teacher's target is a conditional prediction)")
     _check(cfg.timestep_bias_multiplier > 0, "timestep_bias_multiplier", "must be positive")
     _check(0 < cfg.timestep_bias_portion < 1, "timestep_bias_portion", "must lie in (0, 1)")
     _check(cfg.seed >= 0, "seed", "must be >= 0")

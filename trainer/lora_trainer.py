@@ -13,7 +13,6 @@ uninterrupted run, and N processes x batch b see the samples of 1 process x batc
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import math
@@ -218,8 +217,7 @@ class Trainer:
     def build_caches(self) -> None:
         cfg = self.cfg
         self.latent_cache = latent_cache(self.vae, self.data, self.device) if cfg.cache_latents else None
-        self.text_cache = (text_cache(self.text_encoder, self.base.tokenizer, self.data, self.device,
-                                      extra=("",) if cfg.guided_loss_scale else ())
+        self.text_cache = (text_cache(self.text_encoder, self.base.tokenizer, self.data, self.device)
                            if cfg.cache_text_embeddings else None)
         self.batches = Batches(cfg, self.base, self.data, self.plan, self.accelerator, self.latent_cache)
         self.prior = prior_batches(self)  # --prior-data (trainer/prior.py), else None
@@ -265,15 +263,6 @@ class Trainer:
         time ids as added_cond_kwargs)."""
         return {"encoder_hidden_states": self.encode_text(batch.captions)}
 
-    def unconditional(self, noisy, t, batch: Batch):
-        """The model's prediction for the empty caption (classifier-free guidance's unconditional half, as the
-        runtime's negative prompt "" gives it) on the same noisy latents, without gradient."""
-        import torch
-
-        with torch.no_grad():
-            empty = dataclasses.replace(batch, captions=[""] * len(batch.captions))
-            return self.unet_p(noisy, t, **self.unet_conditioning(empty)).sample
-
     def micro_loss(self, micro: int):
         loss = self.loss(self.batches(micro))
         if self.prior is not None:  # prior preservation: + w · the loss on the base's own class images
@@ -281,9 +270,7 @@ class Trainer:
         return loss
 
     def loss(self, batch: Batch):
-        """The denoising loss of one micro-batch (a scalar), with the teacher's target mixed in when distilling; with
-        --guided-loss-scale w, on the guided prediction u + w·(c − u) that sampling at guidance w denoises with (u
-        without gradient: the gradient reaches the LoRA through c, w times)."""
+        """The denoising loss of one micro-batch (a scalar), with the teacher's target mixed in when distilling."""
         import torch
         from diffusers.training_utils import compute_snr
 
@@ -294,9 +281,6 @@ class Trainer:
         target = noise if self.prediction == "epsilon" else sched.get_velocity(latents, noise, t)
         with acc.autocast():
             pred = self.unet_p(noisy, t, **cond).sample
-            if cfg.guided_loss_scale is not None:
-                uncond = self.unconditional(noisy, t, batch)
-                pred = uncond + cfg.guided_loss_scale * (pred - uncond)
             if self.teacher is not None:  # w·‖p − teacher‖² + (1 − w)·‖p − target‖² = ‖p − (w·teacher + (1 − w)·target)‖² + c
                 with torch.no_grad():
                     taught = self.teacher.unet(noisy, t, **cond).sample.float()

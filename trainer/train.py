@@ -35,8 +35,5 @@ def train(cfg: TrainConfig, *, console=None, stop_after: int | None = None, unet
             raise BadInput(f"--prior-data: prior preservation trains SD 1.x bases; {cfg.base} is an SDXL base")
         if cfg.train_tokens:
             raise BadInput(f"--train-tokens: token rows train on SD 1.x bases; {cfg.base} is an SDXL base")
-        if cfg.guided_loss_scale is not None:
-            raise BadInput(f"--guided-loss-scale: the guided loss trains SD 1.x bases (SDXL's unconditional half is "
-                           f"zeroed embeddings, not the empty caption's); {cfg.base} is an SDXL base")
         return SdxlTrainer(cfg, unet_key_to_ldm=unet_key_to_ldm, **kw).run()
     return Trainer(cfg, **kw).run()
