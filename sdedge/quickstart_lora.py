@@ -19,9 +19,13 @@ from typing import Any
 import numpy as np
 
 __all__ = ["SEEDS", "CONCEPT_IMAGES", "LORA_STEPS", "concept_prompts", "base_colour_prompts", "lora_config",
-           "Rates", "rates", "Optimised", "choose_optimised"]
+           "Rates", "rates", "Optimised", "choose_optimised", "FASTER_BY"]
 
 SEEDS = (11, 12)  # every prompt-match rate: each prompt at both seeds
+# An optimised bundle is shipped only if the speed gate (3 alternating UNet calls) measures it at least this much
+# faster than its fp32: a bf16 bundle on a CPU without native bf16 (OpenVINO then computes in f32) measured 1.004x,
+# which is noise, not a faster engine.
+FASTER_BY = 1.05
 CONCEPT_IMAGES = 96
 LORA_STEPS = 300
 
@@ -110,8 +114,8 @@ def speed_verdict(manifest):
 def choose_optimised(bundle: Path, out: Path, fp32: Rates, measure: Callable[[Path], Rates],
                      tolerance: float = 0.05, candidates=("int8", "bf16")) -> Optimised:
     """Derive each candidate precision from the fp32 LoRA `bundle` into out/bundle-<precision>, keep the first that is
-    faster (speed gate) and as good (`measure`'s prompt match within `tolerance` on both colour sets); a rejected
-    candidate's folder is removed so that it is not mistaken for the optimised bundle."""
+    faster (speed gate, by at least FASTER_BY) and as good (`measure`'s prompt match within `tolerance` on both
+    colour sets); a rejected candidate's folder is removed so that it is not mistaken for the optimised bundle."""
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.runtime.manifest import Precision
 
@@ -121,8 +125,8 @@ def choose_optimised(bundle: Path, out: Path, fp32: Rates, measure: Callable[[Pa
         manifest = export_bundle(bundle, dst, ExportOptions(precision=Precision(name), overwrite=True))
         r = speed_verdict(manifest)
         what = f"{name} {r.ratio:.2f}x its fp32 per UNet call on {r.backend} ({r.seconds:.4f} s vs {r.fp32_seconds:.4f} s)"
-        if r.ratio <= 1.0:
-            tried.append(f"{what}: not faster here")
+        if r.ratio < FASTER_BY:
+            tried.append(f"{what}: not faster here (under {FASTER_BY}x)")
             shutil.rmtree(dst, ignore_errors=True)
             continue
         got = measure(dst)

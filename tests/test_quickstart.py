@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from sdedge.quickstart_lora import FASTER_BY
+
 # Honest floors, measured on the 2-core machine (docs/tiny-base.md, "Teaching it purple"): the LoRA with purple's
 # token row trained reached 0.64 on the new colour (issue 23 asks for 0.85: not met; the LoRA alone 0.53) and the base
 # colours moved 0.85 -> 0.83 (issue 23: within 0.05). The floor leaves about one standard error (0.08 on 36 images).
@@ -40,7 +42,7 @@ def test_quickstart_end_to_end(tmp_path):
         assert opt["speed_ratio"] is None and all(" not faster here" in t or "off by" in t for t in opt["tried"])
         assert rates["optimised"] == rates["lora_fp32"] and opt["reason"].startswith("kept the fp32 bundle")
     else:
-        assert opt["speed_ratio"] > 1.0 and opt["precision"] in ("int8", "bf16"), opt
+        assert opt["speed_ratio"] >= FASTER_BY and opt["precision"] in ("int8", "bf16"), opt
         for k in ("new_colour", "base_colours"):
             assert abs(rates["optimised"][k] - rates["lora_fp32"][k]) <= 0.05, rates
         assert (out / f"bundle-{opt['precision']}" / "model.sig").is_file()
