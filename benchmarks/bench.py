@@ -17,7 +17,9 @@ How it measures (what makes the figures honest):
   workers stay loaded and the rounds alternate between them, reference first, and the order is reversed
   every other round (ABBA), so slow drifts of the machine (other tenants, heat) hit every engine alike.
   Run r uses prompts[r % len(prompts)], seed + r and initial latents drawn once by the parent from that seed
-  (NumPy's default_rng(seed).standard_normal) and handed to every engine as the same array.
+  (NumPy's default_rng(seed).standard_normal) and handed to every engine as the same array; the seed also
+  draws the noise LCM injects between steps, in sdedge's runtime and in the diffusers workers alike
+  (export/reference.py runtime_noise_lcm), so an LCM row's parity measures the engine, not two noise streams.
 - Per call: wall seconds, and per stage tokenize, text_encoder, unet (the denoising loop: every step's
   UNet call, guidance and scheduler step, each step timed), vae_decoder, other (the rest of the wall time).
   diffusers' stages come from hooks on its modules (forward hooks on the text encoder and UNet, a wrapper on
@@ -244,7 +246,7 @@ def _run_engines(engines: list[EngineProcess], s, latents: list[Path], work: Pat
     def request(e: EngineProcess, r: int, warmup: bool) -> dict:
         if poller is not None:
             poller.current = e.pid
-        req = {"op": "run", "prompt_index": r % len(s.prompts), "latents": str(latents[r]),
+        req = {"op": "run", "prompt_index": r % len(s.prompts), "latents": str(latents[r]), "seed": s.seed + r,
                "image": None if warmup else str(work / f"{len(engines)}-{engines.index(e)}-{r}.npy")}
         reply = e.call(req)
         (e.warmups if warmup else e.runs).append(reply)

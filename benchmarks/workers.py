@@ -77,7 +77,8 @@ class _SdedgeWorker:
         t0 = time.perf_counter()
         r = self.pipe.generate(s["prompt_list"][req["prompt_index"]], s["negative"], steps=s["steps"],
                                guidance=s["guidance"], scheduler=s["scheduler"], width=s["size"], height=s["size"],
-                               num_images=s["batch"], latents=latents, watermark=False)  # parity vs the reference
+                               num_images=s["batch"], latents=latents, watermark=False,  # parity vs the reference
+                               seed=req.get("seed"))  # the noise a stochastic scheduler (LCM) injects between steps
         wall = time.perf_counter() - t0
         stages = {k: float(r.timings.get(k, 0.0)) for k in STAGES if k != "other"}
         stages["other"] = max(0.0, wall - sum(stages.values()))
@@ -202,7 +203,9 @@ class _DiffusersWorker:
         lat = torch.from_numpy(np.load(req["latents"])).to(device=self.device, dtype=self.dtype)
         prompt = s["prompt_list"][req["prompt_index"]]
         b = lat.shape[0]
-        self.pipe.scheduler = self.make_scheduler(s["scheduler"], s["scheduler_config"])
+        # LCM re-noises between steps: drawn as the runtime draws it for this run's seed (export/reference.py
+        # runtime_noise_lcm), so an LCM row's parity measures the engine, not two noise streams
+        self.pipe.scheduler = self.make_scheduler(s["scheduler"], s["scheduler_config"], req.get("seed"))
         self.rec.clear()
         self.rec.update(tokenize=0.0, text_encoder=0.0, unet=0.0, vae_decoder=0.0, step_starts=[], vae_start=None)
         self._sync()

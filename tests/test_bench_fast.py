@@ -16,6 +16,9 @@ from sdedge.benchmarks.fast_inputs import LCM_RANK, LCM_TARGETS
 from sdedge.benchmarks.suite import SuiteError, load_suite, resolve_suite, run_prepare, select_engines
 
 REPO = Path(__file__).resolve().parents[1]
+# Parity floors (tests/test_bench_fast.py, tiny base, fp32): sdedge against diffusers with the same LoRA, decoder,
+# latents and LCM noise (the export's own parity gate reads ~46 dB on such a bundle); the same diffusers pipeline twice.
+FAST_DB, AGAIN_DB = 40.0, 60.0
 
 
 def _suite(tmp_path: Path, tiny_base: Path, **changes) -> Path:
@@ -73,13 +76,12 @@ def test_fast_suite_runs_each_engine_with_its_own_settings(tiny_base, tmp_path):
     assert peer["kind"] == "diffusers" and len(peer["runs"][0]["step_seconds"]) == 2
     assert "LoRAs fused: lcm.safetensors:1" in peer["backend_reason"] and "AutoencoderTiny" in peer["backend_reason"]
     # the same LoRA, decoder, schedule and latents: sdedge's image is diffusers' image
-    assert rows["fast"]["parity"]["against"] == "diffusers-lcm" and rows["fast"]["parity"]["psnr_db"]["min"] >= 35
+    assert rows["fast"]["parity"]["against"] == "diffusers-lcm" and rows["fast"]["parity"]["psnr_db"]["min"] >= FAST_DB
     assert rows["diffusers-lcm"]["parity"]["against"] == "diffusers"  # a peer stays compared with the reference
-    # unless it names another peer: the same pipeline twice is close (41.5 dB measured, not identical; the cause is
-    # not traced: LCM's between-step noise is drawn from torch's unseeded global generator), far closer than to the
-    # 3-step reference's image
+    # unless it names another peer: the same pipeline twice, LCM's between-step noise drawn for the run's seed as the
+    # runtime draws it, gives the same image, far closer than to the 3-step reference's
     again, vs_ref = rows["diffusers-lcm-again"]["parity"], rows["diffusers-lcm"]["parity"]
-    assert again["against"] == "diffusers-lcm" and again["psnr_db"]["min"] >= 35
+    assert again["against"] == "diffusers-lcm" and again["psnr_db"]["min"] >= AGAIN_DB
     assert again["psnr_db"]["min"] > vs_ref["psnr_db"]["max"] + 10
     assert rows["fast"]["speedup_vs_reference"]["median"] > 0
     md = (tmp_path / "out" / "report.md").read_text()
