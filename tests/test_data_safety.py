@@ -442,7 +442,7 @@ def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tmp_path, mon
         assert any(Path(p).parent == staged and Path(p).name.startswith(f".{name}.") for p in before), name
     assert str(staged) in before, "the checkpoint folder itself was not fsynced before the rename"
     assert str(tmp_path) in [e[1] for e in events[into_place:] if e[0] == "fsync"], "the parent was not fsynced"
-    trainable, _, state = ck.load_checkpoint(final)
+    state = ck.read_checkpoint(final).state
     assert state.step == 7 and set(state.files) == {"trainable.safetensors", "optimizer.safetensors"}
 
 
@@ -464,7 +464,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_older_ones_are_kept(tmp_path
     data[-1] ^= 1
     second.write_bytes(bytes(data))
     with pytest.raises(SdedgeError, match="optimizer.safetensors: damaged"):
-        ck.load_checkpoint(tmp_path / "step-000002")
+        ck.read_checkpoint(tmp_path / "step-000002")
     assert ck.latest_checkpoint(tmp_path) is None
 
 
@@ -493,7 +493,7 @@ def _cfg(run_inputs, out, **kw):
 
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(run_inputs, tmp_path):
-    from sdedge.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from sdedge.trainer.checkpoint import latest_checkpoint, read_checkpoint
     from sdedge.trainer.train import train
 
     out = tmp_path / "run"
@@ -503,7 +503,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(run
     assert not (out / "adapter.safetensors").exists() and not (out / "adapter.json").exists()
     last = latest_checkpoint(out / "checkpoints")
     if last is not None:  # every checkpoint left is whole and finite
-        trainable, _, state = load_checkpoint(last)
+        state = read_checkpoint(last).state
         assert np.isfinite(state.loss)
     for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else ():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds a bare {c}"))

@@ -207,7 +207,7 @@ def test_checkpoint_round_trip_and_an_older_one_resumes(tmp_path):
     whose state.json is the old bare version 1 loads as before."""
     import torch
 
-    from sdedge.trainer.checkpoint import latest_checkpoint, load_checkpoint, optimizer_to_flat, save_checkpoint
+    from sdedge.trainer.checkpoint import latest_checkpoint, optimizer_to_flat, read_checkpoint, save_checkpoint
 
     p = torch.nn.Parameter(torch.ones(2, 3))
     opt = torch.optim.AdamW([p], lr=1e-3)
@@ -218,14 +218,15 @@ def test_checkpoint_round_trip_and_an_older_one_resumes(tmp_path):
                             teacher_sha256=None, dataset_sha256=SHA, loss=0.5, optimizer_kind="adamw", scaler=None)
     folder = save_checkpoint(tmp_path, state, {"w": p.detach()}, opt_tensors)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["step-000007"]  # no scratch folder left
-    trainable, optimizer, state = load_checkpoint(folder)
+    got = read_checkpoint(folder)
+    trainable, optimizer, state = got.trainable, got.optimizer, got.state
     assert torch.equal(trainable["w"], p.detach()) and state.step == 7 and state.base_sha256 == SHA
     assert optimizer["param_groups"][0]["betas"] == (0.9, 0.999)
     doc = json.loads((folder / "state.json").read_text())
     assert (doc.pop("format"), doc.pop("version")) == ("sdedge-checkpoint", 2)
     del doc["files"], doc["teacher_sha256"]
     _write(folder / "state.json", {"version": 1, **doc})  # as sdedge wrote it before
-    assert load_checkpoint(folder)[2].step == 7 and latest_checkpoint(tmp_path) == folder
+    assert read_checkpoint(folder).state.step == 7 and latest_checkpoint(tmp_path) == folder
 
 
 def test_older_dataset_and_adapter_read():

@@ -219,7 +219,7 @@ def test_resume_restores_the_ema_target(tiny_random, data, tmp_path):
     from safetensors.torch import load_file
 
     from sdedge.runtime.strict import ConfigError
-    from sdedge.trainer.checkpoint import load_ema
+    from sdedge.trainer.checkpoint import read_checkpoint
 
     c = cfg(tiny_random, data, tmp_path / "whole", max_steps=4, checkpoint_steps=2, lcm_ema_decay=0.5)
     whole = LcmTrainer(c)
@@ -229,7 +229,7 @@ def test_resume_restores_the_ema_target(tiny_random, data, tmp_path):
     assert LcmTrainer(c, stop_after=2).run().adapter is None
     state = json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())
     assert "ema.safetensors" in state["files"]
-    saved = load_ema(out / "checkpoints" / "step-000002")
+    saved = read_checkpoint(out / "checkpoints" / "step-000002").ema
     assert set(saved) == set(whole.ema) and any(not torch.equal(saved[n], whole.ema[n]) for n in saved)
     with pytest.raises(ConfigError, match="lcm_ema_decay"):  # another decay would not continue the same run
         LcmTrainer(TrainConfig(**{**c.__dict__, "resume": "latest", "lcm_ema_decay": 0.9})).run()
@@ -244,7 +244,7 @@ def test_resume_restores_the_ema_target(tiny_random, data, tmp_path):
 
 
 def test_a_checkpoints_ema_file_is_checked_like_its_other_tensors(tmp_path):
-    """ema.safetensors is written beside the trainable weights, its SHA-256 in state.json: load_ema reads it back,
+    """ema.safetensors is written beside the trainable weights, its SHA-256 in state.json: read_checkpoint reads it back,
     a damaged one makes the checkpoint invalid (latest_checkpoint passes over it), a NaN one is never written."""
     from sdedge.runtime.errors import SdedgeError
     from sdedge.trainer import checkpoint as ck
@@ -252,17 +252,17 @@ def test_a_checkpoints_ema_file_is_checked_like_its_other_tensors(tmp_path):
     w = {"unet.layer.lora_A.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     state = ck.CheckpointState(step=1, optimizer=ck.OptimizerRest(param_groups=({"lr": 1e-3},)))
     plain = ck.save_checkpoint(tmp_path / "a", state, w, {})
-    assert ck.load_ema(plain) is None and "ema.safetensors" not in ck.load_checkpoint(plain)[2].files
+    assert ck.read_checkpoint(plain).ema is None and "ema.safetensors" not in ck.read_checkpoint(plain).state.files
     ema = {k: v * 0.5 for k, v in w.items()}
     folder = ck.save_checkpoint(tmp_path / "b", state, w, {}, ema=ema)
-    assert ck.load_checkpoint(folder)[2].files.keys() == {"trainable.safetensors", "optimizer.safetensors",
-                                                          "ema.safetensors"}
-    assert torch.equal(ck.load_ema(folder)["unet.layer.lora_A.weight"], ema["unet.layer.lora_A.weight"])
+    assert ck.read_checkpoint(folder).state.files.keys() == {"trainable.safetensors", "optimizer.safetensors",
+                                                           "ema.safetensors"}
+    assert torch.equal(ck.read_checkpoint(folder).ema["unet.layer.lora_A.weight"], ema["unet.layer.lora_A.weight"])
     data = bytearray((folder / "ema.safetensors").read_bytes())
     data[-1] ^= 1
     (folder / "ema.safetensors").write_bytes(bytes(data))
     with pytest.raises(SdedgeError, match="ema.safetensors: damaged"):
-        ck.load_ema(folder)
+        ck.read_checkpoint(folder)
     assert ck.latest_checkpoint(tmp_path / "b") is None
     with pytest.raises(SdedgeError, match="ema.safetensors.*NaN"):
         ck.save_checkpoint(tmp_path / "c", state, w, {}, ema={k: v * float("nan") for k, v in w.items()})

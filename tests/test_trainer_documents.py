@@ -1,5 +1,5 @@
 """The trainer builds its documents as frozen dataclasses end to end (issue 20, must 2): a checkpoint's state.json
-is a `CheckpointState` from the Trainer to save_checkpoint and back from load_checkpoint to the resumed run, and
+is a `CheckpointState` from the Trainer to save_checkpoint and back from read_checkpoint to the resumed run, and
 adapter.json is the `AdapterDocument` the Trainer builds; save_checkpoint and write_adapter_json refuse a dict."""
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ from sdedge.runtime.files import atomic_write_bytes, staged_dir
 from sdedge.runtime.strict import NonNegative
 
 from .adapter import PriorRef
-from .hashing import sha256_bytes, sha256_file
+from .hashing import sha256_bytes
 
-__all__ = ["CHECKPOINT_VERSION", "CheckpointState", "OptimizerRest", "save_checkpoint", "load_checkpoint", "load_ema",
-           "latest_checkpoint", "prune_checkpoints", "optimizer_to_flat", "optimizer_from_flat"]
+__all__ = ["CHECKPOINT_VERSION", "Checkpoint", "CheckpointState", "OptimizerRest", "save_checkpoint", "read_checkpoint",
+           "newest_checkpoint", "latest_checkpoint", "prune_checkpoints", "optimizer_to_flat", "optimizer_from_flat"]
 
 CHECKPOINT_VERSION = 2
 _NAME = re.compile(r"^step-(\d+)$")
@@ -140,59 +140,54 @@ def save_checkpoint(root: Path, state: CheckpointState, trainable: dict[str, Any
             atomic_write_bytes(tmp / name, data)  # fsynced
             files[name] = sha256_bytes(data)
         STATE.write(tmp / "state.json", dataclasses.replace(state, files=files))  # last: says the rest is there
-    load_checkpoint(final)  # read back: known good before prune_checkpoints may drop an older one
+    read_checkpoint(final)  # read back: known good before prune_checkpoints may drop an older one
     return final
 
 
-def _read_state(folder: Path) -> CheckpointState:
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder read whole, once: every file's SHA-256 checked against state.json, every tensor finite."""
+
+    folder: Path
+    state: CheckpointState
+    trainable: dict[str, Any]
+    optimizer: dict  # the optimizer's state dict (optimizer_from_flat)
+    ema: dict[str, Any] | None  # the EMA of the trainable weights; None when the run kept none
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """The checkpoint in `folder`, each tensor file read once (hashed and parsed from the same bytes); SdedgeError
+    naming the file when it is damaged (missing, changed, unreadable, a tensor NaN/Inf)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    folder = Path(folder)
     state_file = folder / "state.json"
     if not state_file.is_file():
         raise SdedgeError(f"--resume {folder}: not a checkpoint folder (no state.json)")
     state = STATE.read(state_file)
-    for name, digest in state.files.items():  # absent in checkpoints of earlier sdedge versions
+    stray = sorted(set(state.files) - set(TENSOR_FILES + (EMA_FILE,)))
+    if stray:
+        raise SdedgeError(f"{folder / stray[0]}: damaged (state.json lists a file a checkpoint does not hold)")
+    tensors = {}
+    for name in TENSOR_FILES + ((EMA_FILE,) if EMA_FILE in state.files else ()):
         path = folder / name
-        if name not in TENSOR_FILES + (EMA_FILE,) or not path.is_file() or sha256_file(path) != digest:
-            raise SdedgeError(f"{path}: damaged (missing, or its SHA-256 differs from the one in state.json)")
-    return state
-
-
-def load_checkpoint(folder: Path) -> tuple[dict, dict, CheckpointState]:
-    """(trainable tensors, optimizer state dict, state.json read strictly) of a checkpoint folder; SdedgeError
-    when it is damaged (a file missing or changed, a tensor NaN/Inf)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    state = _read_state(folder)
+        digest = state.files.get(name)  # absent in checkpoints of earlier sdedge versions
+        if not path.is_file():
+            raise SdedgeError(f"{path}: damaged (missing from the checkpoint)")
+        data = path.read_bytes()
+        if digest is not None and sha256_bytes(data) != digest:
+            raise SdedgeError(f"{path}: damaged (its SHA-256 differs from the one in state.json)")
+        try:
+            tensors[name] = load(data)
+        except SafetensorError as e:
+            raise SdedgeError(f"{path}: cannot read the checkpoint tensors: {e}") from e
+        check_finite(tensors[name], str(path))
     try:
-        trainable = load_file(str(folder / TENSOR_FILES[0]))
-        opt_tensors = load_file(str(folder / TENSOR_FILES[1]))
-    except (OSError, SafetensorError) as e:
-        raise SdedgeError(f"{folder}: cannot read the checkpoint tensors: {e}") from e
-    check_finite(trainable, str(folder / TENSOR_FILES[0]))
-    check_finite(opt_tensors, str(folder / TENSOR_FILES[1]))
-    try:
-        optimizer = optimizer_from_flat(opt_tensors, state.optimizer)
+        optimizer = optimizer_from_flat(tensors[TENSOR_FILES[1]], state.optimizer)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SdedgeError(f"{folder / 'state.json'}: corrupt optimizer state: {e!r}") from e
-    return trainable, optimizer, state
-
-
-def load_ema(folder: Path) -> dict | None:
-    """The EMA tensors of a checkpoint (ema.safetensors, its SHA-256 checked against state.json), or None when
-    the run that wrote it kept none; SdedgeError when it is damaged."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if EMA_FILE not in _read_state(folder).files:
-        return None
-    try:
-        ema = load_file(str(folder / EMA_FILE))
-    except (OSError, SafetensorError) as e:
-        raise SdedgeError(f"{folder / EMA_FILE}: cannot read the EMA tensors: {e}") from e
-    check_finite(ema, str(folder / EMA_FILE))
-    return ema
+        raise SdedgeError(f"{state_file}: corrupt optimizer state: {e!r}") from e
+    return Checkpoint(folder, state, tensors[TENSOR_FILES[0]], optimizer, tensors.get(EMA_FILE))
 
 
 def _steps(root: Path) -> list[tuple[int, Path]]:
@@ -206,18 +201,23 @@ def _steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _valid(folder: Path) -> bool:
+def _read_valid(folder: Path) -> Checkpoint | None:
     try:
-        load_checkpoint(folder)
+        return read_checkpoint(folder)
     except SdedgeError as e:
         log.warning("checkpoint %s is damaged and passed over: %s", folder, e)
-        return False
-    return True
+        return None
+
+
+def newest_checkpoint(root: Path) -> Checkpoint | None:
+    """The newest valid checkpoint under `root`, read (newer damaged ones are logged and passed over), or None."""
+    return next(filter(None, map(_read_valid, (p for _, p in reversed(_steps(Path(root)))))), None)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest valid checkpoint under `root` (newer damaged ones are logged and passed over), or None."""
-    return next((p for _, p in reversed(_steps(Path(root))) if _valid(p)), None)
+    """The folder of newest_checkpoint(root), or None."""
+    found = newest_checkpoint(root)
+    return None if found is None else found.folder
 
 
 def prune_checkpoints(root: Path, keep: int | None) -> None:
@@ -228,7 +228,7 @@ def prune_checkpoints(root: Path, keep: int | None) -> None:
         shutil.rmtree(p, ignore_errors=True)
     if keep is None:
         return
-    valid = [p for _, p in reversed(_steps(root)) if _valid(p)]
+    valid = [p for _, p in reversed(_steps(root)) if _read_valid(p) is not None]
     if len(valid) <= keep:
         return
     oldest_kept = valid[keep - 1]

@@ -38,7 +38,7 @@ from sdedge.runtime.errors import BadInput, MissingDependency, SdedgeError
 
 from .adapter import AdapterDocument, TeacherRef
 from .batches import Batch, tokenize
-from .checkpoint import CheckpointState, OptimizerRest, load_checkpoint, load_ema
+from .checkpoint import CheckpointState, OptimizerRest
 from .dataset import seed_for
 from .hashing import sha256_bytes
 from .lora_trainer import Trainer, TrainResult
@@ -273,13 +273,13 @@ class LcmTrainer(Trainer):
         if not self.cfg.lcm_ema_decay:
             return
         params = self.lora_params()
-        saved = load_ema(self.checkpoint) if self.checkpoint is not None else None
+        saved = self.checkpoint.ema if self.checkpoint is not None else None
         if self.checkpoint is not None and saved is None:
-            raise SdedgeError(f"--resume {self.checkpoint}: the checkpoint holds no EMA target (ema.safetensors), so "
+            raise SdedgeError(f"--resume {self.checkpoint.folder}: the checkpoint holds no EMA target (ema.safetensors), so "
                               f"its run had lcm_ema_decay 0; resume with that setting (or start a new run)")
         if saved is not None and set(saved) != set(params):
             extra = sorted(set(saved) ^ set(params))[0]
-            raise SdedgeError(f"--resume {self.checkpoint}: its EMA tensors do not match this run's LoRA (first: "
+            raise SdedgeError(f"--resume {self.checkpoint.folder}: its EMA tensors do not match this run's LoRA (first: "
                               f"{extra!r})")
         self.ema = {name: (saved[name] if saved is not None else p.detach()).to(self.device, dtype=p.dtype).clone()
                     for name, p in params.items()}
@@ -303,11 +303,9 @@ class LcmTrainer(Trainer):
         return dataclasses.replace(super().checkpoint_state(step, loss, optimizer), teacher_sha256=self.teacher_sha256)
 
     def resume(self):
-        if self.checkpoint is not None:
-            _, _, state = load_checkpoint(self.checkpoint)
-            if state.teacher_sha256 != self.teacher_sha256:
-                raise SdedgeError(f"--resume {self.checkpoint}: the base or the LoRAs fused into it (lcm_fuse) "
-                                  "changed since the checkpoint (SHA-256 differs)")
+        if self.checkpoint is not None and self.checkpoint.state.teacher_sha256 != self.teacher_sha256:
+            raise SdedgeError(f"--resume {self.checkpoint.folder}: the base or the LoRAs fused into it (lcm_fuse) "
+                              "changed since the checkpoint (SHA-256 differs)")
         resumed = super().resume()
         self.start_ema()
         return resumed

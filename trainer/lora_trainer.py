@@ -40,7 +40,6 @@ from .batches import Batch, Batches, latent_cache, text_cache, tokenize
 from .checkpoint import (
     CheckpointState,
     OptimizerRest,
-    load_checkpoint,
     optimizer_to_flat,
     prune_checkpoints,
     save_checkpoint,
@@ -190,10 +189,10 @@ class Trainer:
         state.json), or (None, None) for a new run."""
         import torch
 
-        checkpoint, cfg = self.checkpoint, self.cfg
-        if checkpoint is None:
+        if self.checkpoint is None:
             return None, None
-        trainable, opt_state, state = load_checkpoint(checkpoint)
+        cfg, checkpoint, state = self.cfg, self.checkpoint.folder, self.checkpoint.state
+        trainable, opt_state = self.checkpoint.trainable, self.checkpoint.optimizer
         check_resume(cfg, state, checkpoint, self.base.sha256, self.data.sha256)
         check_prior_resume(cfg, state, checkpoint)
         if self.teacher is not None and state.teacher_sha256 != self.teacher.sha256:

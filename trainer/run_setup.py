@@ -16,7 +16,7 @@ from sdedge.runtime.files import check_sdedge_folder
 from sdedge.runtime.strict import ConfigError, to_dict
 
 from .adapter import ADAPTER_JSON
-from .checkpoint import CheckpointState, latest_checkpoint
+from .checkpoint import Checkpoint, CheckpointState, latest_checkpoint, newest_checkpoint, read_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig
 
 __all__ = ["OUTPUTS", "RUN_MARKER", "non_finite_error", "toolchain", "prepare_out", "make_accelerator",
@@ -191,11 +191,12 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
         ds["gradient_clipping"] = cfg.max_grad_norm
 
 
-def resume_checkpoint(cfg: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint folder `--resume` names (`latest`: the newest in OUT/checkpoints), or None for a new run."""
+def resume_checkpoint(cfg: TrainConfig, out: Path) -> Checkpoint | None:
+    """The checkpoint `--resume` names (`latest`: the newest valid one in OUT/checkpoints), read once, or None for a
+    new run."""
     if not cfg.resume:
         return None
-    checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume == "latest" else Path(cfg.resume)
+    checkpoint = newest_checkpoint(out / "checkpoints") if cfg.resume == "latest" else read_checkpoint(cfg.resume)
     if checkpoint is None:
         raise SdedgeError(f"--resume: no checkpoint in {out / 'checkpoints'} (was checkpoint_steps set?)")
     return checkpoint
