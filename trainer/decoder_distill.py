@@ -355,13 +355,11 @@ def pack_decoder(folder: str | Path, data_dir: str | Path | None = None) -> dict
     from safetensors.torch import load_file, save_file
 
     from sdedge.runtime.bundle import sha256_file
-    from sdedge.runtime.files import atomic_output
+    from sdedge.runtime.tensor_files import write_safetensors
 
     folder, data = Path(folder), Path(data_dir or _data_dir())
     tensors = {k: v.half().contiguous() for k, v in load_file(str(folder / WEIGHTS)).items()}
-    weights = data / f"{PACKAGED}.safetensors"
-    with atomic_output(weights) as tmp:
-        save_file(tensors, str(tmp))
+    weights = write_safetensors(data / f"{PACKAGED}.safetensors", tensors, None, save_file)
     note = {"format": 1, "autoencoder": json.loads((folder / "config.json").read_text(encoding="utf-8")),
             "sha256": sha256_file(weights), "distill": json.loads((folder / REPORT).read_text(encoding="utf-8"))}
     atomic_write_json(data / f"{PACKAGED}.json", note)
@@ -375,6 +373,7 @@ def write_packaged_decoder(out: str | Path, *, overwrite: bool = False) -> Path:
 
     from sdedge.runtime.bundle import sha256_file
     from sdedge.runtime.errors import SdedgeError
+    from sdedge.runtime.tensor_files import write_safetensors
 
     data, out = _data_dir(), Path(out)
     note = json.loads((data / f"{PACKAGED}.json").read_text(encoding="utf-8"))
@@ -384,7 +383,7 @@ def write_packaged_decoder(out: str | Path, *, overwrite: bool = False) -> Path:
     check_replaceable(out, {REPORT: None}, overwrite=overwrite)
 
     def fill(tmp: Path) -> None:
-        save_file({k: v.float() for k, v in load_file(str(weights)).items()}, str(tmp / WEIGHTS))
+        write_safetensors(tmp / WEIGHTS, {k: v.float() for k, v in load_file(str(weights)).items()}, None, save_file)
         atomic_write_json(tmp / "config.json", note["autoencoder"])
         atomic_write_json(tmp / REPORT, {**note["distill"], "packaged": True})
 
