@@ -8,8 +8,11 @@
 - Every replica opens the bundle with `sdedge serve`'s policy (server.load_pipeline: signature required unless
   allow_unsigned); the ingress verifies it too before it reads the manifest for the request limits. A refused
   bundle fails the deployment with the message (`serve.run` raises it).
-- max_ongoing_requests=1 per replica; Ray Serve queues the rest, at most `settings.max_queue`
-  (max_queued_requests); past it Ray raises BackPressureError, answered 429 with Retry-After.
+- max_ongoing_requests=1 per replica; Ray Serve's router queues the rest. The ingress admits at most one job per
+  replica (`--max-replicas` with autoscaling) plus `settings.max_queue` waiting (RayJobs.submit, exact, as
+  JobQueue's); the next answers 429 with Retry-After. Ray's own max_queued_requests is not used: it is approximate
+  under a burst, both ways (2 replicas + 6 waiting: 6 of 20 concurrent requests admitted in one run, more than 8 of
+  12 in another; tests/test_ray_serve.py).
 - A request's timeout (queue included) answers 503 and cancels the Ray call, which cancels the job in its
   replica between denoising steps. A job whose replica dies is sent again (`RayOptions.retries`), then 503.
 - Metrics: the ingress's /metrics aggregates every replica (server.Metrics); each replica also records
@@ -80,6 +83,11 @@ class RayOptions:
             raise BadInput("--replica-cpus / --replica-gpus must be >= 0")
         if self.retries < 0:
             raise BadInput(f"retries {self.retries}: must be >= 0")
+
+    @property
+    def slots(self) -> int:
+        """Generations the model deployment runs at once at most (one per replica)."""
+        return self.replicas if self.max_replicas is None else self.max_replicas
 
     def scaling(self) -> dict[str, Any]:
         """Ray Serve deployment options for these settings."""
@@ -219,8 +227,10 @@ class RayJobs:
     """The job queue of create_app, with the jobs run by the model deployment. Used on the ingress's event loop
     (close() may come from another thread)."""
 
-    def __init__(self, model, *, max_waiting: int, on_finish=None, retries: int = 2, history: int = 256):
+    def __init__(self, model, *, slots: int, max_waiting: int, on_finish=None, retries: int = 2,
+                 history: int = 256):
         self._model, self.max_waiting, self._on_finish, self._retries = model, max_waiting, on_finish, retries
+        self.slots = slots  # jobs the replicas run at once; beyond slots + max_waiting, QueueFull
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._tasks: dict[str, asyncio.Task] = {}
         self._history = history
@@ -233,6 +243,9 @@ class RayJobs:
         with self._lock:
             if self._closed:
                 raise QueueClosed("the server is shutting down")
+            if sum(j.state in ("queued", "running") for j in self._jobs.values()) >= self.slots + self.max_waiting:
+                raise QueueFull(f"the queue is full ({self.max_waiting} waiting, {self.slots} running)",
+                                self.retry_after())
             job_id = job_id or uuid.uuid4().hex
             if job_id in self._jobs:
                 raise ValueError(f"job id {job_id!r} is already in use")
@@ -292,18 +305,11 @@ class RayJobs:
 
     # -- one job ----------------------------------------------------------------------------------------------
     async def _drive(self, job: Job) -> None:
-        from ray.serve.exceptions import BackPressureError
-
         try:
             result = await self._with_retries(job)
         except asyncio.CancelledError:
             self._finish(job, "cancelled")
             job.future.cancel()
-        except BackPressureError:
-            with self._lock:  # refused at the door: never a job (like JobQueue's QueueFull at submit)
-                self._jobs.pop(job.id, None)
-            job.future.set_exception(QueueFull(f"the queue is full ({self.max_waiting} waiting)",
-                                               self.retry_after()))
         except Exception as exc:  # noqa: BLE001 - handed to the endpoint, which maps it to a status
             from .pipeline import Cancelled
 
@@ -371,14 +377,15 @@ class RayJobs:
 class Ingress:
     """The HTTP front: runtime/server.py's app, with RayJobs sending each job to the model deployment."""
 
-    def __init__(self, model, bundle: str, settings, retries: int):
-        self.model, self.bundle, self.settings, self.retries = model, bundle, settings, retries
+    def __init__(self, model, bundle: str, settings, retries: int, slots: int):
+        self.model, self.bundle, self.settings, self.retries, self.slots = model, bundle, settings, retries, slots
 
     def __serve_build_asgi_app__(self):
         from .server import create_app
 
         described = RemoteModel.open(self.bundle, self.settings)
-        return create_app(described, self.settings, queue_factory=partial(RayJobs, self.model, retries=self.retries))
+        return create_app(described, self.settings, queue_factory=partial(RayJobs, self.model, retries=self.retries,
+                                                                         slots=self.slots))
 
 
 # -- building and running the application -------------------------------------------------------------------------
@@ -398,14 +405,14 @@ def ray_app(bundle: str | os.PathLike, settings=None, options: RayOptions | None
         settings = replace(settings, threads=int(options.num_cpus))
     model = serve.deployment(
         ModelReplica, name=f"{options.name}-model", max_ongoing_requests=1,
-        max_queued_requests=settings.max_queue, graceful_shutdown_timeout_s=settings.timeout + 5,
+        graceful_shutdown_timeout_s=settings.timeout + 5,
         max_constructor_retry_count=3,  # a refused bundle is refused again: fail the deployment soon
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus}, **options.scaling(),
     ).bind(bundle, replace(settings, token=None))  # the model replicas never see the bearer token
     ingress = serve.deployment(serve.ingress()(Ingress), name=f"{options.name}-ingress", num_replicas=1,
                                max_ongoing_requests=settings.inflight_limit,
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(model, bundle, settings, options.retries)
+    return ingress.bind(model, bundle, settings, options.retries, options.slots)
 
 
 def app_builder(args: dict[str, Any]):

@@ -164,15 +164,12 @@ class AppState:
 
 
 def failure(job, exc: BaseException, headers: dict):
-    """The answer to a job that raised `exc`: 429 (a remote queue full), 503 (lost, cancelled), 422 (bad input),
-    else 500 without the error's text."""
+    """The answer to a job that raised `exc`: 503 (lost, cancelled), 422 (bad input), else 500 without the error's
+    text."""
     from fastapi.responses import JSONResponse
 
     from .pipeline import Cancelled
 
-    if isinstance(exc, QueueFull):  # a remote queue (runtime/ray_serve.py) refuses after submit
-        return JSONResponse({"detail": str(exc)}, status_code=429,
-                            headers={**headers, "Retry-After": str(math.ceil(exc.retry_after))})
     if isinstance(exc, JobLost):
         return JSONResponse({"detail": str(exc), "job_id": job.id}, status_code=503,
                             headers={**headers, "Retry-After": "1"})
