@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdedge.runtime.conditioning import runs_guidance
+from sdedge.runtime.conditioning import guide, runs_guidance
 from sdedge.runtime.manifest import Manifest, SizeReport, SpeedReport
 
 from .onnx_export import ExportError
@@ -55,8 +55,7 @@ def guided(out: np.ndarray, guidance: float) -> np.ndarray:
     if out.shape[0] % 2:
         raise ValueError(f"a guided UNet batch of {out.shape[0]}: guidance {guidance} needs negative and positive halves")
     half = out.shape[0] // 2
-    u, c = out[:half].astype(np.float64), out[half:].astype(np.float64)
-    return u + guidance * (c - u)
+    return guide(out[:half].astype(np.float64), out[half:].astype(np.float64), guidance)
 
 
 @dataclass

@@ -27,6 +27,12 @@ def runs_guidance(guidance: float) -> bool:
     return guidance > 1.0
 
 
+def guide(uncond: np.ndarray, cond: np.ndarray, guidance: float) -> np.ndarray:
+    """ε = u + guidance · (c − u): classifier-free guidance of the negative (u) and positive (c) predictions; the
+    pipeline's step and the export's gates (export/gates.py `guided`) both compute it here."""
+    return uncond + guidance * (cond - uncond)
+
+
 class TextConditioning:
     """SD 1.5: `text_encoder(tokenizer(negatives ⊕ prompts))`, no extra UNet inputs."""
 

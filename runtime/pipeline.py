@@ -36,7 +36,7 @@ from .backends.onnxruntime import OrtEngine, choose_providers  # noqa: F401 (re-
 from .backends.select import EngineFactory, choose_backend
 from .backends.select import engine_factory as make_engine_factory
 from .bundle import Bundle
-from .conditioning import make_conditioning, runs_guidance
+from .conditioning import guide, make_conditioning, runs_guidance
 from .errors import BadInput, SdedgeError
 from .init_image import (
     binarize,
@@ -464,8 +464,7 @@ class Pipeline:
             tt = np.full((model_in.shape[0],), t, dtype=np.float32)
             eps = unet.infer({"sample": model_in, "timestep": tt, "encoder_hidden_states": embeddings, **extra})[0]
             if do_cfg:
-                uncond, cond = eps[:batch], eps[batch:]
-                eps = uncond + guidance * (cond - uncond)
+                eps = guide(eps[:batch], eps[batch:], guidance)  # (B, 4, h, w)
             latents = sched.step(eps, t, latents)
             if init is not None and init.blend:
                 latents = _blend(sched, init, latents, timesteps, i)
