@@ -211,7 +211,11 @@ def _read_valid(folder: Path) -> Checkpoint | None:
 
 def newest_checkpoint(root: Path) -> Checkpoint | None:
     """The newest valid checkpoint under `root`, read (newer damaged ones are logged and passed over), or None."""
-    return next(filter(None, map(_read_valid, (p for _, p in reversed(_steps(Path(root)))))), None)
+    for _, folder in reversed(_steps(Path(root))):
+        found = _read_valid(folder)
+        if found is not None:
+            return found
+    return None
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -394,6 +394,7 @@ class Trainer:
         cfg = self.cfg
         self.setup_models()
         opt_state, state = self.resume()
+        self.checkpoint = None  # read once for resume: its tensors are in the LoRA (and EMA) and opt_state now
         self.build_caches()
         self.prepare_optimizer(opt_state, state)
         self.metrics = MetricsLog(self.out, self.resumed_from, cfg.tensorboard, enabled=self.is_main)
