@@ -517,7 +517,8 @@ def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path,
 
 # --- stage 7: the LCM-LoRA ------------------------------------------------------------------------------------
 
-# The shipped LoRA: this recipe, --lcm-steps 600 (0.628 at 4 LCM steps, 0.411 at 8). Probe of 2026-12-02 (kept in
+# The LoRA shipped until the fifth session: the first recipe (no EMA, 50 solver steps, guided everywhere), --lcm-steps
+# 600 (0.628 at 4 LCM steps, 0.411 at 8). Probe of 2026-12-02 (kept in
 # benchmarks/results/tiny-lcm/probe-720-steps-b16-cosine.json, not shipped): batch 16, a 2e-3 peak with cosine decay,
 # 720 steps gave 1/2/4/8 steps 0.561/0.650/0.600/0.333 -- more training helps 1-2 steps and hurts 4-8, and its x0
 # prediction at t = 259 of the base's own images is worse (MSE 0.061 against 0.044 for the shipped LoRA and 0.041 for
@@ -529,7 +530,12 @@ def stage_ship(out: Path, results: Path, unet, vae, text_encoder, tok_dir: Path,
 # Third session (benchmarks/results/tiny-lcm/runs-2026-12-02-ema-n10-1000.json; 1,000 steps, 1/2/4/8 LCM steps):
 # lcm_ema_decay 0.95 + lcm_ddim_timesteps 10 0.589/0.706/0.706/0.439 (best at 4 steps, still 0.088 short of 0.794);
 # the same with the teacher's guidance fixed at 7.5 0.644/0.689/0.661/0.361. Not shipped.
+# Fifth session (benchmarks/results/tiny-lcm/guidance-interval-2026-12-02-avx512.json; run A + lcm_unguided_below):
+# the teacher unguided below t = 300 / 500 / 700 gave 0.572/0.706/0.778/0.594, 0.572/0.717/0.811/0.778 and
+# 0.528/0.639/0.767/0.850; 500 was also the best at 4 steps on held-out seeds 300/400. Shipped: this recipe,
+# --lcm-steps 1000 (the default).
 LCM_RUN = dict(rank=8, learning_rate=1e-3, batch_size=8, lcm_guidance_min=5.0, lcm_guidance_max=10.0,
+               lcm_ema_decay=0.95, lcm_ddim_timesteps=10, lcm_unguided_below=500,
                format="kohya", lr_warmup_steps=50, seed=0)
 
 
@@ -619,7 +625,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-latents", type=int, help="training generations (default: DistillDecoderConfig's)")
     ap.add_argument("--decoder-blocks", help="blocks per decoder stage, e.g. 2,1,1 (default: DistillDecoderConfig's)")
     ap.add_argument("--decoder-results", type=Path, default=DECODER_RESULTS)
-    ap.add_argument("--lcm-steps", type=int, default=800)
+    ap.add_argument("--lcm-steps", type=int, default=1000)
     ap.add_argument("--lcm-images", type=int, default=1024)
     ap.add_argument("--lcm-results", type=Path, default=REPO / "benchmarks" / "results" / "tiny-lcm")
     args = ap.parse_args(argv)

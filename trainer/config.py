@@ -89,6 +89,7 @@ class TrainConfig:
     lcm_ddim_timesteps: int = 50
     lcm_guidance_min: float = 6.0
     lcm_guidance_max: float = 16.0
+    lcm_unguided_below: int = 0  # the teacher guides only from this timestep up (a guidance interval); 0: everywhere
     lcm_loss: str = "huber"
     lcm_huber_c: float = 0.001
     lcm_timestep_scaling: float = 10.0
@@ -167,6 +168,9 @@ HELP: dict[str, str] = {
     "lcm_guidance_min": "with --lcm: smallest guidance scale sampled for the teacher (diffusers' guidance_scale; "
                         "the LoRA bakes guidance in, so it samples at guidance 1)",
     "lcm_guidance_max": "with --lcm: largest guidance scale sampled for the teacher",
+    "lcm_unguided_below": "with --lcm: the teacher runs unguided (w = 1) where the solver step starts below this "
+                          "timestep, guided above it (a guidance interval; 0, the default: guided everywhere, as "
+                          "diffusers' LCM scripts); the LoRA then stops baking guidance into the low-noise steps",
     "lcm_loss": "with --lcm: huber (pseudo-Huber, as latent consistency distillation) or l2",
     "lcm_huber_c": "with --lcm: the pseudo-Huber loss's c",
     "lcm_timestep_scaling": "with --lcm: timestep scaling of the c_skip/c_out boundary conditions (LCMScheduler's "
@@ -304,6 +308,7 @@ def _check_lcm(cfg: TrainConfig) -> None:
     _check(cfg.lcm_ddim_timesteps >= 2, "lcm_ddim_timesteps", "must be at least 2")
     _check(1.0 <= cfg.lcm_guidance_min <= cfg.lcm_guidance_max, "lcm_guidance_min",
            f"must lie in [1, lcm_guidance_max] ({cfg.lcm_guidance_min} and {cfg.lcm_guidance_max} given)")
+    _check(cfg.lcm_unguided_below >= 0, "lcm_unguided_below", f"must be >= 0 ({cfg.lcm_unguided_below} given)")
     _check(cfg.lcm_huber_c > 0, "lcm_huber_c", "must be positive")
     _check(cfg.lcm_timestep_scaling > 0, "lcm_timestep_scaling", "must be positive")
     _check(0.0 <= cfg.lcm_ema_decay < 1.0, "lcm_ema_decay", f"must lie in [0, 1) ({cfg.lcm_ema_decay} given; 0: no EMA, "

@@ -7,7 +7,7 @@ caches, accumulation, resume, checkpoints, validation, the adapter files). One m
     z0 (VAE latents) ─► pick a solver step n per row, t = t_{n+k} (start), s = t_n = t − k (end; k = T / N)
     z_t = add_noise(z0, ε, t)
     student (LoRA on):   f(z_t, t) = c_skip(t)·z_t + c_out(t)·x̂0(z_t, t)                       (with gradients)
-    teacher (LoRA off):  ε_c, ε_u at z_t  ─► guidance w sampled in [w_min, w_max]
+    teacher (LoRA off):  ε_c, ε_u at z_t  ─► guidance w sampled in [w_min, w_max] (w = 1 where t < lcm_unguided_below)
                          x̂0 = x̂0_c + (w−1)(x̂0_c − x̂0_u),  ε̂ = ε_c + (w−1)(ε_c − ε_u)
                          z_s = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂                                       (one DDIM step)
     target (LoRA on, no gradient): f(z_s, s) = c_skip(s)·z_s + c_out(s)·x̂0(z_s, s)     (the EMA weights with
@@ -19,6 +19,10 @@ second UNet in memory. The target network is by default the online student witho
 script; with `lcm_ema_decay` d > 0 it is the student with an EMA of its LoRA weights, θ⁻ ← d·θ⁻ + (1 − d)·θ after
 every optimizer step (θ⁻ = θ at the start), as diffusers' full-model script train_lcm_distill_sd_wds.py keeps its
 target UNet (d = 0.95 there); the EMA is saved in every checkpoint (ema.safetensors) and restored on resume.
+With `lcm_unguided_below` t_g > 0 the teacher guides only where the step starts at t ≥ t_g and runs unguided below
+(a guidance interval, as Kynkäänniemi et al. 2024 "Applying guidance in a limited interval" sample): the LoRA then
+bakes guidance into the noisy steps, where prompt, colour and layout are decided, and leaves the low-noise steps
+the base's, where guidance only over-saturates (docs/fast-path.md: on the tiny base it lifted 4 steps and 8 steps).
 The guidance scale is in diffusers' convention (uncond + w·(cond − uncond)); the LCM paper's ω is w − 1. The user's
 LoRAs (`lcm_fuse`) are fused into the base first: the teacher is then their model, and the LCM-LoRA is exported
 after them (`sdedge export --lora mine.safetensors:0.8 --lora OUT/adapter.safetensors:1.0 --scheduler lcm`).
@@ -108,6 +112,9 @@ def check_lcm_base(cfg) -> None:
     base = Path(cfg.base)
     unet, vae = _config(base, "unet/config.json"), _config(base, "vae/config.json")
     T = int(_config(base, "scheduler/scheduler_config.json").get("num_train_timesteps", 1000))
+    if cfg.lcm_unguided_below > T:
+        raise BadInput(f"--base {base}: its schedule has {T} training timesteps (scheduler/scheduler_config.json "
+                       f"num_train_timesteps), fewer than lcm_unguided_below {cfg.lcm_unguided_below}")
     if cfg.lcm_ddim_timesteps > T:
         raise BadInput(f"--base {base}: its schedule has {T} training timesteps (scheduler/scheduler_config.json "
                        f"num_train_timesteps), fewer than lcm_ddim_timesteps {cfg.lcm_ddim_timesteps}")
@@ -209,7 +216,8 @@ class LcmTrainer(Trainer):
 
     # -- the loss --------------------------------------------------------------------------------------------------
     def draws(self, batch: Batch):
-        """Per row: the solver step index n (b,) int64 and the teacher's guidance scale w (b,), seeded per slot."""
+        """Per row: the solver step index n (b,) int64 and the teacher's guidance scale w (b,), seeded per slot;
+        w = 1 (no guidance) where the step starts below lcm_unguided_below."""
         import torch
 
         cfg, index, w = self.cfg, [], []
@@ -217,7 +225,9 @@ class LcmTrainer(Trainer):
             g = torch.Generator().manual_seed(seed_for(cfg.seed, "lcm", batch.micro, slot))
             index.append(torch.randint(0, cfg.lcm_ddim_timesteps, (1,), generator=g))
             w.append(cfg.lcm_guidance_min + (cfg.lcm_guidance_max - cfg.lcm_guidance_min) * torch.rand(1, generator=g))
-        return torch.cat(index).to(self.device), torch.cat(w).to(self.device)
+        index, w = torch.cat(index).to(self.device), torch.cat(w).to(self.device)
+        start = self.solver.timesteps.to(self.device)[index]
+        return index, torch.where(start < cfg.lcm_unguided_below, torch.ones_like(w), w)  # the guidance interval
 
     def consistency(self, output, t, sample):
         """f(sample, t) = c_skip(t)·sample + c_out(t)·x̂0 from a UNet output."""
