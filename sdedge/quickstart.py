@@ -209,14 +209,12 @@ def _optimised(q: _Quickstart) -> None:
         opt = choose_optimised(q.bundle, q.out, lora,
                                lambda b: (sign(b, key=keys.private), _signed_rates(b, keys, q.classifier))[1])
         opt_rates = opt.rates or lora
-        opt_label = f"LoRA {opt.precision}" + (" (optimised)" if opt.rates else " (kept: nothing faster)")
         opt_psnr = (float(np.mean([psnr(a / 255.0, b / 255.0) for a, b in zip(opt_rates.new_images, lora.new_images)]))
                     if opt.rates else None)
         first = slice(0, None, len(SEEDS))  # one image per prompt in the grids
-        _grid_png([("base", before.new_images[first]), ("LoRA fp32", lora.new_images[first]),
-                   (opt_label, opt_rates.new_images[first])], prompts, q.images_dir / "before-after.png")
-        _grid_png([("base", before.base_images[first]), ("LoRA fp32", lora.base_images[first]),
-                   (opt_label, opt_rates.base_images[first])], base_colour_prompts(),
+        rows = [("base", before), ("LoRA fp32", lora)] + ([(f"LoRA {opt.precision}", opt.rates)] if opt.rates else [])
+        _grid_png([(label, r.new_images[first]) for label, r in rows], prompts, q.images_dir / "before-after.png")
+        _grid_png([(label, r.base_images[first]) for label, r in rows], base_colour_prompts(),
                   q.images_dir / "base-colours.png")
         _grid_png([("base", q.base_imgs)], base_prompts(), q.images_dir / "base.png", scale=3)
     q.opt, q.opt_rates, q.opt_psnr = opt, opt_rates, opt_psnr
@@ -289,10 +287,12 @@ def _print_summary(q: _Quickstart, summary: dict, console: Console) -> None:
     table.add_row(f"LoRA bundle fp32 / optimised: {opt.precision} (ONNX + sdedge.json)", f"{q.bundle} / {opt.bundle}")
     table.add_row("why that optimised bundle (the export's speed gate)", opt.reason)
     table.add_row(f"signatures ({q.signer.describe()})", str(q.bundle / "model.sig"))
-    table.add_row(f"grids: '{NEW_COLOUR}' / base colours (rows base, LoRA fp32, LoRA {opt.precision})",
+    rows = (("base", q.before), ("LoRA fp32", q.lora)) + \
+        (((f"LoRA {opt.precision} (optimised)", q.opt_rates),) if opt.rates else ())
+    table.add_row(f"grids: '{NEW_COLOUR}' / base colours (rows {', '.join(label for label, _ in rows)})",
                   f"{images_dir / 'before-after.png'} / {images_dir / 'base-colours.png'}")
     n_new, n_base = summary["images_per_rate"], summary["images_per_base_colour_rate"]
-    for label, r in (("base", q.before), ("LoRA fp32", q.lora), (f"LoRA {opt.precision} (optimised)", q.opt_rates)):
+    for label, r in rows:
         table.add_row(f"prompt match, {label}: '{NEW_COLOUR}' ({n_new} images) / base colours ({n_base})",
                       f"{r.new:.0%} / {r.base:.0%}")
     if q.opt_psnr is not None:
