@@ -212,12 +212,19 @@ def _optimised(q: _Quickstart) -> None:
         opt_psnr = (float(np.mean([psnr(a / 255.0, b / 255.0) for a, b in zip(opt_rates.new_images, lora.new_images)]))
                     if opt.rates else None)
         first = slice(0, None, len(SEEDS))  # one image per prompt in the grids
-        rows = [("base", before), ("LoRA fp32", lora)] + ([(f"LoRA {opt.precision}", opt.rates)] if opt.rates else [])
+        rows = _shown(before, lora, opt)
         _grid_png([(label, r.new_images[first]) for label, r in rows], prompts, q.images_dir / "before-after.png")
         _grid_png([(label, r.base_images[first]) for label, r in rows], base_colour_prompts(),
                   q.images_dir / "base-colours.png")
         _grid_png([("base", q.base_imgs)], base_prompts(), q.images_dir / "base.png", scale=3)
     q.opt, q.opt_rates, q.opt_psnr = opt, opt_rates, opt_psnr
+
+
+def _shown(before: Rates, lora: Rates, opt: Optimised) -> list[tuple[str, Rates]]:
+    """(label, rates) of the bundles the grids and the summary table show: base, LoRA fp32, and the optimised bundle
+    unless fp32 was kept (then it is the LoRA fp32 row already)."""
+    rows = [("base", before), ("LoRA fp32", lora)]
+    return rows + [(f"LoRA {opt.precision} (optimised)", opt.rates)] if opt.rates else rows
 
 
 def _bench_and_fast(q: _Quickstart) -> None:
@@ -287,8 +294,7 @@ def _print_summary(q: _Quickstart, summary: dict, console: Console) -> None:
     table.add_row(f"LoRA bundle fp32 / optimised: {opt.precision} (ONNX + sdedge.json)", f"{q.bundle} / {opt.bundle}")
     table.add_row("why that optimised bundle (the export's speed gate)", opt.reason)
     table.add_row(f"signatures ({q.signer.describe()})", str(q.bundle / "model.sig"))
-    rows = (("base", q.before), ("LoRA fp32", q.lora)) + \
-        (((f"LoRA {opt.precision} (optimised)", q.opt_rates),) if opt.rates else ())
+    rows = _shown(q.before, q.lora, opt)
     table.add_row(f"grids: '{NEW_COLOUR}' / base colours (rows {', '.join(label for label, _ in rows)})",
                   f"{images_dir / 'before-after.png'} / {images_dir / 'base-colours.png'}")
     n_new, n_base = summary["images_per_rate"], summary["images_per_base_colour_rate"]
