@@ -3,9 +3,11 @@ prompt-match rates on the new colour and on the base colours, and the optimised 
 
 The recipe is the best of the experiments in docs/tiny-base.md ("Teaching it purple"): the LoRA of the last stop
 plus textual inversion of purple's token row, which the base never trained (`--train-tokens`). It keeps the base
-colours (drift within 0.05) but reaches about 0.64 on purple, short of issue 23's 0.85; longer runs, rank 16, the
-text encoder's MLPs, more targets and prior preservation (`sdedge train --prior-data`) learned purple no better, and
-a loss on the guided prediction u + w·(c − u) much worse (0.11, base colours 0.15; tried, not kept).
+colours at some seeds (0.77 mean over three) and reaches 0.57 on purple (mean of three seeds), short of issue 23's
+0.85; longer runs, rank 16 and the text encoder's MLPs learned purple no better, and a loss on the guided prediction
+u + w·(c − u) much worse (0.11, base colours 0.15). Prior preservation on rendered base-colour scenes
+(`sdedge train --prior-data`) with the LoRA on RECOVERY_TARGETS reached 0.75 (base colours 0.76) at three times the
+training time; measured, not adopted yet.
 """
 
 from __future__ import annotations
