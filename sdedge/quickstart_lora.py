@@ -6,8 +6,8 @@ plus textual inversion of purple's token row, which the base never trained (`--t
 colours at some seeds (0.77 mean over three) and reaches 0.57 on purple (mean of three seeds), short of issue 23's
 0.85; longer runs, rank 16 and the text encoder's MLPs learned purple no better, and a loss on the guided prediction
 u + w·(c − u) much worse (0.11, base colours 0.15). Prior preservation on rendered base-colour scenes
-(`sdedge train --prior-data`) with the LoRA on RECOVERY_TARGETS reached 0.75 (base colours 0.76) at three times the
-training time; measured, not adopted yet.
+(`sdedge train --prior-data`) with the LoRA on RECOVERY_TARGETS at rank 64 reached 0.81 (base colours 0.79) at about
+3.5 times the training time; measured, not adopted yet.
 """
 
 from __future__ import annotations
