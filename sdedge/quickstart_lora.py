@@ -1,13 +1,13 @@
 """The quickstart's custom model: the LoRA recipe that teaches the trained tiny base a colour it never saw, the
 prompt-match rates on the new colour and on the base colours, and the optimised bundle the export's speed gate picks.
 
-The recipe is the best of the experiments in docs/tiny-base.md ("Teaching it purple"): the LoRA of the last stop
-plus textual inversion of purple's token row, which the base never trained (`--train-tokens`). It keeps the base
-colours at some seeds (0.77 mean over three) and reaches 0.57 on purple (mean of three seeds), short of issue 23's
-0.85; longer runs, rank 16 and the text encoder's MLPs learned purple no better, and a loss on the guided prediction
-u + w·(c − u) much worse (0.11, base colours 0.15). Prior preservation on rendered base-colour scenes
-(`sdedge train --prior-data`) with the LoRA on RECOVERY_TARGETS at rank 64 reached 0.81 (base colours 0.79) at about
-3.5 times the training time; measured, not adopted yet.
+The recipe is the one adopted from the experiments in docs/tiny-base.md ("Teaching it purple"): the LoRA of an
+earlier stop plus textual inversion of purple's token row, which the base never trained (`--train-tokens`). It keeps
+the base colours at some seeds (0.77 mean over three) and reaches 0.57 on purple (mean of three seeds), short of
+issue 23's 0.85; longer runs, rank 16 and the text encoder's MLPs learned purple no better, and a loss on the guided
+prediction u + w·(c − u) much worse (0.11, base colours 0.15). Prior preservation on rendered base-colour scenes
+(`sdedge train --prior-data`) with the LoRA on RECOVERY_TARGETS at rank 64 reached 0.81 (base colours 0.79) at 3.0
+times the training time (seed 0); measured, better, not adopted yet.
 """
 
 from __future__ import annotations
