@@ -1,7 +1,8 @@
 """`sdedge quickstart`: the whole flow on the built-in trained tiny base, in a few minutes on a laptop CPU.
 
     base tiny ─► export (fp32, parity vs diffusers)                       ─► "before" images of a new concept
-    concept images ("a purple …", a colour the base never saw) ─► prepare ─► train a LoRA
+    concept images ("a purple …", a colour the base never saw) + base-colour scenes ─► prepare ─► train a LoRA
+       with prior preservation
        (the recipe: sdedge/quickstart_lora.py; what was tried: docs/tiny-base.md)
     ─► export with the LoRA fused (fp32) ─► sign with a fresh key ─► generate (signature required)
     ─► the optimised bundle: int8, else bf16, kept only when the export's speed gate measures it faster here and its
@@ -29,7 +30,9 @@ from sdedge.runtime.stages import Stages
 
 from .quickstart_lora import (
     CONCEPT_IMAGES,
+    LORA_SCALE,
     LORA_STEPS,
+    PRIOR_IMAGES,
     SEEDS,
     Optimised,
     Rates,
@@ -39,6 +42,7 @@ from .quickstart_lora import (
     generate,
     lora_config,
     rates,
+    write_prior_data,
 )
 
 
@@ -182,13 +186,15 @@ def _lora_signed(q: _Quickstart, console: Console) -> None:
     from sdedge.trainer.train import train
 
     out = q.out
-    with q.stages(f"4/10 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and prepare them"):
+    with q.stages(f"4/10 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and {PRIOR_IMAGES} base-colour scenes "
+                  "(prior preservation), and prepare them"):
         raw = write_dataset(out / "concept-images", CONCEPT_IMAGES, colours=(NEW_COLOUR,), seed=5)
         prepare_dataset(raw, out / "concept-data", PrepareOptions(resolution=64, dedup=None, overwrite=True))
-    with q.stages(f"5/10 train a LoRA on the new colour ({LORA_STEPS} steps)"):
-        q.trained = train(lora_config(q.base_dir, out / "concept-data", out / "lora"), console=console)
-    with q.stages("6/10 export with the LoRA fused (fp32, parity gated) and sign it with a fresh key"):
-        q.manifest = export_bundle(q.base_dir, q.bundle, ExportOptions(loras=((str(q.trained.adapter), 1.0),),
+        prior = write_prior_data(out)
+    with q.stages(f"5/10 train a LoRA on the new colour, the base colours as its prior ({LORA_STEPS} steps)"):
+        q.trained = train(lora_config(q.base_dir, out / "concept-data", out / "lora", prior), console=console)
+    with q.stages(f"6/10 export with the LoRA fused at {LORA_SCALE:g} (fp32, parity gated) and sign it with a fresh key"):
+        q.manifest = export_bundle(q.base_dir, q.bundle, ExportOptions(loras=((str(q.trained.adapter), LORA_SCALE),),
                                                                        overwrite=True))
         shutil.rmtree(q.keys_dir, ignore_errors=True)
         q.keys = keygen(q.keys_dir)
@@ -271,6 +277,7 @@ def _summary(q: _Quickstart, t_start: float) -> dict:
         "parity_lora_image_psnr_db": manifest.parity.image.psnr_db if manifest.parity.image else None,
         "parity_max_abs_err": {k: v.max_abs_err for k, v in manifest_base.parity.components.items()},
         "lora_steps": q.trained.steps,
+        "lora_scale": LORA_SCALE,
         "lora_final_loss": round(q.trained.final_loss, 4),
         "images": {"before_after": str(images_dir / "before-after.png"), "base": str(images_dir / "base.png"),
                    "base_colours": str(images_dir / "base-colours.png")},
