@@ -155,9 +155,9 @@ HELP: dict[str, str] = {
                     "`sdedge prune`, with the unpruned parent as teacher)",
     "distill_weight": "with --distill-from: weight of the teacher's prediction in the target (1: distillation only; "
                       "0.5: half the denoising loss)",
-    "prior_data": "prior preservation (DreamBooth): a folder written by `sdedge prepare` from class images the base "
-                  "itself generated; a batch of them joins every step, so the LoRA keeps what the base drew "
-                  "(trainer/prior.py)",
+    "prior_data": "prior preservation (DreamBooth): a folder written by `sdedge prepare` from class images (real "
+                  "pictures of other prompts of the class, or the base's own); a batch of them joins every step, so "
+                  "the LoRA keeps what the base knew (trainer/prior.py)",
     "prior_weight": "with --prior-data: weight of the class images' loss (1 as DreamBooth)",
     "lcm": "latent consistency distillation: train an LCM-LoRA so the base samples in 2-8 steps without a guidance "
            "pass (sdedge export --lora OUT/adapter.safetensors:1.0 --scheduler lcm --steps 4 --guidance 1)",
