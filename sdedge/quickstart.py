@@ -42,6 +42,7 @@ from .quickstart_lora import (
     generate,
     lora_config,
     rates,
+    write_concept_data,
     write_prior_data,
 )
 
@@ -181,18 +182,15 @@ def _lora_signed(q: _Quickstart, console: Console) -> None:
     from sdedge.export.build import ExportOptions, export_bundle
     from sdedge.export.signing import keygen, sign
     from sdedge.runtime.signing import verify_bundle
-    from sdedge.tinyworld.shapes import NEW_COLOUR, write_dataset
-    from sdedge.trainer.prepare import PrepareOptions, prepare_dataset
+    from sdedge.tinyworld.shapes import NEW_COLOUR
     from sdedge.trainer.train import train
 
     out = q.out
     with q.stages(f"4/10 make {CONCEPT_IMAGES} images of '{NEW_COLOUR}' shapes and {PRIOR_IMAGES} base-colour scenes "
                   "(prior preservation), and prepare them"):
-        raw = write_dataset(out / "concept-images", CONCEPT_IMAGES, colours=(NEW_COLOUR,), seed=5)
-        prepare_dataset(raw, out / "concept-data", PrepareOptions(resolution=64, dedup=None, overwrite=True))
-        prior = write_prior_data(out)
+        concept, prior = write_concept_data(out), write_prior_data(out)
     with q.stages(f"5/10 train a LoRA on the new colour, the base colours as its prior ({LORA_STEPS} steps)"):
-        q.trained = train(lora_config(q.base_dir, out / "concept-data", out / "lora", prior), console=console)
+        q.trained = train(lora_config(q.base_dir, concept, out / "lora", prior), console=console)
     with q.stages(f"6/10 export with the LoRA fused at {LORA_SCALE:g} (fp32, parity gated) and sign it with a fresh key"):
         q.manifest = export_bundle(q.base_dir, q.bundle, ExportOptions(loras=((str(q.trained.adapter), LORA_SCALE),),
                                                                        overwrite=True))

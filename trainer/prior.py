@@ -10,9 +10,9 @@ step, and their denoising loss holds the adapted model to what the base did:
 DIR is a folder written by `sdedge prepare` from the class images; `write_class_images` renders them (PNG +
 caption pairs, the layout `sdedge prepare` reads) with any generator, e.g. the base's own bundle. Real pictures of
 the class do better where the base draws it badly: on the tiny base, rendered scenes reduced drift and the base's
-own images increased it (docs/training.md, tests/test_prior.py). A prior
-micro-batch has as many images as an instance one, drawn by its own plan and its own seeded stream
-(seed, "prior", micro-step, slot), so a resumed run sees the same prior batches as an uninterrupted one.
+own images increased it (docs/training.md, tests/test_prior.py). A prior micro-batch has as many images as an
+instance one, drawn by its own plan and its own seeded stream (seed, "prior", micro-step, slot), so a resumed run
+sees the same prior batches as an uninterrupted one.
 """
 
 from __future__ import annotations
